@@ -103,13 +103,18 @@ pub type ResourceSet = BTreeMap<ResourceKey, RawResource>;
 
 /// Digest of a whole resource set: identifies a configuration across both planes.
 pub fn set_digest(set: &ResourceSet) -> String {
+    digest(set.iter().map(|((kind, name), raw)| (*kind, name.as_str(), raw.version.as_str())))
+}
+
+/// Digest of `(kind, name, version)` triples, which must come in key order.
+pub fn digest<'a>(items: impl Iterator<Item = (Kind, &'a str, &'a str)>) -> String {
     let mut hash = Sha256::new();
-    for ((kind, name), raw) in set {
+    for (kind, name, version) in items {
         hash.update(kind.as_str().as_bytes());
         hash.update([0]);
         hash.update(name.as_bytes());
         hash.update([0]);
-        hash.update(raw.version.as_bytes());
+        hash.update(version.as_bytes());
         hash.update([b'\n']);
     }
     hex::encode(&hash.finalize()[..12])

@@ -1,0 +1,279 @@
+//! The operator API. Every write goes through `Store::write`, which validates the resulting configuration with the
+//! data plane's own code; handlers here check only what depends on the request itself (required fields, the clock).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fhirgw_config::resource::MAX_RESOURCE_BYTES;
+use fhirgw_config::tenant::{grant_fields, system_to_timestamp, tenant_fields};
+use fhirgw_proto::admin::v1 as api;
+use fhirgw_proto::admin::v1::admin_server::Admin;
+use fhirgw_proto::config::v1 as pb;
+use prost::Message;
+use tonic::{Request, Response, Status};
+use tracing::{error, info};
+
+use crate::objects::{ObjKind, Object, grant_key};
+use crate::status::Registry;
+use crate::store::{Change, Expected, Store, StoreError};
+
+pub struct AdminService {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+}
+
+impl AdminService {
+    pub fn new(store: Arc<Store>, registry: Arc<Registry>) -> Self {
+        Self { store, registry }
+    }
+}
+
+const ACTOR: &str = "operator";
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+fn to_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound { .. } => Status::not_found(e.to_string()),
+        StoreError::VersionMismatch { .. } | StoreError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        StoreError::Db(_) | StoreError::Corrupt(_) => {
+            error!(error = %e, "store failure");
+            Status::internal("store failure; see the control plane's log")
+        }
+    }
+}
+
+fn meta(revision: u64, updated_at: i64) -> Option<api::Meta> {
+    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(updated_at).unwrap_or(0));
+    Some(api::Meta { version: revision.to_string(), updated_at: Some(system_to_timestamp(at)) })
+}
+
+fn now_meta(revision: u64) -> Option<api::Meta> {
+    Some(api::Meta { version: revision.to_string(), updated_at: Some(system_to_timestamp(SystemTime::now())) })
+}
+
+fn required<T>(value: Option<T>, what: &str) -> Result<T, Status> {
+    value.ok_or_else(|| invalid(format!("`{what}` is required")))
+}
+
+fn decode<M: Message + Default>(obj: &Object) -> Result<M, Status> {
+    M::decode(obj.body.as_slice()).map_err(|e| {
+        error!(error = %e, "stored object does not decode");
+        Status::internal("store holds an unreadable object; see the control plane's log")
+    })
+}
+
+impl AdminService {
+    async fn put<M: Message>(
+        &self,
+        kind: ObjKind,
+        name: String,
+        msg: &M,
+        expected: &str,
+        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+    ) -> Result<u64, Status> {
+        if name.is_empty() {
+            return Err(invalid(format!("{kind} name is required")));
+        }
+        let body = msg.encode_to_vec();
+        if body.len() > MAX_RESOURCE_BYTES {
+            return Err(invalid(format!("{kind} is {} bytes; the limit is {MAX_RESOURCE_BYTES}", body.len())));
+        }
+        let expected = Expected::parse(expected).map_err(invalid)?;
+        let revision = self.store.write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check).await.map_err(to_status)?;
+        info!(%kind, %name, revision, "stored");
+        Ok(revision)
+    }
+
+    async fn delete(
+        &self,
+        kind: ObjKind,
+        name: String,
+        expected: &str,
+        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
+        let expected = Expected::parse(expected).map_err(invalid)?;
+        if expected == Expected::Absent {
+            return Err(invalid("expected_version \"0\" (absent) makes no sense for a delete"));
+        }
+        let revision = self.store.write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check).await.map_err(to_status)?;
+        info!(%kind, %name, revision, "deleted");
+        Ok(Response::new(api::DeleteResponse { revision: revision.to_string() }))
+    }
+
+    fn get<M: Message + Default>(&self, kind: ObjKind, name: &str) -> Result<(M, Option<api::Meta>), Status> {
+        let state = self.store.state();
+        let obj = state
+            .objects
+            .get(&(kind, name.to_owned()))
+            .ok_or_else(|| Status::not_found(format!("{kind} `{name}` not found")))?;
+        Ok((decode(obj)?, meta(obj.revision, obj.updated_at)))
+    }
+
+    fn list<M: Message + Default>(&self, kind: ObjKind) -> Result<Vec<(M, Option<api::Meta>)>, Status> {
+        let state = self.store.state();
+        state
+            .objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, obj)| Ok((decode(obj)?, meta(obj.revision, obj.updated_at))))
+            .collect()
+    }
+}
+
+fn check_grant(grant: &pb::Grant) -> Result<String, Status> {
+    let parsed = grant_fields(grant).map_err(|e| invalid(e.to_string()))?;
+    if let Some(at) = parsed.expires_at {
+        if at <= SystemTime::now() {
+            return Err(invalid("expires_at is in the past"));
+        }
+    }
+    Ok(grant_key(&grant.tenant, required(grant.tag.as_ref(), "grant.tag")?))
+}
+
+fn grant_name(tenant: &str, tag: Option<&pb::Tag>) -> Result<String, Status> {
+    if tenant.is_empty() {
+        return Err(invalid("`tenant` is required"));
+    }
+    Ok(grant_key(tenant, required(tag, "tag")?))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn put_tenant(&self, request: Request<api::PutTenantRequest>) -> Result<Response<api::TenantEntry>, Status> {
+        let req = request.into_inner();
+        let tenant = required(req.tenant, "tenant")?;
+        tenant_fields(&tenant).map_err(|e| invalid(e.to_string()))?;
+        let revision = self.put(ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
+        Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta: now_meta(revision) }))
+    }
+
+    async fn get_tenant(&self, request: Request<api::GetRequest>) -> Result<Response<api::TenantEntry>, Status> {
+        let (tenant, meta) = self.get(ObjKind::Tenant, &request.into_inner().name)?;
+        Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta }))
+    }
+
+    async fn list_tenants(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListTenantsResponse>, Status> {
+        let tenants = self.list(ObjKind::Tenant)?.into_iter().map(|(tenant, meta)| api::TenantEntry { tenant: Some(tenant), meta }).collect();
+        Ok(Response::new(api::ListTenantsResponse { tenants }))
+    }
+
+    async fn delete_tenant(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let prefix = format!("{}/", req.name);
+        self.delete(ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
+            let grants = objects.keys().filter(|(k, n)| *k == ObjKind::Grant && n.starts_with(&prefix)).count();
+            if grants > 0 {
+                return Err(StoreError::Conflict(format!("tenant `{}` still has {grants} grant(s); delete them first", req.name)));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_grant(&self, request: Request<api::PutGrantRequest>) -> Result<Response<api::GrantEntry>, Status> {
+        let req = request.into_inner();
+        let grant = required(req.grant, "grant")?;
+        let name = check_grant(&grant)?;
+        let revision = self.put(ObjKind::Grant, name, &grant, &req.expected_version, |_| Ok(())).await?;
+        Ok(Response::new(api::GrantEntry { grant: Some(grant), meta: now_meta(revision) }))
+    }
+
+    async fn get_grant(&self, request: Request<api::GrantKey>) -> Result<Response<api::GrantEntry>, Status> {
+        let req = request.into_inner();
+        let (grant, meta) = self.get(ObjKind::Grant, &grant_name(&req.tenant, req.tag.as_ref())?)?;
+        Ok(Response::new(api::GrantEntry { grant: Some(grant), meta }))
+    }
+
+    async fn list_grants(&self, request: Request<api::ListGrantsRequest>) -> Result<Response<api::ListGrantsResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        let grants = self
+            .list::<pb::Grant>(ObjKind::Grant)?
+            .into_iter()
+            .filter(|(g, _)| tenant.is_empty() || g.tenant == tenant)
+            .map(|(grant, meta)| api::GrantEntry { grant: Some(grant), meta })
+            .collect();
+        Ok(Response::new(api::ListGrantsResponse { grants }))
+    }
+
+    async fn delete_grant(&self, request: Request<api::DeleteGrantRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let name = grant_name(&req.tenant, req.tag.as_ref())?;
+        self.delete(ObjKind::Grant, name, &req.expected_version, |_| Ok(())).await
+    }
+
+    async fn put_upstream(&self, request: Request<api::PutUpstreamRequest>) -> Result<Response<api::UpstreamEntry>, Status> {
+        let req = request.into_inner();
+        let upstream = required(req.upstream, "upstream")?;
+        let revision = self.put(ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(())).await?;
+        Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta: now_meta(revision) }))
+    }
+
+    async fn get_upstream(&self, request: Request<api::GetRequest>) -> Result<Response<api::UpstreamEntry>, Status> {
+        let (upstream, meta) = self.get(ObjKind::Upstream, &request.into_inner().name)?;
+        Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta }))
+    }
+
+    async fn list_upstreams(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListUpstreamsResponse>, Status> {
+        let upstreams = self.list(ObjKind::Upstream)?.into_iter().map(|(upstream, meta)| api::UpstreamEntry { upstream: Some(upstream), meta }).collect();
+        Ok(Response::new(api::ListUpstreamsResponse { upstreams }))
+    }
+
+    async fn delete_upstream(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.delete(ObjKind::Upstream, req.name, &req.expected_version, |_| Ok(())).await
+    }
+
+    async fn put_route_table(&self, request: Request<api::PutRouteTableRequest>) -> Result<Response<api::RouteTableEntry>, Status> {
+        let req = request.into_inner();
+        let table = required(req.route_table, "route_table")?;
+        let revision = self.put(ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
+        Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta: now_meta(revision) }))
+    }
+
+    async fn get_route_table(&self, request: Request<api::GetRequest>) -> Result<Response<api::RouteTableEntry>, Status> {
+        let (table, meta) = self.get(ObjKind::RouteTable, &request.into_inner().name)?;
+        Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta }))
+    }
+
+    async fn list_route_tables(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListRouteTablesResponse>, Status> {
+        let route_tables = self.list(ObjKind::RouteTable)?.into_iter().map(|(t, meta)| api::RouteTableEntry { route_table: Some(t), meta }).collect();
+        Ok(Response::new(api::ListRouteTablesResponse { route_tables }))
+    }
+
+    async fn delete_route_table(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.delete(ObjKind::RouteTable, req.name, &req.expected_version, |_| Ok(())).await
+    }
+
+    async fn put_identity_provider(&self, request: Request<api::PutIdentityProviderRequest>) -> Result<Response<api::IdentityProviderEntry>, Status> {
+        let req = request.into_inner();
+        let idp = required(req.identity_provider, "identity_provider")?;
+        let revision = self.put(ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(())).await?;
+        Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta: now_meta(revision) }))
+    }
+
+    async fn get_identity_provider(&self, request: Request<api::GetRequest>) -> Result<Response<api::IdentityProviderEntry>, Status> {
+        let (idp, meta) = self.get(ObjKind::IdentityProvider, &request.into_inner().name)?;
+        Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta }))
+    }
+
+    async fn list_identity_providers(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListIdentityProvidersResponse>, Status> {
+        let identity_providers = self.list(ObjKind::IdentityProvider)?.into_iter().map(|(i, meta)| api::IdentityProviderEntry { identity_provider: Some(i), meta }).collect();
+        Ok(Response::new(api::ListIdentityProvidersResponse { identity_providers }))
+    }
+
+    async fn delete_identity_provider(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.delete(ObjKind::IdentityProvider, req.name, &req.expected_version, |_| Ok(())).await
+    }
+
+    async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
+        let state = self.store.state();
+        let data_planes = self.registry.report(&state, |rev| self.store.changed_since(rev));
+        Ok(Response::new(api::StatusResponse { revision: state.revision, config_version: state.digest.clone(), data_planes }))
+    }
+}

@@ -1,0 +1,8 @@
+//! The fhirgw control plane: stores configuration durably and pushes it to data planes.
+
+pub mod admin;
+pub mod auth;
+pub mod objects;
+pub mod push;
+pub mod status;
+pub mod store;

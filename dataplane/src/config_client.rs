@@ -1,0 +1,215 @@
+//! The config client: follows the control plane's push stream and keeps [`ConfigState`] current.
+//!
+//! Each response is validated off the hot path with the shared model code plus this data plane's own environment
+//! checks (credential files it must read), then applied whole with one atomic swap, written to disk, and ACKed. A
+//! response that fails is NACKed naming the rejected resources, and the last good snapshot stays.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fhirgw_config::resource::from_wire;
+use fhirgw_config::{Kind, Rejection, Snapshot};
+use fhirgw_proto::push::v1 as push;
+use fhirgw_proto::push::v1::config_discovery_client::ConfigDiscoveryClient;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Endpoint;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::persist::SnapshotDir;
+use crate::state::{ConfigState, Source};
+use crate::upstream::environment_rejections;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct ConfigClient {
+    pub endpoint: String,
+    pub token: String,
+    pub node: push::Node,
+    pub state: Arc<ConfigState>,
+    pub persist: Option<SnapshotDir>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("bad endpoint or token: {0}")]
+    Setup(String),
+    #[error("stream closed")]
+    Closed,
+}
+
+/// Full jitter over an exponentially growing ceiling.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = MIN_BACKOFF.saturating_mul(1u32 << attempt.min(10)).min(MAX_BACKOFF);
+    ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+impl ConfigClient {
+    /// Runs until the process ends: connect, follow, reconnect with jittered exponential backoff.
+    pub async fn run(self) {
+        let mut attempt = 0u32;
+        loop {
+            let span = info_span!("config_session", control_plane = %self.endpoint, attempt);
+            let mut got_response = false;
+            let result = self.session(&mut got_response).instrument(span).await;
+            if got_response {
+                attempt = 0;
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            match result {
+                Err(SessionError::Stream(status)) if status.code() == tonic::Code::Unavailable && got_response => {
+                    info!(reason = %status.message(), "config stream ended; reconnecting");
+                }
+                Err(e) => warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed"),
+                Ok(()) => {}
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn first_request(&self) -> push::ConfigRequest {
+        let current = self.state.load();
+        let initial_versions = current
+            .as_ref()
+            .map(|s| {
+                s.resources
+                    .iter()
+                    .map(|((kind, name), raw)| push::ResourceVersion {
+                        kind: kind.to_proto() as i32,
+                        name: name.clone(),
+                        version: raw.version.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        push::ConfigRequest {
+            node: Some(self.node.clone()),
+            subscribe: Kind::ALL.iter().map(|k| k.to_proto() as i32).collect(),
+            initial_versions,
+            applied_version: current.map(|s| s.digest.clone()).unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    async fn session(&self, got_response: &mut bool) -> Result<(), SessionError> {
+        let channel = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| SessionError::Setup(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
+        let auth: MetadataValue<_> =
+            format!("Bearer {}", self.token).parse().map_err(|_| SessionError::Setup("token is not a valid header".into()))?;
+        let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", auth.clone());
+            Ok(req)
+        });
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(self.first_request()).await.map_err(|_| SessionError::Closed)?;
+        let mut inbound = client.stream_config(ReceiverStream::new(rx)).await?.into_inner();
+        info!("config stream open");
+        while let Some(response) = inbound.message().await? {
+            *got_response = true;
+            let reply = self.apply(response).await;
+            tx.send(reply).await.map_err(|_| SessionError::Closed)?;
+        }
+        Err(SessionError::Closed)
+    }
+
+    /// Validates and applies one response; returns the ACK or NACK to send.
+    pub async fn apply(&self, response: push::ConfigResponse) -> push::ConfigRequest {
+        let nonce = response.nonce.clone();
+        let span = info_span!("config_apply", %nonce, revision = response.system_version);
+        async {
+            let current = self.state.load();
+            let mut candidate = current.as_ref().map(|s| s.resources.clone()).unwrap_or_default();
+            let mut rejected: Vec<Rejection> = Vec::new();
+            for removed in &response.removed {
+                if let Some(kind) = Kind::from_proto(removed.kind) {
+                    candidate.remove(&(kind, removed.name.clone()));
+                }
+            }
+            for resource in response.resources {
+                match from_wire(resource) {
+                    Ok((key, raw)) => {
+                        candidate.insert(key, raw);
+                    }
+                    Err(rejection) => rejected.push(rejection),
+                }
+            }
+            let outcome = if rejected.is_empty() {
+                match Snapshot::build(candidate, response.system_version) {
+                    Ok(snapshot) => {
+                        let env = environment_rejections(&snapshot);
+                        if env.is_empty() { Ok(snapshot) } else { Err(env) }
+                    }
+                    Err(rejections) => Err(rejections),
+                }
+            } else {
+                Err(rejected)
+            };
+            let now = SystemTime::now();
+            match outcome {
+                Ok(snapshot) => {
+                    let snapshot = Arc::new(snapshot);
+                    let changed = current.as_ref().is_none_or(|c| c.digest != snapshot.digest);
+                    self.state.install(snapshot.clone(), Source::ControlPlane);
+                    self.state.confirm(now);
+                    if changed {
+                        info!(version = %snapshot.digest, resources = snapshot.resources.len(), "config applied");
+                    } else {
+                        debug!(version = %snapshot.digest, "config confirmed unchanged");
+                    }
+                    if let Some(persist) = self.persist.clone() {
+                        let to_save = snapshot.clone();
+                        match tokio::task::spawn_blocking(move || persist.save(&to_save, now)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => warn!(error = %e, "could not write the snapshot to disk"),
+                            Err(e) => warn!(error = %e, "snapshot writer failed"),
+                        }
+                    }
+                    push::ConfigRequest { response_nonce: nonce, applied_version: snapshot.digest.clone(), ..Default::default() }
+                }
+                Err(rejections) => {
+                    let summary = rejections.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                    warn!(%summary, "config rejected; keeping the last good snapshot");
+                    self.state.reject(summary.clone());
+                    push::ConfigRequest {
+                        response_nonce: nonce,
+                        applied_version: current.map(|s| s.digest.clone()).unwrap_or_default(),
+                        nack: Some(push::Nack { rejected: rejections.iter().map(Into::into).collect(), summary }),
+                        ..Default::default()
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d >= MIN_BACKOFF / 2 && d <= MAX_BACKOFF, "{attempt}: {d:?}");
+        }
+        assert!(backoff(0) <= MIN_BACKOFF);
+        assert!(backoff(20) >= MAX_BACKOFF / 2);
+    }
+}

@@ -1,0 +1,10 @@
+//! The fhirgw data plane.
+
+pub mod admin_http;
+pub mod config_client;
+pub mod outcome;
+pub mod persist;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod upstream;

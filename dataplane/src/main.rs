@@ -1,0 +1,150 @@
+//! `fhirgw-dataplane`: the FHIR port, the admin port, and the config client that follows the control plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use fhirgw_dataplane::config_client::ConfigClient;
+use fhirgw_dataplane::persist::SnapshotDir;
+use fhirgw_dataplane::proxy::Proxy;
+use fhirgw_dataplane::state::{ConfigState, Source};
+use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
+use fhirgw_dataplane::{admin_http, server};
+use fhirgw_proto::push::v1 as push;
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "fhirgw data plane")]
+struct Args {
+    /// FHIR listen address.
+    #[arg(long, env = "FHIRGW_DP_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin listen address (/healthz, /readyz, /config).
+    #[arg(long, env = "FHIRGW_DP_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
+    admin_listen: SocketAddr,
+    /// Control plane gRPC URL.
+    #[arg(long, env = "FHIRGW_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
+    control_plane: String,
+    /// File holding the data plane token for the control plane. Else FHIRGW_DATAPLANE_TOKEN.
+    #[arg(long, env = "FHIRGW_DATAPLANE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Directory for the last good snapshot; empty to keep none.
+    #[arg(long, env = "FHIRGW_DP_STATE_DIR", default_value = "fhirgw-dataplane-state")]
+    state_dir: PathBuf,
+    /// Node id reported to the control plane. Default: hostname plus a random suffix.
+    #[arg(long, env = "FHIRGW_NODE_ID")]
+    node_id: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "FHIRGW_DP_DRAIN_SECS", default_value_t = 25)]
+    drain_secs: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dataplane".to_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let token = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => std::env::var("FHIRGW_DATAPLANE_TOKEN").context("no data plane token: set FHIRGW_DATAPLANE_TOKEN or --token-file")?,
+    };
+    let host = hostname();
+    let node_id = args.node_id.clone().unwrap_or_else(|| format!("{host}-{:06x}", rand::rng().random::<u32>() & 0xff_ffff));
+
+    let state = ConfigState::new();
+    let persist = (!args.state_dir.as_os_str().is_empty()).then(|| SnapshotDir::new(&args.state_dir));
+    if let Some(dir) = &persist {
+        match dir.load() {
+            Ok(Some(loaded)) => {
+                let env = environment_rejections(&loaded.snapshot);
+                if env.is_empty() {
+                    info!(version = %loaded.snapshot.digest, path = %dir.path().display(), "serving the last good snapshot from disk until the control plane answers");
+                    state.install(Arc::new(loaded.snapshot), Source::Disk);
+                    if let Some(at) = loaded.confirmed_at {
+                        state.confirm(at);
+                    }
+                } else {
+                    warn!(problems = ?env, "the snapshot on disk cannot be served here; waiting for the control plane");
+                }
+            }
+            Ok(None) => info!("no snapshot on disk; not ready until the control plane answers"),
+            Err(e) => warn!(error = %e, "ignoring an unreadable snapshot on disk"),
+        }
+    }
+
+    let client = ConfigClient {
+        endpoint: args.control_plane.clone(),
+        token: token.trim().to_owned(),
+        node: push::Node { id: node_id.clone(), build_version: env!("CARGO_PKG_VERSION").to_owned(), hostname: host },
+        state: state.clone(),
+        persist,
+    };
+    tokio::spawn(client.run());
+
+    let fhir = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen).await.with_context(|| format!("binding {}", args.admin_listen))?;
+    let (fhir_addr, admin_addr) = (fhir.local_addr()?, admin.local_addr()?);
+    // One machine-readable line on stdout: how scripts and tests learn the ports when they were 0.
+    println!("{}", serde_json::json!({ "event": "listening", "fhir": fhir_addr.to_string(), "admin": admin_addr.to_string(), "node_id": node_id }));
+    info!(%fhir_addr, %admin_addr, %node_id, "data plane listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let proxy = Arc::new(Proxy { state: state.clone(), upstreams: UpstreamClient::new() });
+    let grace = Duration::from_secs(args.drain_secs);
+    let fhir_server = server::serve(fhir, move |req, _peer| proxy.clone().handle(req), stopped(stop_rx.clone()), grace, "fhir");
+    let admin_state = state.clone();
+    let admin_server = server::serve(admin, move |req, _peer| admin_http::handle(admin_state.clone(), req), stopped(stop_rx), grace, "admin");
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = stop_tx.send(true);
+    });
+    tokio::join!(fhir_server, admin_server);
+    info!("data plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The only way to reach an upstream. [`UpstreamClient::send`] injects the upstream's credential into every request
+//! it sends; the hyper client inside is private, so no code path can reach an upstream without it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use fhirgw_config::upstream::{Upstream, UpstreamAuth};
+use fhirgw_config::{Kind, Rejection, Snapshot};
+use http::header::{AUTHORIZATION, HeaderValue};
+use http::{Request, Response};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use moka::future::Cache;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// How long a credential read from a file is reused before the file is read again (rotation).
+const FILE_CREDENTIAL_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no credential for upstream `{upstream}`: {reason}")]
+    Credential { upstream: String, reason: String },
+    #[error("upstream `{upstream}` unreachable: {source}")]
+    Connect {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream `{upstream}` sent no response within {timeout:?}")]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("bad upstream request: {0}")]
+    Request(String),
+}
+
+struct Pool {
+    config: Arc<Upstream>,
+    client: Client<HttpConnector, Body>,
+}
+
+pub struct UpstreamClient {
+    pools: DashMap<String, Pool>,
+    /// Credentials per (upstream, source): file contents now; fetched tokens later share the same cache.
+    credentials: Cache<String, Arc<str>>,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        Self { pools: DashMap::new(), credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build() }
+    }
+}
+
+impl UpstreamClient {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn client_for(&self, upstream: &Arc<Upstream>) -> Client<HttpConnector, Body> {
+        if let Some(pool) = self.pools.get(&upstream.name) {
+            if pool.config == *upstream {
+                return pool.client.clone();
+            }
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(upstream.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        self.pools.insert(upstream.name.clone(), Pool { config: upstream.clone(), client: client.clone() });
+        client
+    }
+
+    async fn credential(&self, upstream: &Upstream) -> Result<Option<HeaderValue>, UpstreamError> {
+        let fail = |reason: String| UpstreamError::Credential { upstream: upstream.name.clone(), reason };
+        let token = match &upstream.auth {
+            UpstreamAuth::None => return Ok(None),
+            UpstreamAuth::StaticToken { token_file } => {
+                let key = format!("file:{token_file}");
+                let path = token_file.clone();
+                self.credentials
+                    .try_get_with(key, async move { read_token_file(&path).await.map(Arc::from) })
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
+                return Err(fail("this credential source is not supported by this data plane build".into()));
+            }
+        };
+        let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| fail("token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    /// Sends a request to `upstream`, with its credential. The request's URI must be on the upstream's origin.
+    pub async fn send(&self, upstream: &Arc<Upstream>, mut request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        let on_origin = request
+            .uri()
+            .scheme_str()
+            .zip(request.uri().authority())
+            .is_some_and(|(scheme, authority)| format!("{scheme}://{authority}") == upstream.origin);
+        if !on_origin {
+            return Err(UpstreamError::Request(format!("{} is not on {}", request.uri(), upstream.origin)));
+        }
+        // Whatever the caller put there never reaches the upstream: only the upstream's own credential does.
+        request.headers_mut().remove(AUTHORIZATION);
+        if let Some(credential) = self.credential(upstream).await? {
+            request.headers_mut().insert(AUTHORIZATION, credential);
+        }
+        let client = self.client_for(upstream);
+        match tokio::time::timeout(upstream.first_byte_timeout, client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(source)) => Err(UpstreamError::Connect { upstream: upstream.name.clone(), source }),
+            Err(_) => Err(UpstreamError::Timeout { upstream: upstream.name.clone(), timeout: upstream.first_byte_timeout }),
+        }
+    }
+}
+
+async fn read_token_file(path: &str) -> Result<String, String> {
+    let raw = tokio::fs::read_to_string(path).await.map_err(|e| format!("cannot read {path}: {e}"))?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(format!("{path} is empty"));
+    }
+    Ok(token.to_owned())
+}
+
+/// What this data plane cannot honour in a configuration that is otherwise valid: credential files it cannot read,
+/// credential sources it does not implement. Such a push is NACKed rather than served without its credential.
+pub fn environment_rejections(snapshot: &Snapshot) -> Vec<Rejection> {
+    let mut out = Vec::new();
+    for (name, upstream) in &snapshot.upstreams {
+        let problem = match &upstream.auth {
+            UpstreamAuth::None => None,
+            UpstreamAuth::StaticToken { token_file } => match std::fs::read_to_string(token_file) {
+                Ok(s) if !s.trim().is_empty() => None,
+                Ok(_) => Some(format!("token_file {token_file} is empty on this data plane")),
+                Err(e) => Some(format!("token_file {token_file} is not readable on this data plane: {e}")),
+            },
+            UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
+                Some("this credential source is not supported by this data plane build".to_owned())
+            }
+        };
+        if let Some(reason) = problem {
+            let version = snapshot.resources.get(&(Kind::Upstream, name.clone())).map(|r| r.version.clone()).unwrap_or_default();
+            out.push(Rejection { kind: Kind::Upstream, name: name.clone(), version, reason });
+        }
+    }
+    out
+}
