@@ -4,11 +4,7 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const FILES: &[&str] = &[
-    "fhirgw/config/v1/config.proto",
-    "fhirgw/push/v1/push.proto",
-    "fhirgw/admin/v1/admin.proto",
-];
+const FILES: &[&str] = &["fhirgw/config/v1/config.proto", "fhirgw/push/v1/push.proto", "fhirgw/admin/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=fhirgw");

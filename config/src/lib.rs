@@ -6,6 +6,7 @@
 //!
 //! Pure: no I/O, no clocks except where a caller passes the time in.
 
+pub mod identity;
 pub mod names;
 pub mod path;
 pub mod pattern;
@@ -14,7 +15,6 @@ pub mod route;
 pub mod snapshot;
 pub mod tenant;
 pub mod upstream;
-pub mod identity;
 
-pub use resource::{Kind, RawResource, ResourceKey, ResourceSet, Rejection};
+pub use resource::{Kind, RawResource, Rejection, ResourceKey, ResourceSet};
 pub use snapshot::Snapshot;

@@ -45,9 +45,7 @@ pub fn object_name(what: &'static str, value: &str) -> Result<(), NameError> {
 pub fn route_id(value: &str) -> Result<(), NameError> {
     check_len("route id", value, 63)?;
     let first_ok = value.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok = value
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    let rest_ok = value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
     if !first_ok || !rest_ok {
         return Err(NameError::Invalid {
             what: "route id",

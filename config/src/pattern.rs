@@ -167,11 +167,8 @@ impl Pattern {
 
     pub fn rank(&self) -> Rank {
         let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
-        let typed_params = self
-            .segments
-            .iter()
-            .filter(|s| matches!(s, Segment::Param { class, .. } if *class != Class::Any))
-            .count();
+        let typed_params =
+            self.segments.iter().filter(|s| matches!(s, Segment::Param { class, .. } if *class != Class::Any)).count();
         Rank {
             bounded: !self.rest,
             exact: !self.rest && literals == self.segments.len(),
@@ -315,14 +312,7 @@ mod tests {
     #[test]
     fn ranks_order_by_specificity() {
         // Each pattern strictly beats the next one.
-        let ordered = [
-            "/Patient/$export",
-            "/{type}/$export",
-            "/{type}/{op}",
-            "/{type}/*",
-            "/Patient/**",
-            "/**",
-        ];
+        let ordered = ["/Patient/$export", "/{type}/$export", "/{type}/{op}", "/{type}/*", "/Patient/**", "/**"];
         for pair in ordered.windows(2) {
             assert!(p(pair[0]).rank() > p(pair[1]).rank(), "{} should beat {}", pair[0], pair[1]);
         }

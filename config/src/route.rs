@@ -113,9 +113,10 @@ pub enum TableError {
 impl RouteTable {
     /// The most specific route for a request path relative to the base.
     pub fn route<'a>(&'a self, method: &Method, relative: &'a [String]) -> Option<RouteMatch<'a>> {
-        self.routes.iter().filter(|r| r.allows(method)).find_map(|route| {
-            route.pattern.matches(relative).map(|params| RouteMatch { route, params })
-        })
+        self.routes
+            .iter()
+            .filter(|r| r.allows(method))
+            .find_map(|route| route.pattern.matches(relative).map(|params| RouteMatch { route, params }))
     }
 
     /// Any route matching the path, whatever the method: tells 404 from 405.
@@ -130,14 +131,19 @@ impl RouteTable {
 
 fn parse_base_path(base: &str) -> Result<(String, Vec<String>), TableError> {
     let invalid = || TableError::Table(format!("base_path `{base}` must be '/' or like '/fhir' or '/r4/fhir'"));
-    let Some(body) = base.strip_prefix('/') else { return Err(invalid()) };
+    let Some(body) = base.strip_prefix('/') else {
+        return Err(invalid());
+    };
     let body = body.strip_suffix('/').unwrap_or(body);
     if body.is_empty() {
         return Ok((String::new(), Vec::new()));
     }
     let segments: Vec<String> = body.split('/').map(str::to_owned).collect();
     let ok = segments.iter().all(|s| {
-        !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     });
     if !ok {
         return Err(invalid());
@@ -195,8 +201,8 @@ fn parse_route(msg: &pb::Route) -> Result<Route, TableError> {
             Action::Deny { status, message: d.message.clone() }
         }
         Some(pb::route::Action::Handler(h)) => {
-            let handler =
-                Handler::parse(&h.name).ok_or_else(|| err(format!("unknown handler `{}` (known: docref, export)", h.name)))?;
+            let handler = Handler::parse(&h.name)
+                .ok_or_else(|| err(format!("unknown handler `{}` (known: docref, export)", h.name)))?;
             names::object_name("upstream", &h.upstream).map_err(|e| err(e.to_string()))?;
             Action::Handler { handler, upstream: h.upstream.clone() }
         }
@@ -205,7 +211,9 @@ fn parse_route(msg: &pb::Route) -> Result<Route, TableError> {
         None => QueryGuard::default(),
         Some(g) => {
             for p in g.allowed_params.iter().chain(&g.denied_params).chain(&g.denied_modifiers) {
-                let ok = !p.is_empty() && p.len() <= 128 && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+                let ok = !p.is_empty()
+                    && p.len() <= 128
+                    && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
                 if !ok {
                     return Err(err(format!("query guard entry `{p}` is not a parameter name")));
                 }
@@ -249,9 +257,15 @@ impl TryFrom<&pb::RouteTable> for RouteTable {
                 if a.rank != b.rank {
                     continue;
                 }
-                let Some(method) = a.common_method(b) else { continue };
+                let Some(method) = a.common_method(b) else {
+                    continue;
+                };
                 if let Some(path) = a.pattern.overlap(&b.pattern) {
-                    let example = if path == "/" && !base_path.is_empty() { base_path.clone() } else { format!("{base_path}{path}") };
+                    let example = if path == "/" && !base_path.is_empty() {
+                        base_path.clone()
+                    } else {
+                        format!("{base_path}{path}")
+                    };
                     return Err(TableError::Ambiguous { first: a.id.clone(), second: b.id.clone(), method, example });
                 }
             }
@@ -320,10 +334,20 @@ mod tests {
     #[test]
     fn ambiguous_tables_are_refused_naming_both_routes() {
         let cases: Vec<(Vec<pb::Route>, &str, &str, &str)> = vec![
-            (vec![route("a", "/{type}/{id}", &[]), route("b", "/{type}/{id}", &["GET"])], "a", "b", "GET /fhir/Patient/123"),
+            (
+                vec![route("a", "/{type}/{id}", &[]), route("b", "/{type}/{id}", &["GET"])],
+                "a",
+                "b",
+                "GET /fhir/Patient/123",
+            ),
             (vec![route("x", "/Patient/{id}", &[]), route("y", "/{type}/123", &[])], "x", "y", "GET /fhir/Patient/123"),
             (vec![route("all", "/**", &["GET"]), route("all2", "/**", &["GET", "POST"])], "all", "all2", "GET /fhir"),
-            (vec![route("p", "/Patient/*", &["DELETE"]), route("q", "/*/123", &["DELETE"])], "p", "q", "DELETE /fhir/Patient/123"),
+            (
+                vec![route("p", "/Patient/*", &["DELETE"]), route("q", "/*/123", &["DELETE"])],
+                "p",
+                "q",
+                "DELETE /fhir/Patient/123",
+            ),
         ];
         for (routes, first, second, example) in cases {
             let err = RouteTable::try_from(&table(routes)).err();
@@ -337,7 +361,10 @@ mod tests {
 
     #[test]
     fn same_shape_with_disjoint_methods_is_fine() {
-        let t = table(vec![route("read", "/{type}/{id}", &["GET", "HEAD"]), route("write", "/{type}/{id}", &["PUT", "DELETE"])]);
+        let t = table(vec![
+            route("read", "/{type}/{id}", &["GET", "HEAD"]),
+            route("write", "/{type}/{id}", &["PUT", "DELETE"]),
+        ]);
         assert!(RouteTable::try_from(&t).is_ok());
     }
 
@@ -348,10 +375,14 @@ mod tests {
         let mut bad_deny = route("a", "/x", &[]);
         bad_deny.action = Some(pb::route::Action::Deny(pb::DenyAction { status: 302, message: String::new() }));
         let mut bad_handler = route("a", "/x", &[]);
-        bad_handler.action = Some(pb::route::Action::Handler(pb::HandlerAction { name: "nope".into(), upstream: "hapi".into() }));
+        bad_handler.action =
+            Some(pb::route::Action::Handler(pb::HandlerAction { name: "nope".into(), upstream: "hapi".into() }));
         let cases: Vec<(&str, pb::RouteTable)> = vec![
             ("empty", table(vec![])),
-            ("bad base", pb::RouteTable { name: "m".into(), base_path: "fhir".into(), routes: vec![route("a", "/x", &[])] }),
+            (
+                "bad base",
+                pb::RouteTable { name: "m".into(), base_path: "fhir".into(), routes: vec![route("a", "/x", &[])] },
+            ),
             ("dup id", table(vec![route("a", "/x", &[]), route("a", "/y", &[])])),
             ("bad method", table(vec![route("a", "/x", &["FETCH"])])),
             ("bad pattern", table(vec![route("a", "/**/x", &[])])),

@@ -58,7 +58,8 @@ impl Snapshot {
         let mut identity_providers: Vec<IdentityProvider> = Vec::new();
 
         for ((kind, name), raw) in &resources {
-            let reject = |reason: String| Rejection { kind: *kind, name: name.clone(), version: raw.version.clone(), reason };
+            let reject =
+                |reason: String| Rejection { kind: *kind, name: name.clone(), version: raw.version.clone(), reason };
             let result: Result<(), String> = match kind {
                 Kind::Upstream => decode::<pb::Upstream>(raw).and_then(|msg| {
                     check_name(name, &msg.name)?;
@@ -100,10 +101,8 @@ impl Snapshot {
                 reason,
             };
             for route in table.routes() {
-                if let Some(up) = route.action.upstream() {
-                    if !upstreams.contains_key(up) {
-                        rejections.push(reject(format!("route `{}` refers to unknown upstream `{up}`", route.id)));
-                    }
+                if let Some(up) = route.action.upstream().filter(|up| !upstreams.contains_key(*up)) {
+                    rejections.push(reject(format!("route `{}` refers to unknown upstream `{up}`", route.id)));
                 }
             }
             for (_, other) in &tables[i + 1..] {

@@ -92,9 +92,9 @@ pub fn grant_fields(msg: &pb::Grant) -> Result<Grant, TenantError> {
     let tag = Tag::parse(msg.tag.as_ref())?;
     let expires_at = match &msg.expires_at {
         None => None,
-        Some(ts) => Some(
-            timestamp_to_system(ts).ok_or_else(|| TenantError::Invalid("expires_at is out of range".into()))?,
-        ),
+        Some(ts) => {
+            Some(timestamp_to_system(ts).ok_or_else(|| TenantError::Invalid("expires_at is out of range".into()))?)
+        }
     };
     Ok(Grant { tag, expires_at })
 }

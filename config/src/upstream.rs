@@ -31,9 +31,20 @@ pub struct Upstream {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAuth {
     None,
-    StaticToken { token_file: String },
-    ClientCredentials { token_url: String, client_id: String, client_secret_file: String, scopes: Vec<String>, audience: String },
-    MetadataIdentityToken { metadata_url: String, audience: String },
+    StaticToken {
+        token_file: String,
+    },
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret_file: String,
+        scopes: Vec<String>,
+        audience: String,
+    },
+    MetadataIdentityToken {
+        metadata_url: String,
+        audience: String,
+    },
 }
 
 /// The GCP metadata server's identity-token endpoint.
@@ -109,7 +120,7 @@ impl TryFrom<&pb::Upstream> for Upstream {
                 UpstreamAuth::MetadataIdentityToken { metadata_url, audience: m.audience.clone() }
             }
         };
-        let timeouts = msg.timeouts.clone().unwrap_or_default();
+        let timeouts = msg.timeouts.unwrap_or_default();
         let mut strip_request_headers = Vec::new();
         for header in &msg.strip_request_headers {
             let name = HeaderName::try_from(header.as_str())

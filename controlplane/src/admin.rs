@@ -83,7 +83,11 @@ impl AdminService {
             return Err(invalid(format!("{kind} is {} bytes; the limit is {MAX_RESOURCE_BYTES}", body.len())));
         }
         let expected = Expected::parse(expected).map_err(invalid)?;
-        let revision = self.store.write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check).await.map_err(to_status)?;
+        let revision = self
+            .store
+            .write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check)
+            .await
+            .map_err(to_status)?;
         info!(%kind, %name, revision, "stored");
         Ok(revision)
     }
@@ -99,7 +103,11 @@ impl AdminService {
         if expected == Expected::Absent {
             return Err(invalid("expected_version \"0\" (absent) makes no sense for a delete"));
         }
-        let revision = self.store.write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check).await.map_err(to_status)?;
+        let revision = self
+            .store
+            .write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check)
+            .await
+            .map_err(to_status)?;
         info!(%kind, %name, revision, "deleted");
         Ok(Response::new(api::DeleteResponse { revision: revision.to_string() }))
     }
@@ -126,10 +134,8 @@ impl AdminService {
 
 fn check_grant(grant: &pb::Grant) -> Result<String, Status> {
     let parsed = grant_fields(grant).map_err(|e| invalid(e.to_string()))?;
-    if let Some(at) = parsed.expires_at {
-        if at <= SystemTime::now() {
-            return Err(invalid("expires_at is in the past"));
-        }
+    if parsed.expires_at.is_some_and(|at| at <= SystemTime::now()) {
+        return Err(invalid("expires_at is in the past"));
     }
     Ok(grant_key(&grant.tenant, required(grant.tag.as_ref(), "grant.tag")?))
 }
@@ -147,7 +153,8 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let tenant = required(req.tenant, "tenant")?;
         tenant_fields(&tenant).map_err(|e| invalid(e.to_string()))?;
-        let revision = self.put(ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
+        let revision =
+            self.put(ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta: now_meta(revision) }))
     }
 
@@ -157,17 +164,27 @@ impl Admin for AdminService {
     }
 
     async fn list_tenants(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListTenantsResponse>, Status> {
-        let tenants = self.list(ObjKind::Tenant)?.into_iter().map(|(tenant, meta)| api::TenantEntry { tenant: Some(tenant), meta }).collect();
+        let tenants = self
+            .list(ObjKind::Tenant)?
+            .into_iter()
+            .map(|(tenant, meta)| api::TenantEntry { tenant: Some(tenant), meta })
+            .collect();
         Ok(Response::new(api::ListTenantsResponse { tenants }))
     }
 
-    async fn delete_tenant(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete_tenant(
+        &self,
+        request: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let req = request.into_inner();
         let prefix = format!("{}/", req.name);
         self.delete(ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
             let grants = objects.keys().filter(|(k, n)| *k == ObjKind::Grant && n.starts_with(&prefix)).count();
             if grants > 0 {
-                return Err(StoreError::Conflict(format!("tenant `{}` still has {grants} grant(s); delete them first", req.name)));
+                return Err(StoreError::Conflict(format!(
+                    "tenant `{}` still has {grants} grant(s); delete them first",
+                    req.name
+                )));
             }
             Ok(())
         })
@@ -188,7 +205,10 @@ impl Admin for AdminService {
         Ok(Response::new(api::GrantEntry { grant: Some(grant), meta }))
     }
 
-    async fn list_grants(&self, request: Request<api::ListGrantsRequest>) -> Result<Response<api::ListGrantsResponse>, Status> {
+    async fn list_grants(
+        &self,
+        request: Request<api::ListGrantsRequest>,
+    ) -> Result<Response<api::ListGrantsResponse>, Status> {
         let tenant = request.into_inner().tenant;
         let grants = self
             .list::<pb::Grant>(ObjKind::Grant)?
@@ -199,16 +219,23 @@ impl Admin for AdminService {
         Ok(Response::new(api::ListGrantsResponse { grants }))
     }
 
-    async fn delete_grant(&self, request: Request<api::DeleteGrantRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete_grant(
+        &self,
+        request: Request<api::DeleteGrantRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let req = request.into_inner();
         let name = grant_name(&req.tenant, req.tag.as_ref())?;
         self.delete(ObjKind::Grant, name, &req.expected_version, |_| Ok(())).await
     }
 
-    async fn put_upstream(&self, request: Request<api::PutUpstreamRequest>) -> Result<Response<api::UpstreamEntry>, Status> {
+    async fn put_upstream(
+        &self,
+        request: Request<api::PutUpstreamRequest>,
+    ) -> Result<Response<api::UpstreamEntry>, Status> {
         let req = request.into_inner();
         let upstream = required(req.upstream, "upstream")?;
-        let revision = self.put(ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(())).await?;
+        let revision =
+            self.put(ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta: now_meta(revision) }))
     }
 
@@ -217,56 +244,100 @@ impl Admin for AdminService {
         Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta }))
     }
 
-    async fn list_upstreams(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListUpstreamsResponse>, Status> {
-        let upstreams = self.list(ObjKind::Upstream)?.into_iter().map(|(upstream, meta)| api::UpstreamEntry { upstream: Some(upstream), meta }).collect();
+    async fn list_upstreams(
+        &self,
+        _: Request<api::ListRequest>,
+    ) -> Result<Response<api::ListUpstreamsResponse>, Status> {
+        let upstreams = self
+            .list(ObjKind::Upstream)?
+            .into_iter()
+            .map(|(upstream, meta)| api::UpstreamEntry { upstream: Some(upstream), meta })
+            .collect();
         Ok(Response::new(api::ListUpstreamsResponse { upstreams }))
     }
 
-    async fn delete_upstream(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete_upstream(
+        &self,
+        request: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let req = request.into_inner();
         self.delete(ObjKind::Upstream, req.name, &req.expected_version, |_| Ok(())).await
     }
 
-    async fn put_route_table(&self, request: Request<api::PutRouteTableRequest>) -> Result<Response<api::RouteTableEntry>, Status> {
+    async fn put_route_table(
+        &self,
+        request: Request<api::PutRouteTableRequest>,
+    ) -> Result<Response<api::RouteTableEntry>, Status> {
         let req = request.into_inner();
         let table = required(req.route_table, "route_table")?;
-        let revision = self.put(ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
+        let revision =
+            self.put(ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta: now_meta(revision) }))
     }
 
-    async fn get_route_table(&self, request: Request<api::GetRequest>) -> Result<Response<api::RouteTableEntry>, Status> {
+    async fn get_route_table(
+        &self,
+        request: Request<api::GetRequest>,
+    ) -> Result<Response<api::RouteTableEntry>, Status> {
         let (table, meta) = self.get(ObjKind::RouteTable, &request.into_inner().name)?;
         Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta }))
     }
 
-    async fn list_route_tables(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListRouteTablesResponse>, Status> {
-        let route_tables = self.list(ObjKind::RouteTable)?.into_iter().map(|(t, meta)| api::RouteTableEntry { route_table: Some(t), meta }).collect();
+    async fn list_route_tables(
+        &self,
+        _: Request<api::ListRequest>,
+    ) -> Result<Response<api::ListRouteTablesResponse>, Status> {
+        let route_tables = self
+            .list(ObjKind::RouteTable)?
+            .into_iter()
+            .map(|(t, meta)| api::RouteTableEntry { route_table: Some(t), meta })
+            .collect();
         Ok(Response::new(api::ListRouteTablesResponse { route_tables }))
     }
 
-    async fn delete_route_table(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete_route_table(
+        &self,
+        request: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let req = request.into_inner();
         self.delete(ObjKind::RouteTable, req.name, &req.expected_version, |_| Ok(())).await
     }
 
-    async fn put_identity_provider(&self, request: Request<api::PutIdentityProviderRequest>) -> Result<Response<api::IdentityProviderEntry>, Status> {
+    async fn put_identity_provider(
+        &self,
+        request: Request<api::PutIdentityProviderRequest>,
+    ) -> Result<Response<api::IdentityProviderEntry>, Status> {
         let req = request.into_inner();
         let idp = required(req.identity_provider, "identity_provider")?;
-        let revision = self.put(ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(())).await?;
+        let revision =
+            self.put(ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta: now_meta(revision) }))
     }
 
-    async fn get_identity_provider(&self, request: Request<api::GetRequest>) -> Result<Response<api::IdentityProviderEntry>, Status> {
+    async fn get_identity_provider(
+        &self,
+        request: Request<api::GetRequest>,
+    ) -> Result<Response<api::IdentityProviderEntry>, Status> {
         let (idp, meta) = self.get(ObjKind::IdentityProvider, &request.into_inner().name)?;
         Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta }))
     }
 
-    async fn list_identity_providers(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListIdentityProvidersResponse>, Status> {
-        let identity_providers = self.list(ObjKind::IdentityProvider)?.into_iter().map(|(i, meta)| api::IdentityProviderEntry { identity_provider: Some(i), meta }).collect();
+    async fn list_identity_providers(
+        &self,
+        _: Request<api::ListRequest>,
+    ) -> Result<Response<api::ListIdentityProvidersResponse>, Status> {
+        let identity_providers = self
+            .list(ObjKind::IdentityProvider)?
+            .into_iter()
+            .map(|(i, meta)| api::IdentityProviderEntry { identity_provider: Some(i), meta })
+            .collect();
         Ok(Response::new(api::ListIdentityProvidersResponse { identity_providers }))
     }
 
-    async fn delete_identity_provider(&self, request: Request<api::DeleteRequest>) -> Result<Response<api::DeleteResponse>, Status> {
+    async fn delete_identity_provider(
+        &self,
+        request: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
         let req = request.into_inner();
         self.delete(ObjKind::IdentityProvider, req.name, &req.expected_version, |_| Ok(())).await
     }
@@ -274,6 +345,10 @@ impl Admin for AdminService {
     async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
         let state = self.store.state();
         let data_planes = self.registry.report(&state, |rev| self.store.changed_since(rev));
-        Ok(Response::new(api::StatusResponse { revision: state.revision, config_version: state.digest.clone(), data_planes }))
+        Ok(Response::new(api::StatusResponse {
+            revision: state.revision,
+            config_version: state.digest.clone(),
+            data_planes,
+        }))
     }
 }

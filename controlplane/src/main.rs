@@ -94,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
         .build_v1alpha()?;
 
     let admin = tonic::service::interceptor::InterceptedService::new(
-        AdminServer::new(AdminService::new(store.clone(), registry.clone())).max_decoding_message_size(16 * 1024 * 1024),
+        AdminServer::new(AdminService::new(store.clone(), registry.clone()))
+            .max_decoding_message_size(16 * 1024 * 1024),
         operator,
     );
     let push = ConfigDiscoveryServer::with_interceptor(
@@ -102,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
         dataplane,
     );
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
     // One machine-readable line on stdout: how scripts and tests learn the port when it was 0.
     println!("{}", serde_json::json!({ "event": "listening", "grpc": local.to_string() }));

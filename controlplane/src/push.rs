@@ -68,7 +68,9 @@ impl ConfigDiscovery for PushService {
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
             Ok(Ok(Some(first))) => first,
-            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before its first message")),
+            Ok(Ok(None)) => {
+                return Err(Status::cancelled("stream closed before its first message"));
+            }
             Ok(Err(status)) => return Err(status),
             Err(_) => return Err(Status::deadline_exceeded("no first message within 30s")),
         };
@@ -167,12 +169,17 @@ impl Session {
     async fn send(&mut self, tx: &Outbound, state: &State, force: bool) -> Result<(), String> {
         let mut resources = Vec::new();
         let mut sent = Vec::new();
+        let mut held_back = false;
         for ((kind, name), raw) in &state.pushed {
             if !self.subscribed.contains(kind) {
                 continue;
             }
             let key = (*kind, name.clone());
-            if self.known.get(&key) == Some(&raw.version) || self.nacked.get(&key) == Some(&raw.version) {
+            if self.known.get(&key) == Some(&raw.version) {
+                continue;
+            }
+            if self.nacked.get(&key) == Some(&raw.version) {
+                held_back = true;
                 continue;
             }
             resources.push(push::Resource {
@@ -186,6 +193,11 @@ impl Session {
         let removed: Vec<ResourceKey> =
             self.known.keys().filter(|key| !state.pushed.contains_key(*key)).cloned().collect();
         if resources.is_empty() && removed.is_empty() && !force {
+            if !held_back {
+                // Already holds exactly what this revision pushes (say, a change was reverted to what it runs).
+                let revision = state.revision;
+                self.registry.update(self.id, |dp| dp.acked_revision = dp.acked_revision.max(revision));
+            }
             return Ok(());
         }
         self.sent_count += 1;
@@ -237,7 +249,9 @@ impl Session {
             Some(nack) => {
                 let mut rejected: Vec<Rejection> = Vec::new();
                 for r in &nack.rejected {
-                    let Some(kind) = Kind::from_proto(r.kind) else { continue };
+                    let Some(kind) = Kind::from_proto(r.kind) else {
+                        continue;
+                    };
                     let key = (kind, r.name.clone());
                     let version = pending
                         .sent

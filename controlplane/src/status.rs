@@ -6,8 +6,8 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 use fhirgw_config::resource::digest;
-use fhirgw_config::{Kind, Rejection, ResourceKey};
 use fhirgw_config::tenant::system_to_timestamp;
+use fhirgw_config::{Kind, Rejection, ResourceKey};
 use fhirgw_proto::admin::v1 as admin;
 
 use crate::store::State;
@@ -76,7 +76,11 @@ impl Registry {
 
     /// Status of every connected data plane against the current state. `changed_since(rev)` gives when the first
     /// revision after `rev` was written, the start of a lagging data plane's lag.
-    pub fn report(&self, state: &State, changed_since: impl Fn(u64) -> Option<SystemTime>) -> Vec<admin::DataPlaneStatus> {
+    pub fn report(
+        &self,
+        state: &State,
+        changed_since: impl Fn(u64) -> Option<SystemTime>,
+    ) -> Vec<admin::DataPlaneStatus> {
         let now = SystemTime::now();
         let mut out: Vec<admin::DataPlaneStatus> = self
             .streams

@@ -17,8 +17,7 @@ use tokio::sync::{Mutex, watch};
 use crate::objects::{ComposeError, ObjKey, ObjKind, Object, Objects, pushed_resources};
 
 /// Ordered schema migrations; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE objects (
+const MIGRATIONS: &[&str] = &["CREATE TABLE objects (
         kind TEXT NOT NULL,
         name TEXT NOT NULL,
         body BLOB NOT NULL,
@@ -36,8 +35,7 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         name TEXT NOT NULL,
         body BLOB
-    );",
-];
+    );"];
 
 /// The whole stored configuration at one revision, and what it pushes.
 #[derive(Debug)]
@@ -63,7 +61,9 @@ impl Expected {
         match s.trim() {
             "" => Ok(Expected::Any),
             "0" => Ok(Expected::Absent),
-            v => v.parse::<u64>().map(Expected::Revision).map_err(|_| format!("expected_version `{v}` is not a version")),
+            v => {
+                v.parse::<u64>().map(Expected::Revision).map_err(|_| format!("expected_version `{v}` is not a version"))
+            }
         }
     }
 }
@@ -143,7 +143,8 @@ impl Store {
 
     /// Reloads if another process wrote (several replicas on one store); cheap when nothing changed.
     pub async fn refresh(&self) -> Result<(), StoreError> {
-        let stored: i64 = sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&self.pool).await?.try_get(0)?;
+        let stored: i64 =
+            sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&self.pool).await?.try_get(0)?;
         if to_u64(stored) > self.state.borrow().revision {
             let _guard = self.write_lock.lock().await;
             let state = load_state(&self.pool).await?;
@@ -208,7 +209,8 @@ impl Store {
                 });
             }
         }
-        let row: i64 = sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&mut *tx).await?.try_get(0)?;
+        let row: i64 =
+            sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&mut *tx).await?.try_get(0)?;
         let revision = to_u64(row) + 1;
         let at = now_millis();
         let (op, body) = match change {
@@ -312,7 +314,8 @@ async fn load_objects(conn: &mut sqlx::SqliteConnection) -> Result<Objects, Stor
 
 async fn load_state(pool: &SqlitePool) -> Result<State, StoreError> {
     let mut tx = pool.begin().await?;
-    let revision: i64 = sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&mut *tx).await?.try_get(0)?;
+    let revision: i64 =
+        sqlx::query("SELECT value FROM store_revision WHERE id = 1").fetch_one(&mut *tx).await?.try_get(0)?;
     let objects = load_objects(&mut tx).await?;
     tx.commit().await?;
     let pushed = pushed_resources(&objects)?;

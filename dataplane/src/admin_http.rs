@@ -21,7 +21,8 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 }
 
 fn secs_since(at: Option<SystemTime>) -> serde_json::Value {
-    at.and_then(|t| SystemTime::now().duration_since(t).ok()).map_or(serde_json::Value::Null, |d| d.as_secs_f64().into())
+    at.and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or(serde_json::Value::Null, |d| d.as_secs_f64().into())
 }
 
 pub async fn handle(state: Arc<ConfigState>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -38,6 +39,7 @@ pub async fn handle(state: Arc<ConfigState>, request: Request<Incoming>) -> Resu
             let snapshot = state.load();
             let applied = state.applied();
             let rejection = state.last_rejection();
+            let received = state.received();
             let body = serde_json::json!({
                 "ready": snapshot.is_some(),
                 "version": snapshot.as_ref().map(|s| s.digest.clone()),
@@ -49,6 +51,7 @@ pub async fn handle(state: Arc<ConfigState>, request: Request<Incoming>) -> Resu
                     "seconds_ago": secs_since(rejection.at),
                     "summary": rejection.summary,
                 })},
+                "received": { "responses": received.responses, "resources": received.resources },
                 "resources": snapshot.as_ref().map(|s| s.resources.iter().map(|((kind, name), raw)| serde_json::json!({
                     "kind": kind.as_str(), "name": name, "version": raw.version,
                 })).collect::<Vec<_>>()).unwrap_or_default(),

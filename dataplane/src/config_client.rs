@@ -69,7 +69,9 @@ impl ConfigClient {
                 Err(SessionError::Stream(status)) if status.code() == tonic::Code::Unavailable && got_response => {
                     info!(reason = %status.message(), "config stream ended; reconnecting");
                 }
-                Err(e) => warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed"),
+                Err(e) => {
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed")
+                }
                 Ok(()) => {}
             }
             tokio::time::sleep(delay).await;
@@ -109,8 +111,9 @@ impl ConfigClient {
             .keep_alive_while_idle(true)
             .connect()
             .await?;
-        let auth: MetadataValue<_> =
-            format!("Bearer {}", self.token).parse().map_err(|_| SessionError::Setup("token is not a valid header".into()))?;
+        let auth: MetadataValue<_> = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| SessionError::Setup("token is not a valid header".into()))?;
         let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
             req.metadata_mut().insert("authorization", auth.clone());
             Ok(req)
@@ -132,6 +135,7 @@ impl ConfigClient {
         let nonce = response.nonce.clone();
         let span = info_span!("config_apply", %nonce, revision = response.system_version);
         async {
+            self.state.count_received(response.resources.len());
             let current = self.state.load();
             let mut candidate = current.as_ref().map(|s| s.resources.clone()).unwrap_or_default();
             let mut rejected: Vec<Rejection> = Vec::new();
@@ -179,7 +183,11 @@ impl ConfigClient {
                             Err(e) => warn!(error = %e, "snapshot writer failed"),
                         }
                     }
-                    push::ConfigRequest { response_nonce: nonce, applied_version: snapshot.digest.clone(), ..Default::default() }
+                    push::ConfigRequest {
+                        response_nonce: nonce,
+                        applied_version: snapshot.digest.clone(),
+                        ..Default::default()
+                    }
                 }
                 Err(rejections) => {
                     let summary = rejections.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");

@@ -73,10 +73,12 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&args.log_format);
     let token = match &args.token_file {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        None => std::env::var("FHIRGW_DATAPLANE_TOKEN").context("no data plane token: set FHIRGW_DATAPLANE_TOKEN or --token-file")?,
+        None => std::env::var("FHIRGW_DATAPLANE_TOKEN")
+            .context("no data plane token: set FHIRGW_DATAPLANE_TOKEN or --token-file")?,
     };
     let host = hostname();
-    let node_id = args.node_id.clone().unwrap_or_else(|| format!("{host}-{:06x}", rand::rng().random::<u32>() & 0xff_ffff));
+    let node_id =
+        args.node_id.clone().unwrap_or_else(|| format!("{host}-{:06x}", rand::rng().random::<u32>() & 0xff_ffff));
 
     let state = ConfigState::new();
     let persist = (!args.state_dir.as_os_str().is_empty()).then(|| SnapshotDir::new(&args.state_dir));
@@ -109,10 +111,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(client.run());
 
     let fhir = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen).await.with_context(|| format!("binding {}", args.admin_listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
     let (fhir_addr, admin_addr) = (fhir.local_addr()?, admin.local_addr()?);
     // One machine-readable line on stdout: how scripts and tests learn the ports when they were 0.
-    println!("{}", serde_json::json!({ "event": "listening", "fhir": fhir_addr.to_string(), "admin": admin_addr.to_string(), "node_id": node_id }));
+    println!(
+        "{}",
+        serde_json::json!({ "event": "listening", "fhir": fhir_addr.to_string(), "admin": admin_addr.to_string(), "node_id": node_id })
+    );
     info!(%fhir_addr, %admin_addr, %node_id, "data plane listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -121,9 +128,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let proxy = Arc::new(Proxy { state: state.clone(), upstreams: UpstreamClient::new() });
     let grace = Duration::from_secs(args.drain_secs);
-    let fhir_server = server::serve(fhir, move |req, _peer| proxy.clone().handle(req), stopped(stop_rx.clone()), grace, "fhir");
+    let fhir_server =
+        server::serve(fhir, move |req, _peer| proxy.clone().handle(req), stopped(stop_rx.clone()), grace, "fhir");
     let admin_state = state.clone();
-    let admin_server = server::serve(admin, move |req, _peer| admin_http::handle(admin_state.clone(), req), stopped(stop_rx), grace, "admin");
+    let admin_server = server::serve(
+        admin,
+        move |req, _peer| admin_http::handle(admin_state.clone(), req),
+        stopped(stop_rx),
+        grace,
+        "admin",
+    );
     tokio::spawn(async move {
         shutdown_signal().await;
         info!("shutdown requested");

@@ -83,7 +83,8 @@ impl SnapshotDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(PersistError::Io { path, source }),
         };
-        let file = push::SnapshotFile::decode(bytes.as_slice()).map_err(|source| PersistError::Decode { path: path.clone(), source })?;
+        let file = push::SnapshotFile::decode(bytes.as_slice())
+            .map_err(|source| PersistError::Decode { path: path.clone(), source })?;
         let mut set = ResourceSet::new();
         let mut reasons = Vec::new();
         for resource in file.resources {
@@ -116,8 +117,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = SnapshotDir::new(dir.path());
         assert!(store.load().unwrap_or_else(|e| panic!("{e}")).is_none());
-        let upstream = pb::Upstream { name: "hapi".into(), base_url: "http://127.0.0.1:9/fhir".into(), ..Default::default() };
-        let set: ResourceSet = [((Kind::Upstream, "hapi".to_owned()), RawResource::encode(Kind::Upstream, &upstream))].into();
+        let upstream =
+            pb::Upstream { name: "hapi".into(), base_url: "http://127.0.0.1:9/fhir".into(), ..Default::default() };
+        let set: ResourceSet =
+            [((Kind::Upstream, "hapi".to_owned()), RawResource::encode(Kind::Upstream, &upstream))].into();
         let snapshot = Snapshot::build(set, 42).unwrap_or_else(|e| panic!("{e:?}"));
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         store.save(&snapshot, at).unwrap_or_else(|e| panic!("{e}"));

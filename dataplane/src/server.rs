@@ -18,8 +18,13 @@ use crate::upstream::Body;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests finish for up to
 /// `grace`.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>, grace: Duration, name: &'static str)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    name: &'static str,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {

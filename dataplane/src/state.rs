@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
@@ -36,6 +37,15 @@ pub struct ConfigState {
     last_rejection: Mutex<LastRejection>,
     /// Digest of the current snapshot, for anything that reacts to changes (never held across request work).
     changes: watch::Sender<Option<String>>,
+    responses_received: AtomicU64,
+    resources_received: AtomicU64,
+}
+
+/// Counts of what the control plane has sent, for the admin port and for tests of incremental resume.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Received {
+    pub responses: u64,
+    pub resources: u64,
 }
 
 impl Default for ConfigState {
@@ -46,6 +56,8 @@ impl Default for ConfigState {
             applied: Mutex::new(None),
             last_rejection: Mutex::new(LastRejection::default()),
             changes: watch::channel(None).0,
+            responses_received: AtomicU64::new(0),
+            resources_received: AtomicU64::new(0),
         }
     }
 }
@@ -95,6 +107,18 @@ impl ConfigState {
 
     pub fn last_rejection(&self) -> LastRejection {
         self.last_rejection.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn count_received(&self, resources: usize) {
+        self.responses_received.fetch_add(1, Ordering::Relaxed);
+        self.resources_received.fetch_add(resources as u64, Ordering::Relaxed);
+    }
+
+    pub fn received(&self) -> Received {
+        Received {
+            responses: self.responses_received.load(Ordering::Relaxed),
+            resources: self.resources_received.load(Ordering::Relaxed),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Option<String>> {

@@ -52,7 +52,10 @@ pub struct UpstreamClient {
 
 impl Default for UpstreamClient {
     fn default() -> Self {
-        Self { pools: DashMap::new(), credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build() }
+        Self {
+            pools: DashMap::new(),
+            credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build(),
+        }
     }
 }
 
@@ -62,10 +65,8 @@ impl UpstreamClient {
     }
 
     fn client_for(&self, upstream: &Arc<Upstream>) -> Client<HttpConnector, Body> {
-        if let Some(pool) = self.pools.get(&upstream.name) {
-            if pool.config == *upstream {
-                return pool.client.clone();
-            }
+        if let Some(pool) = self.pools.get(&upstream.name).filter(|pool| pool.config == *upstream) {
+            return pool.client.clone();
         }
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(upstream.connect_timeout));
@@ -95,13 +96,18 @@ impl UpstreamClient {
                 return Err(fail("this credential source is not supported by this data plane build".into()));
             }
         };
-        let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| fail("token is not a valid header value".into()))?;
+        let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| fail("token is not a valid header value".into()))?;
         value.set_sensitive(true);
         Ok(Some(value))
     }
 
     /// Sends a request to `upstream`, with its credential. The request's URI must be on the upstream's origin.
-    pub async fn send(&self, upstream: &Arc<Upstream>, mut request: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        upstream: &Arc<Upstream>,
+        mut request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let on_origin = request
             .uri()
             .scheme_str()
@@ -119,7 +125,9 @@ impl UpstreamClient {
         match tokio::time::timeout(upstream.first_byte_timeout, client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(source)) => Err(UpstreamError::Connect { upstream: upstream.name.clone(), source }),
-            Err(_) => Err(UpstreamError::Timeout { upstream: upstream.name.clone(), timeout: upstream.first_byte_timeout }),
+            Err(_) => {
+                Err(UpstreamError::Timeout { upstream: upstream.name.clone(), timeout: upstream.first_byte_timeout })
+            }
         }
     }
 }
@@ -150,7 +158,8 @@ pub fn environment_rejections(snapshot: &Snapshot) -> Vec<Rejection> {
             }
         };
         if let Some(reason) = problem {
-            let version = snapshot.resources.get(&(Kind::Upstream, name.clone())).map(|r| r.version.clone()).unwrap_or_default();
+            let version =
+                snapshot.resources.get(&(Kind::Upstream, name.clone())).map(|r| r.version.clone()).unwrap_or_default();
             out.push(Rejection { kind: Kind::Upstream, name: name.clone(), version, reason });
         }
     }

@@ -59,20 +59,33 @@ impl ProxyError {
     /// The single classification of errors into client responses. Internal details stay in the log.
     fn outcome(&self) -> Outcome {
         match self {
-            ProxyError::NotReady => Outcome::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "The gateway is starting and has no configuration yet.").retry_after(2),
+            ProxyError::NotReady => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "The gateway is starting and has no configuration yet.",
+            )
+            .retry_after(2),
             ProxyError::Path(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
             ProxyError::NotFound => Outcome::new(StatusCode::NOT_FOUND, "not-found", "No such endpoint."),
-            ProxyError::MethodNotAllowed => Outcome::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "Method not allowed on this endpoint."),
+            ProxyError::MethodNotAllowed => {
+                Outcome::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "Method not allowed on this endpoint.")
+            }
             ProxyError::Denied { status, message, .. } => {
                 let text = if message.is_empty() { "Access to this endpoint is denied." } else { message };
                 Outcome::new(*status, "forbidden", text)
             }
-            ProxyError::HandlerUnavailable => Outcome::new(StatusCode::NOT_IMPLEMENTED, "not-supported", "This operation is not available yet."),
-            ProxyError::Upstream(UpstreamError::Credential { .. }) => {
-                Outcome::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "The upstream server is temporarily unavailable.").retry_after(5)
+            ProxyError::HandlerUnavailable => {
+                Outcome::new(StatusCode::NOT_IMPLEMENTED, "not-supported", "This operation is not available yet.")
             }
+            ProxyError::Upstream(UpstreamError::Credential { .. }) => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "The upstream server is temporarily unavailable.",
+            )
+            .retry_after(5),
             ProxyError::Upstream(UpstreamError::Connect { .. }) => {
-                Outcome::new(StatusCode::BAD_GATEWAY, "transient", "The upstream server could not be reached.").retry_after(2)
+                Outcome::new(StatusCode::BAD_GATEWAY, "transient", "The upstream server could not be reached.")
+                    .retry_after(2)
             }
             ProxyError::Upstream(UpstreamError::Timeout { .. }) => {
                 Outcome::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "The upstream server did not answer in time.")
@@ -126,7 +139,12 @@ impl Proxy {
     }
 
     /// Sends the request to `target` (an encoded path on the upstream) and streams the response back.
-    async fn forward(&self, upstream: Arc<Upstream>, target: &str, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn forward(
+        &self,
+        upstream: Arc<Upstream>,
+        target: &str,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let path_and_query = match parts.uri.query() {
             Some(query) => format!("{target}?{query}"),

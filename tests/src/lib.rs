@@ -1,0 +1,278 @@
+//! Harness for end-to-end tests: starts the real binaries and the real FHIR server on port 0, learns their ports
+//! from the one JSON line each prints on stdout, and keeps their logs (printed when a test fails).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fhirgw_proto::admin::v1::admin_client::AdminClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub mod fixtures;
+
+pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
+pub const DATAPLANE_TOKEN: &str = "dataplane-token-for-tests-0123456789";
+pub const UPSTREAM_TOKEN: &str = "upstream-service-token-0123456789";
+
+/// Root of the workspace.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A binary built by `cargo build --bins` in the same profile as this test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // Test executables live in `target/<profile>/deps`, binaries in `target/<profile>`.
+    let mut profile_dir = exe.parent().unwrap();
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().unwrap();
+    }
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// grpcurl: `FHIRGW_GRPCURL`, else `.tools/venv/bin/grpcurl`, else `grpcurl` on PATH.
+pub fn grpcurl_path() -> PathBuf {
+    if let Ok(p) = std::env::var("FHIRGW_GRPCURL") {
+        return p.into();
+    }
+    let local = workspace().join(".tools/venv/bin/grpcurl");
+    if local.exists() { local } else { "grpcurl".into() }
+}
+
+/// A child process killed when dropped; its stderr is kept in a file and shown if the test is failing.
+pub struct Process {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub ready: serde_json::Value,
+}
+
+impl Process {
+    pub async fn spawn(name: &str, mut command: Command, dir: &Path) -> Process {
+        let log = dir.join(format!("{name}.log"));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        command.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null()).kill_on_drop(true);
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+        let line = match first {
+            Ok(Ok(Some(line))) => line,
+            other => {
+                let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{name} did not report its address ({other:?}); log:\n{logs}");
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{name} printed {line:?}: {e}"));
+        Process { name: name.to_owned(), child: Some(child), log, ready }
+    }
+
+    pub fn addr(&self, key: &str) -> String {
+        self.ready[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} reported no `{key}`: {}", self.name, self.ready))
+            .to_owned()
+    }
+
+    /// SIGKILL and wait.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id()?;
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        tokio::time::timeout(Duration::from_secs(30), child.wait()).await.ok()?.ok()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+            eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+pub type Admin =
+    AdminClient<InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>>;
+
+fn operator_auth(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert("authorization", format!("Bearer {OPERATOR_TOKEN}").parse().unwrap());
+    Ok(req)
+}
+
+/// The test world: a temporary directory with tokens, and helpers to start each process.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("fhirgw-e2e-").tempdir().unwrap();
+        for (file, token) in [
+            ("operator.token", OPERATOR_TOKEN),
+            ("dataplane.token", DATAPLANE_TOKEN),
+            ("upstream.token", UPSTREAM_TOKEN),
+        ] {
+            std::fs::write(dir.path().join(file), format!("{token}\n")).unwrap();
+        }
+        World { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The real FHIR server with both tenants' seed data; it requires the upstream token.
+    pub async fn fhir_server(&self) -> Process {
+        let root = workspace().join("tests/fhir-server");
+        let mut command = Command::new(root.join("run.sh"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--seed")
+            .arg(root.join("seed"))
+            .arg("--require-token")
+            .arg(self.path("upstream.token"));
+        Process::spawn("fhir-server", command, self.dir.path()).await
+    }
+
+    pub async fn control_plane(&self, name: &str, store: &str) -> Process {
+        self.control_plane_at(name, store, "127.0.0.1:0").await
+    }
+
+    pub async fn control_plane_at(&self, name: &str, store: &str, listen: &str) -> Process {
+        let mut command = Command::new(binary("fhirgw-controlplane"));
+        command
+            .arg("--listen")
+            .arg(listen)
+            .arg("--store")
+            .arg(self.path(store))
+            .arg("--operator-token-file")
+            .arg(self.path("operator.token"))
+            .arg("--dataplane-token-file")
+            .arg(self.path("dataplane.token"))
+            .env("RUST_LOG", "info,fhirgw_controlplane=debug");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+
+    /// A data plane following `control_plane` (a gRPC URL), keeping its snapshot in `state_dir`.
+    pub async fn data_plane(&self, name: &str, control_plane: &str, state_dir: &str) -> Process {
+        self.data_plane_with(name, control_plane, state_dir, &self.path("dataplane.token")).await
+    }
+
+    pub async fn data_plane_with(
+        &self,
+        name: &str,
+        control_plane: &str,
+        state_dir: &str,
+        token_file: &Path,
+    ) -> Process {
+        let mut command = Command::new(binary("fhirgw-dataplane"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--control-plane")
+            .arg(control_plane)
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--state-dir")
+            .arg(self.path(state_dir))
+            .arg("--node-id")
+            .arg(name)
+            .arg("--drain-secs")
+            .arg("5")
+            .env("RUST_LOG", "info,fhirgw_dataplane=debug");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+}
+
+pub fn grpc_url(cp: &Process) -> String {
+    format!("http://{}", cp.addr("grpc"))
+}
+
+pub async fn admin(cp: &Process) -> Admin {
+    let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
+    AdminClient::with_interceptor(channel, operator_auth as fn(_) -> _)
+}
+
+/// Runs grpcurl exactly as an operator would: `grpcurl -plaintext -H 'authorization: Bearer …' FLAGS ADDRESS VERBS`.
+/// Returns (success, stdout, stderr).
+pub async fn grpcurl(cp: &Process, flags: &[&str], verbs: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grpcurl_path())
+        .arg("-plaintext")
+        .arg("-H")
+        .arg(format!("authorization: Bearer {OPERATOR_TOKEN}"))
+        .args(flags)
+        .arg(cp.addr("grpc"))
+        .args(verbs)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running grpcurl ({}): {e}", grpcurl_path().display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// The data plane's `/config` document.
+pub async fn dp_config(dp: &Process) -> serde_json::Value {
+    http().get(format!("http://{}/config", dp.addr("admin"))).send().await.unwrap().json().await.unwrap()
+}
