@@ -41,14 +41,25 @@ fn optional_url(what: &'static str, value: &str) -> Result<Option<String>, NameE
     Ok(Some(value.to_owned()))
 }
 
+/// Where keys or token verdicts are fetched from: https, except on loopback (local issuers in tests and dev).
+fn secure_url(what: &'static str, value: &str) -> Result<Option<String>, IdentityError> {
+    let Some(url) = optional_url(what, value)? else { return Ok(None) };
+    let uri = names::http_url(what, &url)?;
+    let loopback = matches!(uri.host(), Some("localhost" | "127.0.0.1" | "[::1]" | "::1"));
+    if uri.scheme_str() != Some("https") && !loopback {
+        return Err(IdentityError::Invalid(format!("{what} must be https (plain http only on loopback)")));
+    }
+    Ok(Some(url))
+}
+
 impl TryFrom<&pb::IdentityProvider> for IdentityProvider {
     type Error = IdentityError;
 
     fn try_from(msg: &pb::IdentityProvider) -> Result<Self, Self::Error> {
         names::object_name("identity provider name", &msg.name)?;
         names::http_url("issuer", &msg.issuer)?;
-        let jwks_uri = optional_url("jwks_uri", &msg.jwks_uri)?;
-        let introspection_endpoint = optional_url("introspection_endpoint", &msg.introspection_endpoint)?;
+        let jwks_uri = secure_url("jwks_uri", &msg.jwks_uri)?;
+        let introspection_endpoint = secure_url("introspection_endpoint", &msg.introspection_endpoint)?;
         if jwks_uri.is_none() && introspection_endpoint.is_none() {
             return Err(IdentityError::Invalid("needs a jwks_uri, an introspection_endpoint, or both".into()));
         }
@@ -119,6 +130,20 @@ mod tests {
             let mut msg = idp();
             msg.algorithms = vec![bad.into()];
             assert!(IdentityProvider::try_from(&msg).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn key_urls_must_be_https_off_loopback() {
+        for (url, ok) in [
+            ("https://issuer.example/jwks", true),
+            ("http://127.0.0.1:8080/jwks", true),
+            ("http://localhost/jwks", true),
+            ("http://issuer.example/jwks", false),
+        ] {
+            let mut msg = idp();
+            msg.jwks_uri = url.into();
+            assert_eq!(IdentityProvider::try_from(&msg).is_ok(), ok, "{url}");
         }
     }
 

@@ -1,9 +1,12 @@
 //! The fhirgw data plane.
 
 pub mod admin_http;
+pub mod authn;
 pub mod config_client;
+pub mod http_client;
 pub mod outcome;
 pub mod persist;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod state;

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
 use fhirgw_dataplane::persist::SnapshotDir;
+use fhirgw_dataplane::policy::paging::PageSigner;
 use fhirgw_dataplane::proxy::Proxy;
 use fhirgw_dataplane::state::{ConfigState, Source};
 use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
@@ -39,6 +41,10 @@ struct Args {
     /// Node id reported to the control plane. Default: hostname plus a random suffix.
     #[arg(long, env = "FHIRGW_NODE_ID")]
     node_id: Option<String>,
+    /// File holding the key that signs paging links. Every data plane behind one load balancer needs the same key;
+    /// without one, a random key is used and page links only work on the replica that issued them.
+    #[arg(long, env = "FHIRGW_PAGING_KEY_FILE")]
+    paging_key_file: Option<PathBuf>,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "FHIRGW_DP_DRAIN_SECS", default_value_t = 25)]
     drain_secs: u64,
@@ -126,7 +132,25 @@ async fn main() -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let proxy = Arc::new(Proxy { state: state.clone(), upstreams: UpstreamClient::new() });
+    let paging_key = match &args.paging_key_file {
+        Some(path) => {
+            let key = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            anyhow::ensure!(key.len() >= 32, "the paging key in {} must be at least 32 bytes", path.display());
+            key
+        }
+        None => {
+            warn!("no --paging-key-file: page links are signed with a random key and only work on this replica");
+            let mut key = vec![0u8; 32];
+            rand::rng().fill(key.as_mut_slice());
+            key
+        }
+    };
+    let proxy = Arc::new(Proxy {
+        state: state.clone(),
+        upstreams: UpstreamClient::new(),
+        authn: Authenticator::new(),
+        pages: PageSigner::new(&paging_key),
+    });
     let grace = Duration::from_secs(args.drain_secs);
     let fhir_server =
         server::serve(fhir, move |req, _peer| proxy.clone().handle(req), stopped(stop_rx.clone()), grace, "fhir");

@@ -17,15 +17,22 @@ pub struct Outcome {
     pub code: &'static str,
     pub diagnostics: String,
     pub retry_after_secs: Option<u32>,
+    /// `WWW-Authenticate` for 401s.
+    pub www_authenticate: Option<&'static str>,
 }
 
 impl Outcome {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        Self { status, code, diagnostics: diagnostics.into(), retry_after_secs: None }
+        Self { status, code, diagnostics: diagnostics.into(), retry_after_secs: None, www_authenticate: None }
     }
 
     pub fn retry_after(mut self, secs: u32) -> Self {
         self.retry_after_secs = Some(secs);
+        self
+    }
+
+    pub fn challenge(mut self, value: &'static str) -> Self {
+        self.www_authenticate = Some(value);
         self
     }
 
@@ -42,6 +49,9 @@ impl Outcome {
         let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
         *response.status_mut() = self.status;
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if let Some(challenge) = self.www_authenticate {
+            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
         if let Some(secs) = self.retry_after_secs {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
         }

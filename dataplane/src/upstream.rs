@@ -13,9 +13,10 @@ use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use moka::future::Cache;
+
+use crate::http_client::{self, Connector};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -41,7 +42,7 @@ pub enum UpstreamError {
 
 struct Pool {
     config: Arc<Upstream>,
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
 }
 
 pub struct UpstreamClient {
@@ -64,14 +65,11 @@ impl UpstreamClient {
         Arc::new(Self::default())
     }
 
-    fn client_for(&self, upstream: &Arc<Upstream>) -> Client<HttpConnector, Body> {
+    fn client_for(&self, upstream: &Arc<Upstream>) -> Client<Connector, Body> {
         if let Some(pool) = self.pools.get(&upstream.name).filter(|pool| pool.config == *upstream) {
             return pool.client.clone();
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(upstream.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
+        let connector = http_client::connector(upstream.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)

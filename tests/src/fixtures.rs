@@ -5,9 +5,18 @@
 use fhirgw_proto::admin::v1 as api;
 use fhirgw_proto::config::v1 as pb;
 
+use crate::issuer::Issuer;
 use crate::{Admin, World};
 
 pub const DATASET: &str = "https://fhirgw.dev/dataset";
+/// The gateway's public FHIR base as tokens name it in `aud`.
+pub const AUDIENCE: &str = "https://fhirgw.test/fhir";
+/// What the tests' callers may do by default.
+pub const READ_SCOPES: &str = "openid user/*.read";
+
+pub async fn issuer() -> Issuer {
+    Issuer::start("127.0.0.1:0".parse().unwrap(), AUDIENCE).await
+}
 
 pub fn upstream(world: &World, base_url: &str) -> pb::Upstream {
     pb::Upstream {
@@ -38,12 +47,16 @@ pub fn route_table() -> pb::RouteTable {
         base_path: "/fhir".into(),
         routes: vec![
             proxy("metadata", "/metadata", &["GET"]),
+            // Routed, so the access policy (not the route table) is what refuses system-level calls.
+            proxy("root", "/", &["GET", "POST"]),
             proxy("type", "/{type}", &["GET", "POST"]),
             proxy("search", "/{type}/_search", &["POST"]),
             proxy("instance", "/{type}/{id}", &["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
             proxy("history", "/{type}/{id}/_history", &["GET"]),
             proxy("vread", "/{type}/{id}/_history/{vid}", &["GET"]),
             proxy("everything", "/Patient/{id}/$everything", &["GET"]),
+            proxy("compartment", "/{type}/{id}/*", &["GET"]),
+            proxy("operations", "/{type}/{op}", &["GET", "POST"]),
         ],
     }
 }
@@ -56,30 +69,29 @@ pub fn grant(tenant: &str, code: &str) -> pb::Grant {
     pb::Grant { tenant: tenant.into(), tag: Some(tag(code)), expires_at: None }
 }
 
-/// Upstream, route table, tenants `tenant-a` and `tenant-b`; returns the store revision of the last write.
-pub async fn configure(admin: &mut Admin, world: &World, fhir_base: &str) -> u64 {
+/// Upstream, route table, the issuer, tenants `tenant-a` and `tenant-b` each granted its own dataset tag; returns
+/// the store revision of the last write.
+pub async fn configure(admin: &mut Admin, world: &World, fhir_base: &str, issuer: &Issuer) -> u64 {
+    let none = String::new;
     admin
-        .put_upstream(api::PutUpstreamRequest {
-            upstream: Some(upstream(world, fhir_base)),
-            expected_version: String::new(),
-        })
+        .put_upstream(api::PutUpstreamRequest { upstream: Some(upstream(world, fhir_base)), expected_version: none() })
         .await
         .unwrap();
     admin
-        .put_route_table(api::PutRouteTableRequest {
-            route_table: Some(route_table()),
-            expected_version: String::new(),
-        })
+        .put_route_table(api::PutRouteTableRequest { route_table: Some(route_table()), expected_version: none() })
         .await
         .unwrap();
+    let idp = api::PutIdentityProviderRequest {
+        identity_provider: Some(issuer.identity_provider()),
+        expected_version: none(),
+    };
+    admin.put_identity_provider(idp).await.unwrap();
     let mut revision = 0;
     for name in ["tenant-a", "tenant-b"] {
         let tenant = pb::Tenant { name: name.into(), display_name: format!("Tenant {name}") };
-        let entry = admin
-            .put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() })
-            .await
-            .unwrap()
-            .into_inner();
+        admin.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: none() }).await.unwrap();
+        let put = api::PutGrantRequest { grant: Some(grant(name, name)), expected_version: none() };
+        let entry = admin.put_grant(put).await.unwrap().into_inner();
         revision = entry.meta.unwrap().version.parse().unwrap();
     }
     revision

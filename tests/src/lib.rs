@@ -14,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub mod fixtures;
+pub mod issuer;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DATAPLANE_TOKEN: &str = "dataplane-token-for-tests-0123456789";

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use fhirgw_e2e::fixtures::{self, configure, grant, status, tag};
+use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, grant, status};
+use fhirgw_e2e::issuer::Issuer;
 use fhirgw_e2e::{World, admin, dp_config, eventually, grpc_url, grpcurl, http};
 use fhirgw_proto::admin::v1 as api;
 use fhirgw_proto::config::v1 as pb;
@@ -31,21 +32,27 @@ async fn wait_in_sync(admin: &mut fhirgw_e2e::Admin, n: usize, revision: u64) ->
     .await
 }
 
-async fn read_patient(dp: &fhirgw_e2e::Process, id: &str) -> reqwest::Response {
-    http().get(format!("http://{}/fhir/Patient/{id}", dp.addr("fhir"))).send().await.unwrap()
+async fn read_patient(dp: &fhirgw_e2e::Process, issuer: &Issuer, id: &str) -> reqwest::Response {
+    http()
+        .get(format!("http://{}/fhir/Patient/{id}", dp.addr("fhir")))
+        .bearer_auth(issuer.token("tenant-a", READ_SCOPES))
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn grant_put_with_grpcurl_reaches_three_data_planes() {
     let world = World::new();
     let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
     let cp = world.control_plane("cp", "cp.db").await;
     let mut dps = Vec::new();
     for i in 0..3 {
         dps.push(world.data_plane(&format!("dp-{i}"), &grpc_url(&cp), &format!("dp-{i}-state")).await);
     }
     let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, &fhir_base(&fhir)).await;
+    let revision = configure(&mut admin, &world, &fhir_base(&fhir), &issuer).await;
     wait_in_sync(&mut admin, 3, revision).await;
 
     // Reflection works for an operator with nothing but grpcurl.
@@ -60,7 +67,7 @@ async fn grant_put_with_grpcurl_reaches_three_data_planes() {
     // The operator puts a grant exactly as the README shows.
     let started = Instant::now();
     let body = serde_json::json!({
-        "grant": { "tenant": "tenant-a", "tag": { "system": fixtures::DATASET, "code": "tenant-a" },
+        "grant": { "tenant": "tenant-b", "tag": { "system": fixtures::DATASET, "code": "tenant-a" },
                    "expires_at": "2099-01-01T00:00:00Z" }
     });
     let (ok, out, err) = grpcurl(&cp, &["-d", &body.to_string()], &["fhirgw.admin.v1.Admin/PutGrant"]).await;
@@ -84,24 +91,31 @@ async fn grant_put_with_grpcurl_reaches_three_data_planes() {
 
     // And the grant is in the tenant resource each data plane holds: the version the control plane computes for
     // tenant-a (with the grant) is the version each data plane reports.
-    let list = admin.list_grants(api::ListGrantsRequest { tenant: "tenant-a".into() }).await.unwrap().into_inner();
-    assert_eq!(list.grants.len(), 1);
-    assert!(list.grants[0].grant.as_ref().unwrap().expires_at.is_some());
+    let list = admin.list_grants(api::ListGrantsRequest { tenant: "tenant-b".into() }).await.unwrap().into_inner();
+    assert_eq!(list.grants.len(), 2);
+    assert!(list.grants.iter().any(|g| g.grant.as_ref().unwrap().expires_at.is_some()));
+
+    // Its effect on every data plane: tenant-b now sees tenant-a's patients too.
+    for dp in &dps {
+        let response = http()
+            .get(format!("http://{}/fhir/Patient/a-pat-1", dp.addr("fhir")))
+            .bearer_auth(issuer.token("tenant-b", READ_SCOPES))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", dp.name);
+    }
 }
 
 #[tokio::test]
 async fn control_plane_restart_resyncs_without_resending_and_loses_nothing() {
     let world = World::new();
     let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
     let mut cp = world.control_plane("cp", "cp.db").await;
     let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
-    configure(&mut admin, &world, &fhir_base(&fhir)).await;
-    let put = admin
-        .put_grant(api::PutGrantRequest { grant: Some(grant("tenant-a", "tenant-a")), expected_version: String::new() })
-        .await
-        .unwrap();
-    let revision: u64 = put.into_inner().meta.unwrap().version.parse().unwrap();
+    let revision = configure(&mut admin, &world, &fhir_base(&fhir), &issuer).await;
     let before = wait_in_sync(&mut admin, 1, revision).await;
     let tenants_before = admin.list_tenants(api::ListRequest {}).await.unwrap().into_inner();
     let tables_before = admin.list_route_tables(api::ListRequest {}).await.unwrap().into_inner();
@@ -109,7 +123,7 @@ async fn control_plane_restart_resyncs_without_resending_and_loses_nothing() {
 
     // Control plane gone: the data plane keeps serving its last snapshot.
     cp.kill().await;
-    let response = read_patient(&dp, "a-pat-1").await;
+    let response = read_patient(&dp, &issuer, "a-pat-1").await;
     assert_eq!(response.status(), 200);
     assert_eq!(http().get(format!("http://{}/readyz", dp.addr("admin"))).send().await.unwrap().status(), 200);
 
@@ -139,17 +153,18 @@ async fn control_plane_restart_resyncs_without_resending_and_loses_nothing() {
     // Nothing the operator wrote is lost.
     assert_eq!(admin2.list_tenants(api::ListRequest {}).await.unwrap().into_inner(), tenants_before);
     assert_eq!(admin2.list_route_tables(api::ListRequest {}).await.unwrap().into_inner(), tables_before);
-    assert_eq!(read_patient(&dp, "a-pat-1").await.status(), 200);
+    assert_eq!(read_patient(&dp, &issuer, "a-pat-1").await.status(), 200);
 }
 
 #[tokio::test]
 async fn data_plane_started_while_control_plane_is_down_serves_from_disk() {
     let world = World::new();
     let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
     let mut cp = world.control_plane("cp", "cp.db").await;
     let mut dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, &fhir_base(&fhir)).await;
+    let revision = configure(&mut admin, &world, &fhir_base(&fhir), &issuer).await;
     let synced = wait_in_sync(&mut admin, 1, revision).await;
     let url = grpc_url(&cp);
     dp.terminate().await;
@@ -161,7 +176,7 @@ async fn data_plane_started_while_control_plane_is_down_serves_from_disk() {
     assert_eq!(cfg["source"], "disk");
     assert_eq!(cfg["version"], synced.config_version);
     assert_eq!(http().get(format!("http://{}/readyz", dp2.addr("admin"))).send().await.unwrap().status(), 200);
-    let response = read_patient(&dp2, "a-pat-2").await;
+    let response = read_patient(&dp2, &issuer, "a-pat-2").await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["id"], "a-pat-2");
@@ -170,13 +185,14 @@ async fn data_plane_started_while_control_plane_is_down_serves_from_disk() {
 #[tokio::test]
 async fn data_plane_without_any_config_is_not_ready_and_answers_503() {
     let world = World::new();
+    let issuer = fixtures::issuer().await;
     // Nothing listens on this port: bind and drop to get a free one.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dp = world.data_plane("dp", &format!("http://127.0.0.1:{port}"), "dp-state").await;
     let readyz = http().get(format!("http://{}/readyz", dp.addr("admin"))).send().await.unwrap();
     assert_eq!(readyz.status(), 503);
     assert_eq!(http().get(format!("http://{}/healthz", dp.addr("admin"))).send().await.unwrap().status(), 200);
-    let response = read_patient(&dp, "a-pat-1").await;
+    let response = read_patient(&dp, &issuer, "a-pat-1").await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().get("retry-after").is_some());
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/fhir+json"));
@@ -188,10 +204,11 @@ async fn data_plane_without_any_config_is_not_ready_and_answers_503() {
 async fn invalid_push_is_nacked_last_good_config_stays_and_nack_shows_in_status() {
     let world = World::new();
     let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
     let cp = world.control_plane("cp", "cp.db").await;
     let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, &fhir_base(&fhir)).await;
+    let revision = configure(&mut admin, &world, &fhir_base(&fhir), &issuer).await;
     let good = wait_in_sync(&mut admin, 1, revision).await;
 
     // Valid for the control plane, impossible for this data plane: its credential file does not exist here.
@@ -231,12 +248,12 @@ async fn invalid_push_is_nacked_last_good_config_stays_and_nack_shows_in_status(
     let cfg = dp_config(&dp).await;
     assert_eq!(cfg["version"], good.config_version);
     assert!(cfg["last_rejection"]["summary"].as_str().unwrap().contains("nonexistent"));
-    assert_eq!(read_patient(&dp, "a-pat-1").await.status(), 200);
+    assert_eq!(read_patient(&dp, &issuer, "a-pat-1").await.status(), 200);
 
     // The NACKed version is not resent: the next change delivers exactly the one changed resource.
     let received = dp_config(&dp).await["received"].clone();
     let put = admin
-        .put_grant(api::PutGrantRequest { grant: Some(grant("tenant-b", "tenant-b")), expected_version: String::new() })
+        .put_grant(api::PutGrantRequest { grant: Some(grant("tenant-b", "extra")), expected_version: String::new() })
         .await
         .unwrap();
     let next: u64 = put.into_inner().meta.unwrap().version.parse().unwrap();
@@ -334,9 +351,10 @@ async fn admin_api_refuses_missing_and_wrong_credentials() {
 async fn bad_admin_input_is_refused_and_changes_nothing() {
     let world = World::new();
     let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
     let cp = world.control_plane("cp", "cp.db").await;
     let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, &fhir_base(&fhir)).await;
+    let revision = configure(&mut admin, &world, &fhir_base(&fhir), &issuer).await;
     let before = status(&mut admin).await;
     assert_eq!(before.revision, revision);
 
@@ -415,5 +433,4 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
     // The right version succeeds.
     let ok = api::PutTenantRequest { tenant: current.tenant, expected_version: current.meta.unwrap().version };
     admin.put_tenant(ok).await.unwrap();
-    let _ = tag("x");
 }

@@ -1,18 +1,21 @@
 //! The FHIR request pipeline, outermost first:
 //!
 //! ```text
-//! handle ── rescue: the one place errors become OperationOutcome responses
+//! handle ── span; rescue: the one place errors become OperationOutcome responses
 //!   └ pin one config snapshot for the whole request (503 before the first one)
-//!     └ normalise the path (400 on irregular forms)
-//!       └ route: table by base path, then the most specific route (404 / 405)
-//!         └ action: deny │ handler │ proxy
-//!           └ forward: sanitise headers → UpstreamClient::send (credential injected there) → stream back
+//!     └ normalise the path (400 on irregular forms) and find the table by base path
+//!       └ classify the interaction (read, search, history, …; Unknown is denied)
+//!         └ authenticate (every interaction except `metadata`): tenant from the token (401)
+//!           └ route: the most specific route (404 / 405)
+//!             └ action: deny │ handler │ proxy
+//!               └ authorize and rewrite (access.rs): scopes, query checks, narrowing, page tokens
+//!                 └ upstream (UpstreamClient::send injects the credential)
+//!                   └ verify the response: resource or every Bundle entry against the grants; links signed
 //! ```
-//!
-//! Authentication and tenant authorization slot in between routing and the action (issue 4); they will see the
-//! same pinned snapshot.
 
+mod access;
 mod headers;
+mod links;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,13 +29,19 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{Instrument, info_span, warn};
 
+use crate::authn::{AuthError, Authenticator};
 use crate::outcome::Outcome;
+use crate::policy::classify::{Interaction, classify};
+use crate::policy::paging::{PageError, PageSigner};
+use crate::policy::query::QueryError;
 use crate::state::ConfigState;
 use crate::upstream::{Body, UpstreamClient, UpstreamError};
 
 pub struct Proxy {
     pub state: Arc<ConfigState>,
     pub upstreams: Arc<UpstreamClient>,
+    pub authn: Arc<Authenticator>,
+    pub pages: PageSigner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,53 +62,106 @@ enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error("route refers to unknown upstream `{0}`")]
     MissingUpstream(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The one answer for a resource that is missing, deleted, or outside the grants.
+    #[error("resource not found or not visible")]
+    ResourceNotFound,
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Page(#[from] PageError),
+    #[error("upstream answered {0}")]
+    UpstreamStatus(StatusCode),
+    #[error("upstream response cannot be verified: {0}")]
+    Unverifiable(String),
 }
 
 impl ProxyError {
     /// The single classification of errors into client responses. Internal details stay in the log.
     fn outcome(&self) -> Outcome {
+        use ProxyError::*;
         match self {
-            ProxyError::NotReady => Outcome::new(
+            NotReady => Outcome::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
                 "The gateway is starting and has no configuration yet.",
             )
             .retry_after(2),
-            ProxyError::Path(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
-            ProxyError::NotFound => Outcome::new(StatusCode::NOT_FOUND, "not-found", "No such endpoint."),
-            ProxyError::MethodNotAllowed => {
+            Path(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            NotFound => Outcome::new(StatusCode::NOT_FOUND, "not-found", "No such endpoint."),
+            MethodNotAllowed => {
                 Outcome::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "Method not allowed on this endpoint.")
             }
-            ProxyError::Denied { status, message, .. } => {
+            Denied { status, message, .. } => {
                 let text = if message.is_empty() { "Access to this endpoint is denied." } else { message };
                 Outcome::new(*status, "forbidden", text)
             }
-            ProxyError::HandlerUnavailable => {
+            HandlerUnavailable => {
                 Outcome::new(StatusCode::NOT_IMPLEMENTED, "not-supported", "This operation is not available yet.")
             }
-            ProxyError::Upstream(UpstreamError::Credential { .. }) => Outcome::new(
+            Upstream(UpstreamError::Credential { .. }) => Outcome::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
                 "The upstream server is temporarily unavailable.",
             )
             .retry_after(5),
-            ProxyError::Upstream(UpstreamError::Connect { .. }) => {
+            Upstream(UpstreamError::Connect { .. }) => {
                 Outcome::new(StatusCode::BAD_GATEWAY, "transient", "The upstream server could not be reached.")
                     .retry_after(2)
             }
-            ProxyError::Upstream(UpstreamError::Timeout { .. }) => {
+            Upstream(UpstreamError::Timeout { .. }) => {
                 Outcome::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "The upstream server did not answer in time.")
             }
-            ProxyError::Upstream(UpstreamError::Request(_)) | ProxyError::MissingUpstream(_) => {
+            Upstream(UpstreamError::Request(_)) | MissingUpstream(_) => {
                 Outcome::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", "Internal gateway error.")
             }
+            Auth(AuthError::Missing) => Outcome::new(StatusCode::UNAUTHORIZED, "login", "A bearer token is required.")
+                .challenge("Bearer realm=\"fhirgw\""),
+            Auth(AuthError::Invalid(_)) => {
+                Outcome::new(StatusCode::UNAUTHORIZED, "login", "The bearer token is not valid.")
+                    .challenge("Bearer realm=\"fhirgw\", error=\"invalid_token\"")
+            }
+            Auth(AuthError::KeysUnavailable { .. }) => {
+                Outcome::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "The token cannot be verified right now.")
+                    .retry_after(5)
+            }
+            Forbidden(message) => Outcome::new(StatusCode::FORBIDDEN, "forbidden", message.clone()),
+            ResourceNotFound => Outcome::new(StatusCode::NOT_FOUND, "not-found", "Resource not found."),
+            Query(e @ QueryError::Refused { .. }) => {
+                Outcome::new(StatusCode::BAD_REQUEST, "not-supported", e.to_string())
+            }
+            Query(e @ QueryError::NotAcceptable { .. }) => {
+                Outcome::new(StatusCode::NOT_ACCEPTABLE, "not-supported", e.to_string())
+            }
+            BadRequest(message) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", message.clone()),
+            Page(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", format!("{e}; run the search again")),
+            UpstreamStatus(status) if status.is_client_error() => {
+                Outcome::new(*status, "processing", "The upstream server refused the request.")
+            }
+            UpstreamStatus(_) | Unverifiable(_) => Outcome::new(
+                StatusCode::BAD_GATEWAY,
+                "transient",
+                "The upstream server sent a response the gateway cannot pass on.",
+            ),
         }
     }
 }
 
 impl Proxy {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-        let span = info_span!("request", method = %request.method(), route = tracing::field::Empty, config_version = tracing::field::Empty, status = tracing::field::Empty);
+        let span = info_span!(
+            "request",
+            method = %request.method(),
+            route = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            config_version = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
         let result = self.pipeline(request).instrument(span.clone()).await;
         let response = match result {
             Ok(response) => response,
@@ -107,6 +169,8 @@ impl Proxy {
                 let outcome = error.outcome();
                 if outcome.status.is_server_error() {
                     warn!(parent: &span, error = %error, "request failed");
+                } else {
+                    tracing::debug!(parent: &span, error = %error, "request refused");
                 }
                 outcome.into_response()
             }
@@ -121,6 +185,15 @@ impl Proxy {
         span.record("config_version", snapshot.digest.as_str());
         let path = NormalPath::parse(request.uri().path())?;
         let (table, relative) = snapshot.table_for(&path).ok_or(ProxyError::NotFound)?;
+        let interaction = classify(request.method(), relative, request.uri().query().is_some());
+        // Only the CapabilityStatement is public; everything else needs a caller.
+        let caller = if interaction == Interaction::Capabilities {
+            None
+        } else {
+            let caller = self.authn.authenticate(&snapshot, request.headers()).await?;
+            span.record("tenant", caller.tenant.as_str());
+            Some(caller)
+        };
         let Some(matched) = table.route(request.method(), relative) else {
             return Err(if table.path_known(relative) { ProxyError::MethodNotAllowed } else { ProxyError::NotFound });
         };
@@ -132,13 +205,29 @@ impl Proxy {
             Action::Handler { .. } => Err(ProxyError::HandlerUnavailable),
             Action::Proxy { upstream } => {
                 let upstream = upstream_of(&snapshot, upstream)?;
-                let target = join_encoded(&upstream.base_path, relative);
-                self.forward(upstream, &target, request).await
+                match caller {
+                    None => {
+                        let target = join_encoded(&upstream.base_path, relative);
+                        self.forward(upstream, &target, request).await
+                    }
+                    Some(caller) => {
+                        let ctx = access::Ctx {
+                            proxy: self,
+                            snapshot: &snapshot,
+                            caller: &caller,
+                            upstream,
+                            public: links::public_base(request.uri(), request.headers(), &table.base_path),
+                            relative,
+                            guard: &matched.route.guard,
+                        };
+                        ctx.serve(interaction, request).await
+                    }
+                }
             }
         }
     }
 
-    /// Sends the request to `target` (an encoded path on the upstream) and streams the response back.
+    /// Streams a request to `target` (an encoded path on the upstream) and the response back, untouched.
     async fn forward(
         &self,
         upstream: Arc<Upstream>,

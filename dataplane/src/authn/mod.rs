@@ -1,0 +1,235 @@
+//! Who is calling: bearer JWTs validated against the pushed identity providers.
+//!
+//! The issuer is chosen by the token's exact `iss`; the key by `kid` from the issuer's JWKS, cached in moka and
+//! refetched (at most once per 10 s per issuer) when a `kid` is unknown, so key rotation works without letting random
+//! `kid`s hammer the issuer. Algorithms are allow-listed per issuer (asymmetric only, never `none` or HMAC), `aud`
+//! must be one of the issuer's configured audiences, `exp` is required, `exp`/`nbf` get 30 s of leeway. The tenant
+//! comes from the configured claim and must be a tenant the control plane knows; a token without it is refused.
+
+pub mod scopes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use bytes::Bytes;
+use dashmap::DashMap;
+use fhirgw_config::Snapshot;
+use fhirgw_config::identity::IdentityProvider;
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use moka::future::Cache;
+use serde_json::Value;
+
+use crate::http_client::{self, Connector};
+use scopes::Scopes;
+
+pub const LEEWAY_SECS: u64 = 30;
+const JWKS_TTL: Duration = Duration::from_secs(600);
+const JWKS_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
+const JWKS_MAX_BYTES: usize = 1024 * 1024;
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub subject: String,
+    pub scopes: Scopes,
+    /// The `patient` claim (SMART launch context), if any.
+    pub patient: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    /// The token is refused. The reason is for the log only; the client learns just `invalid_token`.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("signing keys of `{issuer}` unavailable: {reason}")]
+    KeysUnavailable { issuer: String, reason: String },
+}
+
+pub struct Authenticator {
+    jwks: Cache<String, Arc<Vec<Jwk>>>,
+    last_forced: DashMap<String, Instant>,
+    http: Client<Connector, Empty<Bytes>>,
+}
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Authenticator {
+            jwks: Cache::builder().max_capacity(256).time_to_live(JWKS_TTL).build(),
+            last_forced: DashMap::new(),
+            http: Client::builder(TokioExecutor::new()).build(http_client::connector(JWKS_TIMEOUT)),
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(AuthError::Missing);
+    };
+    let value = value.to_str().map_err(|_| AuthError::Invalid("authorization header is not ASCII".into()))?;
+    let (scheme, token) =
+        value.split_once(' ').ok_or_else(|| AuthError::Invalid("malformed authorization header".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Invalid("not a bearer token".into()));
+    }
+    Ok(token.trim())
+}
+
+/// `iss` read before verification, only to pick the issuer whose keys will verify the token.
+fn unverified_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = B64.decode(payload).ok()?;
+    let value: Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("iss")?.as_str().map(str::to_owned)
+}
+
+fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+    }
+}
+
+impl Authenticator {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        let token = bearer(headers)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
+        let issuer = unverified_issuer(token).ok_or_else(|| AuthError::Invalid("no readable iss claim".into()))?;
+        let idp = snapshot
+            .identity_providers
+            .iter()
+            .find(|p| p.issuer == issuer)
+            .ok_or_else(|| AuthError::Invalid(format!("issuer `{issuer}` is not trusted")))?;
+        let alg = algorithm_name(header.alg);
+        if !idp.algorithms.iter().any(|a| a == alg) {
+            return Err(AuthError::Invalid(format!("algorithm {alg} is not allowed for `{}`", idp.name)));
+        }
+        if idp.jwks_uri.is_empty() {
+            return Err(AuthError::Invalid(format!("`{}` has no JWKS; opaque tokens are not supported yet", idp.name)));
+        }
+        let jwk = self.key(idp, header.kid.as_deref()).await?;
+        if let Some(key_alg) = jwk.common.key_algorithm
+            && format!("{key_alg:?}") != alg
+        {
+            return Err(AuthError::Invalid(format!("key is for {key_alg:?}, token uses {alg}")));
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("unusable key: {e}")))?;
+        let mut validation = Validation::new(header.alg);
+        validation.algorithms = vec![header.alg];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&idp.issuer]);
+        validation.set_audience(&idp.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
+            .map_err(|e| AuthError::Invalid(format!("verification: {e}")))?;
+        let claims = data.claims;
+        let tenant = claims
+            .get(&idp.tenant_claim)
+            .and_then(Value::as_str)
+            .ok_or_else(|| AuthError::Invalid(format!("no `{}` claim", idp.tenant_claim)))?;
+        if !snapshot.tenants.contains_key(tenant) {
+            return Err(AuthError::Invalid(format!("unknown tenant `{tenant}`")));
+        }
+        let scopes = match (claims.get("scope"), claims.get("scp")) {
+            (Some(Value::String(s)), _) => Scopes::parse(s),
+            (_, Some(Value::Array(items))) => Scopes::from_list(items.iter().filter_map(Value::as_str)),
+            (_, Some(Value::String(s))) => Scopes::parse(s),
+            _ => Scopes::default(),
+        };
+        Ok(Caller {
+            tenant: tenant.to_owned(),
+            subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            scopes,
+            patient: claims.get("patient").and_then(Value::as_str).map(str::to_owned),
+        })
+    }
+
+    async fn key(&self, idp: &IdentityProvider, kid: Option<&str>) -> Result<Jwk, AuthError> {
+        let find = |keys: &[Jwk]| -> Option<Jwk> {
+            match kid {
+                Some(kid) => keys.iter().find(|k| k.common.key_id.as_deref() == Some(kid)).cloned(),
+                // Without a kid, only an unambiguous set will do.
+                None if keys.len() == 1 => keys.first().cloned(),
+                None => None,
+            }
+        };
+        let keys = self.keys(idp).await?;
+        if let Some(jwk) = find(&keys) {
+            return Ok(jwk);
+        }
+        // Unknown kid: the issuer may have rotated. Refetch, but not more than once per interval.
+        let due = self.last_forced.get(&idp.jwks_uri).is_none_or(|at| at.elapsed() >= JWKS_REFRESH_MIN_INTERVAL);
+        if due && kid.is_some() {
+            self.last_forced.insert(idp.jwks_uri.clone(), Instant::now());
+            self.jwks.invalidate(&idp.jwks_uri).await;
+            let keys = self.keys(idp).await?;
+            if let Some(jwk) = find(&keys) {
+                return Ok(jwk);
+            }
+        }
+        Err(AuthError::Invalid(format!("no key `{}` in the JWKS of `{}`", kid.unwrap_or("(none)"), idp.name)))
+    }
+
+    async fn keys(&self, idp: &IdentityProvider) -> Result<Arc<Vec<Jwk>>, AuthError> {
+        let uri = idp.jwks_uri.clone();
+        let http = self.http.clone();
+        self.jwks
+            .try_get_with(uri.clone(), async move { fetch_jwks(&http, &uri).await.map(Arc::new) })
+            .await
+            .map_err(|e: Arc<String>| AuthError::KeysUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() })
+    }
+}
+
+async fn fetch_jwks(http: &Client<Connector, Empty<Bytes>>, uri: &str) -> Result<Vec<Jwk>, String> {
+    let request = Request::get(uri)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(JWKS_TIMEOUT, http.request(request))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let body = tokio::time::timeout(JWKS_TIMEOUT, Limited::new(response.into_body(), JWKS_MAX_BYTES).collect())
+        .await
+        .map_err(|_| "timed out reading".to_owned())?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    // Parse key by key: one key of an unsupported type must not take the others down with it.
+    let value: Value = serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
+    let keys: Vec<Jwk> = value
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("no `keys` array")?
+        .iter()
+        .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
+        .collect();
+    Ok(keys)
+}

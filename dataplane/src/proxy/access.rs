@@ -1,0 +1,368 @@
+//! Authorization and rewriting per interaction, and verification of what comes back.
+//!
+//! Supported through the gateway today: read, vread, type-level search (GET and `POST _search`), instance and type
+//! history, `Patient/[id]/$everything`, and paging through signed page links. Every other interaction is refused
+//! with 403 until it has its own checks: the gateway never forwards what it cannot verify.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use fhirgw_config::Snapshot;
+use fhirgw_config::path::join_encoded;
+use fhirgw_config::route::QueryGuard;
+use fhirgw_config::tenant::Tag;
+use fhirgw_config::upstream::Upstream;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use super::links::{PageContext, rewrite_links};
+use super::{Proxy, ProxyError, headers};
+use crate::authn::Caller;
+use crate::authn::scopes::{Allowed, Permission};
+use crate::outcome::FHIR_JSON;
+use crate::policy::classify::Interaction;
+use crate::policy::query::{self, PAGE_PARAM, Params, QueryError, Use};
+use crate::policy::verify::{Grants, filter_bundle, resource_visible, rewrite_full_urls};
+use crate::upstream::{Body, UpstreamError};
+
+/// Largest single resource the gateway verifies.
+const READ_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Largest Bundle the gateway verifies (buffered for now; streaming verification is the next step).
+const BUNDLE_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Largest form body of a `POST _search`.
+const FORM_MAX_BYTES: usize = 64 * 1024;
+
+pub(super) struct Ctx<'a> {
+    pub proxy: &'a Proxy,
+    pub snapshot: &'a Snapshot,
+    pub caller: &'a Caller,
+    pub upstream: Arc<Upstream>,
+    /// The public FHIR base for this request.
+    pub public: String,
+    pub relative: &'a [String],
+    pub guard: &'a QueryGuard,
+}
+
+fn wants_xml_only(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|accept| {
+        let accept = accept.to_ascii_lowercase();
+        accept.contains("xml") && !accept.contains("json") && !accept.contains("*/*")
+    })
+}
+
+fn json_response(status: StatusCode, value: &Value, keep: &HeaderMap, head: bool) -> Response<Body> {
+    // Re-serialised from the parsed value: the client receives exactly what was verified.
+    let bytes = if head { Bytes::new() } else { Bytes::from(value.to_string()) };
+    let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    for name in [header::ETAG, header::LAST_MODIFIED] {
+        if let Some(v) = keep.get(&name) {
+            response.headers_mut().insert(name, v.clone());
+        }
+    }
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+impl Ctx<'_> {
+    pub async fn serve(
+        &self,
+        interaction: Interaction,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if wants_xml_only(request.headers()) {
+            return Err(QueryError::NotAcceptable { format: "XML".into() }.into());
+        }
+        let now = SystemTime::now();
+        let tags: Vec<&Tag> =
+            self.snapshot.tenants.get(&self.caller.tenant).map(|t| t.active_tags(now).collect()).unwrap_or_default();
+        let grants = Grants::new(tags.iter().copied());
+        let head = request.method() == Method::HEAD;
+        match interaction {
+            Interaction::Read { ty, id } | Interaction::VRead { ty, id, .. } => {
+                self.read(&ty, &id, request, &grants, head).await
+            }
+            Interaction::SearchType { ty, post } => {
+                let params = self.params(request, post).await?;
+                self.bundle(&ty, Use::Search, params, &tags, &grants, now, head).await
+            }
+            Interaction::HistoryType { ty } => {
+                let params = query::parse(request.uri().query());
+                self.bundle(&ty, Use::History, params, &tags, &grants, now, head).await
+            }
+            Interaction::HistoryInstance { ty, id } => {
+                let params = query::parse(request.uri().query());
+                self.focal(&ty, &id, &grants).await?;
+                self.bundle(&ty, Use::History, params, &tags, &grants, now, head).await
+            }
+            Interaction::Operation { ty: Some(ty), id: Some(id), name }
+                if ty == "Patient" && name == "$everything" && request.method() != Method::POST =>
+            {
+                let params = query::parse(request.uri().query());
+                self.focal(&ty, &id, &grants).await?;
+                self.bundle(&ty, Use::Everything, params, &tags, &grants, now, head).await
+            }
+            other => {
+                Err(ProxyError::Forbidden(format!("{} is not supported through the gateway yet.", describe(&other))))
+            }
+        }
+    }
+
+    fn require(&self, ty: &str, permission: Permission) -> Result<(), ProxyError> {
+        match self.caller.scopes.allows(ty, permission) {
+            Allowed::Tenant => Ok(()),
+            Allowed::PatientOnly => Err(ProxyError::Forbidden(
+                "Patient-context scopes (patient/...) are not supported by this gateway yet; use user/ or system/ scopes.".into(),
+            )),
+            Allowed::No => Err(ProxyError::Forbidden(format!("The token's scopes do not allow this interaction on {ty}."))),
+        }
+    }
+
+    /// Query parameters, plus the form body of a `POST _search`.
+    async fn params(&self, request: Request<Incoming>, post: bool) -> Result<Params, ProxyError> {
+        let mut params = query::parse(request.uri().query());
+        if post {
+            let form = request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+            if !form {
+                return Err(ProxyError::BadRequest(
+                    "POST _search needs an application/x-www-form-urlencoded body".into(),
+                ));
+            }
+            let body = Limited::new(request.into_body(), FORM_MAX_BYTES)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest(format!("the search form is larger than {FORM_MAX_BYTES} bytes")))?
+                .to_bytes();
+            params.extend(form_urlencoded::parse(&body).into_owned());
+        }
+        Ok(params)
+    }
+
+    /// GETs `target` (path and query on the upstream) and buffers the body up to `max` bytes.
+    async fn fetch(
+        &self,
+        target: &str,
+        client: &HeaderMap,
+        max: usize,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        let uri = Uri::try_from(format!("{}{target}", self.upstream.origin))
+            .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
+        let mut request = Request::get(uri)
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
+        let mut headers = client.clone();
+        headers::sanitize_request(&mut headers, &self.upstream.strip_request_headers);
+        // The gateway must see the full body to verify it: no conditional or partial responses, no compression.
+        for name in [
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::IF_MATCH,
+            header::IF_UNMODIFIED_SINCE,
+            header::RANGE,
+            header::IF_RANGE,
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+        ] {
+            headers.remove(name);
+        }
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+json"));
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        *request.headers_mut() = headers;
+        let response = self.proxy.upstreams.send(&self.upstream, request).await?;
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, max)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::Unverifiable(format!("reading the body: {e}")))?
+            .to_bytes();
+        Ok((status, parts.headers, bytes))
+    }
+
+    /// An instance-level history or operation on a resource outside the grants must look exactly like one on a
+    /// resource that does not exist: the focal resource is read and verified first.
+    async fn focal(&self, ty: &str, id: &str, grants: &Grants) -> Result<(), ProxyError> {
+        self.require(ty, Permission::Read)?;
+        if grants.is_empty() {
+            return Err(ProxyError::ResourceNotFound);
+        }
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
+        let (status, _, body) = self.fetch(&target, &HeaderMap::new(), READ_MAX_BYTES).await?;
+        match status {
+            StatusCode::OK => {
+                let value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+                if resource_visible(&value, ty, id, grants) { Ok(()) } else { Err(ProxyError::ResourceNotFound) }
+            }
+            StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
+            other => Err(ProxyError::UpstreamStatus(other)),
+        }
+    }
+
+    async fn read(
+        &self,
+        ty: &str,
+        id: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let params = query::parse(request.uri().query());
+        query::check(Use::Read, &params, self.guard)?;
+        self.require(ty, Permission::Read)?;
+        if grants.is_empty() {
+            return Err(ProxyError::ResourceNotFound);
+        }
+        let mut target = join_encoded(&self.upstream.base_path, self.relative);
+        if !params.is_empty() {
+            target = format!("{target}?{}", query::encode(&params));
+        }
+        let (status, headers, body) = self.fetch(&target, request.headers(), READ_MAX_BYTES).await?;
+        match status {
+            StatusCode::OK => {
+                let value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+                if !resource_visible(&value, ty, id, grants) {
+                    return Err(ProxyError::ResourceNotFound);
+                }
+                Ok(json_response(StatusCode::OK, &value, &headers, head))
+            }
+            StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
+            other => Err(ProxyError::UpstreamStatus(other)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn bundle(
+        &self,
+        ty: &str,
+        usage: Use,
+        params: Params,
+        tags: &[&Tag],
+        grants: &Grants,
+        now: SystemTime,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        // A search, GET or POST, is `[type]` on the upstream and in the links handed out.
+        let segments: Vec<String> = if usage == Use::Search { vec![ty.to_owned()] } else { self.relative.to_vec() };
+        let path = segments.join("/");
+        let permission = if usage == Use::Search { Permission::Search } else { Permission::Read };
+        self.require(ty, permission)?;
+        let public = self.public.as_str();
+        let page_token = match params.as_slice() {
+            [(name, token)] if name == PAGE_PARAM => Some(token.clone()),
+            _ => None,
+        };
+        let (target, narrowed) = match &page_token {
+            Some(token) => {
+                let claims = self.proxy.pages.verify(token, now)?;
+                let on_base = claims.target.starts_with(&format!("{}/", self.upstream.base_path))
+                    || claims.target.starts_with(&format!("{}?", self.upstream.base_path));
+                if claims.tenant != self.caller.tenant
+                    || claims.path != path
+                    || claims.upstream != self.upstream.name
+                    || !on_base
+                {
+                    return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
+                }
+                // Tags may have changed since the token was made: entries are verified against today's grants.
+                (claims.target, false)
+            }
+            None => {
+                query::check(usage, &params, self.guard)?;
+                let upstream_params = if usage == Use::Search {
+                    match query::narrow(&params, tags) {
+                        Some(p) => p,
+                        None => return Ok(empty_bundle(usage, public, &path, &params, head)),
+                    }
+                } else if grants.is_empty() {
+                    return Ok(empty_bundle(usage, public, &path, &params, head));
+                } else {
+                    params.clone()
+                };
+                let base = join_encoded(&self.upstream.base_path, &segments);
+                let target = if upstream_params.is_empty() {
+                    base
+                } else {
+                    format!("{base}?{}", query::encode(&upstream_params))
+                };
+                (target, usage == Use::Search)
+            }
+        };
+        if grants.is_empty() {
+            return Ok(empty_bundle(usage, public, &path, &params, head));
+        }
+        let (status, headers, body) = self.fetch(&target, &HeaderMap::new(), BUNDLE_MAX_BYTES).await?;
+        if status != StatusCode::OK {
+            return Err(match status {
+                StatusCode::NOT_FOUND | StatusCode::GONE => ProxyError::ResourceNotFound,
+                other => ProxyError::UpstreamStatus(other),
+            });
+        }
+        let mut bundle: Value =
+            serde_json::from_slice(&body).map_err(|e| ProxyError::Unverifiable(format!("not JSON: {e}")))?;
+        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            return Err(ProxyError::Unverifiable("expected a Bundle".into()));
+        }
+        let scopes = &self.caller.scopes;
+        let type_allowed = |t: &str| scopes.allows(t, Permission::Read) == Allowed::Tenant;
+        let stats = filter_bundle(&mut bundle, grants, narrowed, &type_allowed);
+        tracing::debug!(kept = stats.kept, dropped = stats.dropped, "bundle verified");
+        rewrite_full_urls(&mut bundle, &self.upstream.base_url, public);
+        let self_url = if params.is_empty() {
+            format!("{public}/{path}")
+        } else {
+            format!("{public}/{path}?{}", query::encode(&params))
+        };
+        let ctx = PageContext {
+            signer: &self.proxy.pages,
+            tenant: &self.caller.tenant,
+            path: &path,
+            upstream: &self.upstream,
+            self_url,
+            public_base: public,
+        };
+        rewrite_links(&mut bundle, &ctx, now);
+        // A filtered Bundle is not the upstream's representation: its ETag and Last-Modified do not apply.
+        drop(headers);
+        Ok(json_response(StatusCode::OK, &bundle, &HeaderMap::new(), head))
+    }
+}
+
+fn empty_bundle(usage: Use, public: &str, path: &str, params: &Params, head: bool) -> Response<Body> {
+    let kind = if usage == Use::History { "history" } else { "searchset" };
+    let self_url = if params.is_empty() {
+        format!("{public}/{path}")
+    } else {
+        format!("{public}/{path}?{}", query::encode(params))
+    };
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": kind,
+        "total": 0,
+        "link": [{ "relation": "self", "url": self_url }],
+    });
+    json_response(StatusCode::OK, &bundle, &HeaderMap::new(), head)
+}
+
+fn describe(interaction: &Interaction) -> String {
+    match interaction {
+        Interaction::SearchSystem => "System-level search".into(),
+        Interaction::Compartment { .. } => "Compartment search".into(),
+        Interaction::HistorySystem => "System-level history".into(),
+        Interaction::Create { .. }
+        | Interaction::Update { .. }
+        | Interaction::Patch { .. }
+        | Interaction::Delete { .. } => "Writing".into(),
+        Interaction::Conditional { .. } => "A conditional write".into(),
+        Interaction::BatchOrTransaction => "A batch or transaction".into(),
+        Interaction::Operation { name, .. } => format!("The operation {name}"),
+        _ => "This request".into(),
+    }
+}

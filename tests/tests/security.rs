@@ -1,0 +1,596 @@
+//! The attacks of `shared/security-cases.md`, each sent through a real data plane to a real FHIR server holding two
+//! tenants' data. Every test asserts that nothing outside the caller's grants comes back, and that out-of-grant and
+//! nonexistent look the same.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use fhirgw_e2e::fixtures::{self, AUDIENCE, READ_SCOPES, configure, grant, status};
+use fhirgw_e2e::issuer::{Issuer, Key, now, sign};
+use fhirgw_e2e::{Admin, Process, UPSTREAM_TOKEN, World, admin, dp_config, eventually, grpc_url, http};
+use fhirgw_proto::admin::v1 as api;
+use serde_json::{Value, json};
+
+struct Stack {
+    _world: World,
+    fhir: Process,
+    _cp: Process,
+    dp: Process,
+    issuer: Issuer,
+    admin: Admin,
+    a: String,
+    b: String,
+}
+
+async fn stack() -> Stack {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    let a2 = admin.clone();
+    eventually("data plane in sync", Duration::from_secs(20), move || {
+        let mut admin = a2.clone();
+        async move {
+            status(&mut admin)
+                .await
+                .data_planes
+                .first()
+                .filter(|d| d.in_sync && d.acked_revision >= revision)
+                .map(|_| ())
+        }
+    })
+    .await;
+    let a = issuer.token("tenant-a", READ_SCOPES);
+    let b = issuer.token("tenant-b", READ_SCOPES);
+    Stack { _world: world, fhir, _cp: cp, dp, issuer, admin, a, b }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// `Type/id` of every entry.
+    fn ids(&self) -> Vec<String> {
+        self.json()["entry"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}/{}",
+                            e["resource"]["resourceType"].as_str().unwrap(),
+                            e["resource"]["id"].as_str().unwrap()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Stack {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.dp.addr("fhir"))
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap().to_vec();
+        Reply { status, headers, body }
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Reply {
+        self.send(http().get(self.url(path)).bearer_auth(token)).await
+    }
+
+    /// Straight to the upstream, as the gateway would (for facts the test needs, never for assertions on access).
+    async fn upstream(&self, path: &str) -> Value {
+        let base = self.fhir.ready["base_url"].as_str().unwrap();
+        http().get(format!("{base}{path}")).bearer_auth(UPSTREAM_TOKEN).send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn upstream_requests(&self) -> Vec<Value> {
+        let addr = self.fhir.ready["listening"].as_str().unwrap();
+        http().get(format!("http://{addr}/__admin/requests")).send().await.unwrap().json().await.unwrap()
+    }
+}
+
+fn assert_only_tenant(reply: &Reply, prefix: &str) {
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    for id in reply.ids() {
+        let bare = id.split('/').nth(1).unwrap();
+        assert!(bare.starts_with(prefix), "{id} leaked to a caller of `{prefix}`: {}", reply.text());
+    }
+}
+
+/// Case 9: tokens that must not authenticate, and a few that must.
+#[tokio::test]
+async fn token_validation_fails_closed() {
+    let s = stack().await;
+    let iss = s.issuer.url.clone();
+    let claims = |f: &dyn Fn(&mut Value)| {
+        let mut c = s.issuer.claims("tenant-a", READ_SCOPES);
+        f(&mut c);
+        c
+    };
+    let b64 = |v: &Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let unsigned = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims(&|_| {})));
+    let hs256_with_public_key = {
+        let key = jsonwebtoken::EncodingKey::from_secret(fhirgw_e2e::issuer::RSA_PUBLIC.as_bytes());
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some("test-rsa".into());
+        jsonwebtoken::encode(&header, &claims(&|_| {}), &key).unwrap()
+    };
+    let refused: Vec<(&str, String)> = vec![
+        ("garbage", "not-a-jwt".into()),
+        ("alg none", unsigned),
+        ("HS256 signed with the public key", hs256_with_public_key),
+        ("expired", sign(Key::Rsa, &claims(&|c| c["exp"] = json!(now() - 120)))),
+        ("not yet valid", sign(Key::Rsa, &claims(&|c| c["nbf"] = json!(now() + 120)))),
+        (
+            "no exp",
+            sign(
+                Key::Rsa,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                }),
+            ),
+        ),
+        ("wrong audience", sign(Key::Rsa, &claims(&|c| c["aud"] = json!("https://other.example/fhir")))),
+        (
+            "no audience",
+            sign(
+                Key::Rsa,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("aud");
+                }),
+            ),
+        ),
+        ("issuer with a trailing slash", sign(Key::Rsa, &claims(&|c| c["iss"] = json!(format!("{iss}/"))))),
+        ("untrusted issuer", sign(Key::Rsa, &claims(&|c| c["iss"] = json!("https://evil.example")))),
+        (
+            "no tenant claim",
+            sign(
+                Key::Rsa,
+                &claims(&|c| {
+                    c.as_object_mut().unwrap().remove("tenant");
+                }),
+            ),
+        ),
+        ("unknown tenant", sign(Key::Rsa, &claims(&|c| c["tenant"] = json!("tenant-z")))),
+        ("tenant claim not a string", sign(Key::Rsa, &claims(&|c| c["tenant"] = json!(["tenant-a"])))),
+        ("signed by an unpublished key", sign(Key::Rotated, &claims(&|_| {}))),
+    ];
+    for (what, token) in &refused {
+        let r = s.get("/fhir/Patient/a-pat-1", token).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        let challenge = r.headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.contains("error=\"invalid_token\""), "{what}: {challenge}");
+        assert_eq!(r.json()["resourceType"], "OperationOutcome");
+    }
+
+    // No token at all: 401 with a plain challenge; a non-bearer scheme: refused.
+    let r = s.send(http().get(s.url("/fhir/Patient/a-pat-1"))).await;
+    assert_eq!(r.status, 401);
+    assert!(r.headers["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+    let r = s.send(http().get(s.url("/fhir/Patient/a-pat-1")).basic_auth("tenant-a", Some("x"))).await;
+    assert_eq!(r.status, 401);
+
+    // What must work: RS256, ES256, expiry within the leeway, and the public CapabilityStatement.
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 200);
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &sign(Key::Ec, &claims(&|_| {}))).await.status, 200);
+    assert_eq!(
+        s.get("/fhir/Patient/a-pat-1", &sign(Key::Rsa, &claims(&|c| c["exp"] = json!(now() - 5)))).await.status,
+        200
+    );
+    assert_eq!(s.send(http().get(s.url("/fhir/metadata"))).await.status, 200);
+
+    // A token without the scopes a read needs is refused, not treated as unrestricted.
+    let r = s.get("/fhir/Patient/a-pat-1", &s.issuer.token("tenant-a", "openid profile")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = s.get("/fhir/Patient/a-pat-1", &s.issuer.token("tenant-a", "user/Observation.read")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+}
+
+/// Case 9: key rotation is picked up on an unknown kid, and unknown kids cannot hammer the issuer.
+#[tokio::test]
+async fn jwks_refetch_on_rotation_is_rate_limited() {
+    let s = stack().await;
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 200);
+    let fetches = s.issuer.jwks_fetches();
+    s.issuer.publish_rotated_key();
+    let rotated = sign(Key::Rotated, &s.issuer.claims("tenant-a", READ_SCOPES));
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &rotated).await.status, 200, "a rotated key must be picked up");
+    assert_eq!(s.issuer.jwks_fetches(), fetches + 1);
+    // A burst of unknown kids right after: no further fetches.
+    for i in 0..20 {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(format!("unknown-{i}"));
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(fhirgw_e2e::issuer::RSA_PRIVATE.as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&header, &s.issuer.claims("tenant-a", READ_SCOPES), &key).unwrap();
+        assert_eq!(s.get("/fhir/Patient/a-pat-1", &token).await.status, 401);
+    }
+    assert_eq!(s.issuer.jwks_fetches(), fetches + 1, "unknown kids must not each trigger a JWKS fetch");
+}
+
+/// Cases 1, 7, 10: reads and vreads are verified; out-of-grant is indistinguishable from missing.
+#[tokio::test]
+async fn reads_are_verified_and_out_of_grant_looks_missing() {
+    let s = stack().await;
+    let own = s.get("/fhir/Patient/a-pat-1", &s.a).await;
+    assert_eq!(own.status, 200);
+    assert_eq!(own.json()["id"], "a-pat-1");
+
+    let missing = s.get("/fhir/Patient/does-not-exist", &s.a).await;
+    assert_eq!(missing.status, 404);
+    let version = s.upstream("/Patient/b-pat-1").await["meta"]["versionId"].as_str().unwrap().to_owned();
+    let etag = format!("W/\"{version}\"");
+    let attempts: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("read another tenant's patient", http().get(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a)),
+        ("read an untagged resource", http().get(s.url("/fhir/Practitioner/untagged-prac-1")).bearer_auth(&s.a)),
+        (
+            "vread another tenant's patient",
+            http().get(s.url(&format!("/fhir/Patient/b-pat-1/_history/{version}"))).bearer_auth(&s.a),
+        ),
+        (
+            "read with a matching If-None-Match (a 304 would confirm the version)",
+            http().get(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a).header("if-none-match", &etag),
+        ),
+        (
+            "read with If-Modified-Since",
+            http()
+                .get(s.url("/fhir/Patient/b-pat-1"))
+                .bearer_auth(&s.a)
+                .header("if-modified-since", "Sat, 01 Jan 2000 00:00:00 GMT"),
+        ),
+        ("read the percent-encoded id", http().get(s.url("/fhir/Patient/%62-pat-1")).bearer_auth(&s.a)),
+        ("history of another tenant's patient", http().get(s.url("/fhir/Patient/b-pat-1/_history")).bearer_auth(&s.a)),
+        (
+            "$everything of another tenant's patient",
+            http().get(s.url("/fhir/Patient/b-pat-1/$everything")).bearer_auth(&s.a),
+        ),
+        (
+            "%24everything of another tenant's patient",
+            http().get(s.url("/fhir/Patient/b-pat-1/%24everything")).bearer_auth(&s.a),
+        ),
+        (
+            "history of a patient that does not exist",
+            http().get(s.url("/fhir/Patient/nope/_history")).bearer_auth(&s.a),
+        ),
+        (
+            "$everything of a patient that does not exist",
+            http().get(s.url("/fhir/Patient/nope/$everything")).bearer_auth(&s.a),
+        ),
+    ];
+    for (what, request) in attempts {
+        let r = s.send(request).await;
+        assert_eq!(r.status, 404, "{what}: {}", r.text());
+        assert_eq!(r.body, missing.body, "{what}: the body must match a missing resource's byte for byte");
+        assert_eq!(r.headers.get("etag"), None, "{what}");
+    }
+    // HEAD: same status, no body, no validators.
+    let r = s.send(http().head(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a)).await;
+    assert_eq!((r.status, r.body.len()), (404, 0));
+    let r = s.send(http().head(s.url("/fhir/Patient/a-pat-1")).bearer_auth(&s.a)).await;
+    assert_eq!(r.status, 200);
+    // A conditional read of one's own resource still gets the resource (verified), never a bare 304 from upstream.
+    let own_version = s.upstream("/Patient/a-pat-1").await["meta"]["versionId"].as_str().unwrap().to_owned();
+    let r = s
+        .send(
+            http()
+                .get(s.url("/fhir/Patient/a-pat-1"))
+                .bearer_auth(&s.a)
+                .header("if-none-match", format!("W/\"{own_version}\"")),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Response shaping that hides meta makes a resource invisible rather than unverified.
+    let r = s.get("/fhir/Patient/a-pat-1?_elements=name", &s.a).await;
+    assert!(r.status == 200 || r.status == 404, "{}", r.text());
+    if r.status == 200 {
+        assert!(r.json()["meta"]["tag"].is_array());
+    }
+    // XML is refused rather than passed unverified.
+    for request in [
+        http().get(s.url("/fhir/Patient/a-pat-1?_format=xml")).bearer_auth(&s.a),
+        http().get(s.url("/fhir/Patient/a-pat-1")).bearer_auth(&s.a).header("accept", "application/fhir+xml"),
+    ] {
+        assert_eq!(s.send(request).await.status, 406);
+    }
+}
+
+/// Cases 2, 3, 4, 7: searches are narrowed, includes filtered, joins refused, other shapes denied.
+#[tokio::test]
+async fn searches_are_narrowed_and_joins_refused() {
+    let s = stack().await;
+    let r = s.get("/fhir/Patient", &s.a).await;
+    assert_only_tenant(&r, "a-");
+    assert_eq!(r.ids().len(), 3);
+    // The caller's own _tag constrains further, never replaces.
+    let r = s.get("/fhir/Patient?_tag=https://fhirgw.dev/dataset|tenant-b", &s.a).await;
+    assert_eq!(r.status, 200);
+    assert!(r.ids().is_empty(), "{}", r.text());
+    let r = s.get("/fhir/Observation?_tag:not=https://fhirgw.dev/dataset|tenant-a", &s.a).await;
+    assert_only_tenant(&r, "a-");
+
+    // _revinclude pulls tenant-b's observation about a-pat-1: it must be dropped.
+    let r = s.get("/fhir/Patient?_id=a-pat-1&_revinclude=Observation:subject", &s.a).await;
+    assert_only_tenant(&r, "a-");
+    assert!(r.ids().contains(&"Patient/a-pat-1".to_owned()));
+    let upstream = s.upstream("/Patient?_id=a-pat-1&_revinclude=Observation:subject").await;
+    assert!(
+        upstream.to_string().contains("b-obs-cross"),
+        "the attack must be real: upstream returns the cross-tenant entry"
+    );
+    // _include from tenant-b's cross observation would pull tenant-a's patient for tenant-b.
+    let r = s.get("/fhir/Observation?_id=b-obs-cross&_include=Observation:subject", &s.b).await;
+    assert_only_tenant(&r, "b-");
+    let r = s.get("/fhir/Observation?_include:iterate=Observation:subject&_revinclude=Observation:subject", &s.b).await;
+    assert_only_tenant(&r, "b-");
+
+    // Joins that could act as an oracle are refused outright.
+    for q in [
+        "/fhir/Observation?subject:Patient.name=Garcia",
+        "/fhir/Observation?subject.name=Garcia",
+        "/fhir/Patient?_has:Observation:subject:code=1234",
+        "/fhir/Patient?_filter=name%20eq%20Garcia",
+        "/fhir/Patient?_list=123",
+        "/fhir/Patient?_query=custom",
+        "/fhir/Patient?_contained=true",
+        "/fhir/Patient?_getpages=abc",
+        "/fhir/Patient?_whatever=1",
+    ] {
+        let r = s.get(q, &s.a).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.text());
+        assert_eq!(r.json()["resourceType"], "OperationOutcome");
+    }
+    assert_eq!(s.get("/fhir/Patient?_format=xml", &s.a).await.status, 406);
+
+    // _summary=count counts only the tenant's resources; _elements that drop meta hide entries rather than leak.
+    let r = s.get("/fhir/Observation?_summary=count", &s.a).await;
+    assert_eq!(r.status, 200);
+    let own = s.get("/fhir/Observation?_count=100", &s.a).await.ids().len();
+    assert_eq!(r.json()["total"], json!(own), "{}", r.text());
+    let r = s.get("/fhir/Patient?_elements=name", &s.a).await;
+    assert_only_tenant(&r, "a-");
+
+    // POST _search with a form body is narrowed the same way, and checked the same way.
+    let r = s
+        .send(
+            http()
+                .post(s.url("/fhir/Patient/_search"))
+                .bearer_auth(&s.a)
+                .form(&[("_tag", "https://fhirgw.dev/dataset|tenant-b")]),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.ids().is_empty());
+    let r = s.send(http().post(s.url("/fhir/Patient/_search")).bearer_auth(&s.a).form(&[("name", "Garcia")])).await;
+    assert_only_tenant(&r, "a-");
+    let r = s
+        .send(
+            http()
+                .post(s.url("/fhir/Patient/_search"))
+                .bearer_auth(&s.a)
+                .form(&[("_has:Observation:subject:code", "x")]),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+
+    // Request shapes that carry searches or writes the gateway does not verify yet are refused, not forwarded.
+    let before = s.upstream_requests().await.len();
+    let denied: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        ("compartment search", http().get(s.url("/fhir/Patient/b-pat-1/Observation")).bearer_auth(&s.a)),
+        ("system search", http().get(s.url("/fhir?_type=Patient")).bearer_auth(&s.a)),
+        (
+            "transaction",
+            http()
+                .post(s.url("/fhir"))
+                .bearer_auth(&s.a)
+                .json(&json!({"resourceType": "Bundle", "type": "transaction", "entry": []})),
+        ),
+        (
+            "update",
+            http()
+                .put(s.url("/fhir/Patient/b-pat-1"))
+                .bearer_auth(&s.a)
+                .json(&json!({"resourceType": "Patient", "id": "b-pat-1"})),
+        ),
+        ("create", http().post(s.url("/fhir/Patient")).bearer_auth(&s.a).json(&json!({"resourceType": "Patient"}))),
+        ("delete", http().delete(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a)),
+        ("conditional delete", http().delete(s.url("/fhir/Patient?identifier=x")).bearer_auth(&s.a)),
+        ("$meta-add", http().post(s.url("/fhir/Patient/$meta-add")).bearer_auth(&s.a)),
+        ("$export", http().get(s.url("/fhir/Patient/$export")).bearer_auth(&s.a)),
+    ];
+    for (what, request) in denied {
+        let r = s.send(request).await;
+        assert!(r.status == 403 || r.status == 404 || r.status == 405, "{what}: {} {}", r.status, r.text());
+        assert_eq!(r.json()["resourceType"], "OperationOutcome", "{what}");
+    }
+    assert_eq!(s.upstream_requests().await.len(), before, "a refused request reached the upstream");
+}
+
+/// Case 1: history and $everything are filtered entry by entry, and totals do not reveal unfiltered counts.
+#[tokio::test]
+async fn history_and_everything_are_filtered() {
+    let s = stack().await;
+    let upstream = s.upstream("/Patient/a-pat-1/$everything").await;
+    assert!(upstream.to_string().contains("b-obs-cross"), "the attack must be real");
+    let r = s.get("/fhir/Patient/a-pat-1/$everything", &s.a).await;
+    assert_only_tenant(&r, "a-");
+    let ids = r.ids();
+    assert!(ids.contains(&"Patient/a-pat-1".into()) && ids.contains(&"Observation/a-obs-1".into()), "{ids:?}");
+    if let Some(total) = r.json().get("total") {
+        assert_eq!(total, &json!(ids.len()));
+    }
+    assert!(!r.text().contains(s.fhir.ready["base_url"].as_str().unwrap()), "upstream URLs leaked: {}", r.text());
+
+    // (Type-level history is filtered the same way; the test FHIR server does not implement it.)
+    let r = s.get("/fhir/Patient/a-pat-1/_history", &s.a).await;
+    assert_only_tenant(&r, "a-");
+}
+
+/// Case 6: page links are the gateway's own, signed, bound to the tenant, and re-verified when followed.
+#[tokio::test]
+async fn page_links_are_signed_and_bound_to_the_tenant() {
+    let mut s = stack().await;
+    let first = s.get("/fhir/Observation?_count=1", &s.a).await;
+    assert_only_tenant(&first, "a-");
+    let bundle = first.json();
+    let next = bundle["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").expect("a next link")["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let upstream_base = s.fhir.ready["base_url"].as_str().unwrap().to_owned();
+    assert!(!next.contains(&upstream_base) && next.contains("_page="), "{next}");
+    let path = next.split_once(s.dp.addr("fhir").as_str()).map(|(_, p)| p.to_owned()).unwrap_or_else(|| {
+        // Links are built on the Host the client used.
+        next.split_once("/fhir/").map(|(_, p)| format!("/fhir/{p}")).unwrap()
+    });
+
+    let second = s.get(&path, &s.a).await;
+    assert_only_tenant(&second, "a-");
+    assert_eq!(second.ids().len(), 1);
+    assert_ne!(second.ids(), first.ids());
+
+    // Another tenant replaying the link, a tampered token, and a token moved to another path all fail.
+    assert_eq!(s.get(&path, &s.b).await.status, 400);
+    let tampered = path.replacen("_page=", "_page=x", 1);
+    assert_eq!(s.get(&tampered, &s.a).await.status, 400);
+    let moved = path.replacen("/fhir/Observation", "/fhir/Patient", 1);
+    assert_eq!(s.get(&moved, &s.a).await.status, 400);
+    // An upstream paging link is useless through the gateway.
+    assert_eq!(s.get("/fhir/Observation?_getpages=anything", &s.a).await.status, 400);
+
+    // After the grant is revoked, the same link shows nothing of the revoked dataset.
+    let key = api::DeleteGrantRequest {
+        tenant: "tenant-a".into(),
+        tag: Some(fixtures::tag("tenant-a")),
+        expected_version: String::new(),
+    };
+    s.admin.delete_grant(key).await.unwrap();
+    let dp = &s.dp;
+    eventually("revocation applied", Duration::from_secs(20), || async move {
+        let cfg = dp_config(dp).await;
+        (cfg["last_rejection"].is_null() && cfg["received"]["responses"].as_u64() > Some(0)).then_some(())
+    })
+    .await;
+    let a = s.a.clone();
+    let after = eventually("the page shows nothing once revoked", Duration::from_secs(20), || {
+        let s = &s;
+        let path = path.clone();
+        let a = a.clone();
+        async move {
+            let r = s.get(&path, &a).await;
+            (r.status == 200 && r.ids().is_empty()).then_some(r)
+        }
+    })
+    .await;
+    assert!(after.ids().is_empty());
+}
+
+/// Case 8: the client's credentials and internal headers never reach the upstream; irregular paths are refused.
+#[tokio::test]
+async fn headers_and_paths_cannot_be_smuggled() {
+    let s = stack().await;
+    let before = s.upstream_requests().await.len();
+    let r = s
+        .send(
+            http()
+                .get(s.url("/fhir/Patient/a-pat-1"))
+                .bearer_auth(&s.a)
+                .header("x-forwarded-host", "evil.example")
+                .header("forwarded", "for=1.2.3.4;host=evil.example")
+                .header("x-tenant", "tenant-b")
+                .header("cookie", "session=stolen"),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let log = s.upstream_requests().await;
+    let sent = &log[before..];
+    assert!(!sent.is_empty());
+    for request in sent {
+        let headers = &request["headers"];
+        assert_eq!(headers["authorization"], json!(format!("Bearer {UPSTREAM_TOKEN}")), "{request}");
+        for name in ["x-forwarded-host", "forwarded", "x-tenant", "cookie"] {
+            assert!(headers.get(name).is_none(), "{name} reached the upstream: {request}");
+        }
+    }
+    for path in [
+        "/fhir/Patient/../Patient/b-pat-1",
+        "/fhir/Patient/%2e%2e/Patient/b-pat-1",
+        "/fhir/Patient%2Fb-pat-1",
+        "/fhir//Patient/b-pat-1",
+        "/fhir/Patient/./b-pat-1",
+    ] {
+        let r = s.get(path, &s.a).await;
+        assert!(r.status == 400 || r.status == 404, "{path}: {}", r.status);
+        assert!(!r.text().contains("b-pat-1\""), "{path}: {}", r.text());
+    }
+}
+
+/// Case 11: a revoked grant stops working; an expiring grant stops at its expiry with no push.
+#[tokio::test]
+async fn revoked_and_expired_grants_stop_working() {
+    let mut s = stack().await;
+    assert_eq!(s.get("/fhir/Patient/b-pat-1", &s.b).await.status, 200);
+    let key = api::DeleteGrantRequest {
+        tenant: "tenant-b".into(),
+        tag: Some(fixtures::tag("tenant-b")),
+        expected_version: String::new(),
+    };
+    s.admin.delete_grant(key).await.unwrap();
+    let b = s.b.clone();
+    eventually("revocation reaches the data plane", Duration::from_secs(20), || {
+        let s = &s;
+        let b = b.clone();
+        async move { (s.get("/fhir/Patient/b-pat-1", &b).await.status == 404).then_some(()) }
+    })
+    .await;
+    assert!(s.get("/fhir/Patient", &s.b).await.ids().is_empty());
+
+    // A grant that expires in two seconds: works, then stops at its expiry with no push in between.
+    let mut expiring = grant("tenant-b", "tenant-b");
+    expiring.expires_at = Some(prost_types::Timestamp { seconds: (now() + 2) as i64, nanos: 0 });
+    let put = s
+        .admin
+        .put_grant(api::PutGrantRequest { grant: Some(expiring), expected_version: String::new() })
+        .await
+        .unwrap();
+    let revision: u64 = put.into_inner().meta.unwrap().version.parse().unwrap();
+    let dp = &s.dp;
+    eventually("expiring grant applied", Duration::from_secs(20), || async move {
+        (dp_config(dp).await["system_version"].as_u64() >= Some(revision)).then_some(())
+    })
+    .await;
+    assert_eq!(s.get("/fhir/Patient/b-pat-1", &s.b).await.status, 200);
+    let received = dp_config(&s.dp).await["received"].clone();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let b = s.issuer.token("tenant-b", READ_SCOPES);
+    assert_eq!(s.get("/fhir/Patient/b-pat-1", &b).await.status, 404);
+    assert!(s.get("/fhir/Patient", &b).await.ids().is_empty());
+    assert_eq!(dp_config(&s.dp).await["received"], received, "expiry must not depend on a push");
+    let _ = AUDIENCE;
+}
