@@ -35,6 +35,10 @@ struct Args {
     /// Longest life of one config stream (jittered down by up to 20%), so data planes rebalance across replicas.
     #[arg(long, env = "FHIRGW_CP_STREAM_LIFETIME_SECS", default_value_t = 1800)]
     stream_lifetime_secs: u64,
+    /// An idle config stream gets an empty response this often; data planes treat it as confirmation that their
+    /// grants are current. Keep it well below the data planes' --grant-ttl-secs.
+    #[arg(long, env = "FHIRGW_CP_HEARTBEAT_SECS", default_value_t = 30)]
+    heartbeat_secs: u64,
     /// How often to look for writes by other replicas sharing the store.
     #[arg(long, env = "FHIRGW_CP_POLL_MS", default_value_t = 1000)]
     poll_ms: u64,
@@ -99,7 +103,12 @@ async fn main() -> anyhow::Result<()> {
         operator,
     );
     let push = ConfigDiscoveryServer::with_interceptor(
-        PushService::new(store.clone(), registry.clone(), Duration::from_secs(args.stream_lifetime_secs.max(10))),
+        PushService::new(
+            store.clone(),
+            registry.clone(),
+            Duration::from_secs(args.stream_lifetime_secs.max(10)),
+            Duration::from_secs(args.heartbeat_secs.max(1)),
+        ),
         dataplane,
     );
 

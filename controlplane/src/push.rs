@@ -25,11 +25,14 @@ pub struct PushService {
     store: Arc<Store>,
     registry: Arc<Registry>,
     max_lifetime: Duration,
+    heartbeat: Duration,
 }
 
 impl PushService {
-    pub fn new(store: Arc<Store>, registry: Arc<Registry>, max_lifetime: Duration) -> Self {
-        Self { store, registry, max_lifetime }
+    /// `heartbeat`: an idle stream gets an empty response this often, so data planes can tell a live control plane
+    /// (and thus current grants) from a silent one.
+    pub fn new(store: Arc<Store>, registry: Arc<Registry>, max_lifetime: Duration, heartbeat: Duration) -> Self {
+        Self { store, registry, max_lifetime, heartbeat }
     }
 }
 
@@ -116,10 +119,11 @@ impl ConfigDiscovery for PushService {
         // Jitter spreads reconnects so data planes rebalance across replicas instead of stampeding.
         let lifetime = self.max_lifetime.mul_f64(rand::rng().random_range(0.8..1.0));
         let span = info_span!("config_stream", node = %node.id, peer = %peer);
+        let heartbeat = self.heartbeat;
         tokio::spawn(
             async move {
                 info!(initial = session.known.len(), "data plane connected");
-                let reason = session.run(inbound, tx, lifetime).await;
+                let reason = session.run(inbound, tx, lifetime, heartbeat).await;
                 session.registry.remove(session.id);
                 info!(%reason, "data plane disconnected");
             }
@@ -130,10 +134,18 @@ impl ConfigDiscovery for PushService {
 }
 
 impl Session {
-    async fn run(&mut self, mut inbound: Streaming<push::ConfigRequest>, tx: Outbound, lifetime: Duration) -> String {
+    async fn run(
+        &mut self,
+        mut inbound: Streaming<push::ConfigRequest>,
+        tx: Outbound,
+        lifetime: Duration,
+        heartbeat: Duration,
+    ) -> String {
         let mut state_rx = self.store.subscribe();
         let deadline = tokio::time::sleep(lifetime);
         tokio::pin!(deadline);
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first response is always sent, even when empty: the data plane's readiness waits for it.
         let state = state_rx.borrow_and_update().clone();
         if let Err(reason) = self.send(&tx, &state, true).await {
@@ -153,6 +165,12 @@ impl Session {
                 changed = state_rx.changed(), if self.pending.is_none() => {
                     if changed.is_err() {
                         return "control plane shutting down".into();
+                    }
+                }
+                _ = beat.tick(), if self.pending.is_none() => {
+                    let state = state_rx.borrow_and_update().clone();
+                    if let Err(reason) = self.send(&tx, &state, true).await {
+                        return reason;
                     }
                 }
             }

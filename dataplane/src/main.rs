@@ -45,6 +45,10 @@ struct Args {
     /// without one, a random key is used and page links only work on the replica that issued them.
     #[arg(long, env = "FHIRGW_PAGING_KEY_FILE")]
     paging_key_file: Option<PathBuf>,
+    /// Grants are security state: when the control plane has not confirmed the configuration for this long (it sends
+    /// a heartbeat every 30 s by default), requests that depend on grants fail closed with 503. Routes stay served.
+    #[arg(long, env = "FHIRGW_GRANT_TTL_SECS", default_value_t = 300)]
+    grant_ttl_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "FHIRGW_DP_DRAIN_SECS", default_value_t = 25)]
     drain_secs: u64,
@@ -150,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         upstreams: UpstreamClient::new(),
         authn: Authenticator::new(),
         pages: PageSigner::new(&paging_key),
+        grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
     });
     let grace = Duration::from_secs(args.drain_secs);
     let fhir_server =

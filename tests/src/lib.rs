@@ -193,6 +193,10 @@ impl World {
     }
 
     pub async fn control_plane_at(&self, name: &str, store: &str, listen: &str) -> Process {
+        self.control_plane_args(name, store, listen, &[]).await
+    }
+
+    pub async fn control_plane_args(&self, name: &str, store: &str, listen: &str, extra: &[&str]) -> Process {
         let mut command = Command::new(binary("fhirgw-controlplane"));
         command
             .arg("--listen")
@@ -203,6 +207,7 @@ impl World {
             .arg(self.path("operator.token"))
             .arg("--dataplane-token-file")
             .arg(self.path("dataplane.token"))
+            .args(extra)
             .env("RUST_LOG", "info,fhirgw_controlplane=debug");
         Process::spawn(name, command, self.dir.path()).await
     }
@@ -218,6 +223,17 @@ impl World {
         control_plane: &str,
         state_dir: &str,
         token_file: &Path,
+    ) -> Process {
+        self.data_plane_args(name, control_plane, state_dir, token_file, &[]).await
+    }
+
+    pub async fn data_plane_args(
+        &self,
+        name: &str,
+        control_plane: &str,
+        state_dir: &str,
+        token_file: &Path,
+        extra: &[&str],
     ) -> Process {
         let mut command = Command::new(binary("fhirgw-dataplane"));
         command
@@ -235,6 +251,7 @@ impl World {
             .arg(name)
             .arg("--drain-secs")
             .arg("5")
+            .args(extra)
             .env("RUST_LOG", "info,fhirgw_dataplane=debug");
         Process::spawn(name, command, self.dir.path()).await
     }

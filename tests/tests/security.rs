@@ -13,9 +13,9 @@ use fhirgw_proto::admin::v1 as api;
 use serde_json::{Value, json};
 
 struct Stack {
-    _world: World,
+    world: World,
     fhir: Process,
-    _cp: Process,
+    cp: Process,
     dp: Process,
     issuer: Issuer,
     admin: Admin,
@@ -24,11 +24,15 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
+    stack_with(&[], &[]).await
+}
+
+async fn stack_with(cp_args: &[&str], dp_args: &[&str]) -> Stack {
     let world = World::new();
     let fhir = world.fhir_server().await;
     let issuer = fixtures::issuer().await;
-    let cp = world.control_plane("cp", "cp.db").await;
-    let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let cp = world.control_plane_args("cp", "cp.db", "127.0.0.1:0", cp_args).await;
+    let dp = world.data_plane_args("dp", &grpc_url(&cp), "dp-state", &world.path("dataplane.token"), dp_args).await;
     let mut admin = admin(&cp).await;
     let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
     let a2 = admin.clone();
@@ -46,7 +50,7 @@ async fn stack() -> Stack {
     .await;
     let a = issuer.token("tenant-a", READ_SCOPES);
     let b = issuer.token("tenant-b", READ_SCOPES);
-    Stack { _world: world, fhir, _cp: cp, dp, issuer, admin, a, b }
+    Stack { world, fhir, cp, dp, issuer, admin, a, b }
 }
 
 struct Reply {
@@ -593,4 +597,41 @@ async fn revoked_and_expired_grants_stop_working() {
     assert!(s.get("/fhir/Patient", &b).await.ids().is_empty());
     assert_eq!(dp_config(&s.dp).await["received"], received, "expiry must not depend on a push");
     let _ = AUDIENCE;
+}
+
+/// Case 11: a data plane cut off from the control plane for longer than the grant TTL fails closed on grants, keeps
+/// serving what needs no grant, and recovers when the control plane is back.
+#[tokio::test]
+async fn cut_off_data_plane_fails_closed_on_grants_after_the_ttl() {
+    let mut s = stack_with(&["--heartbeat-secs", "1"], &["--grant-ttl-secs", "3"]).await;
+    // Heartbeats keep a healthy data plane confirmed well past the TTL.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 200);
+
+    let port = s.cp.addr("grpc").rsplit(':').next().unwrap().to_owned();
+    s.cp.kill().await;
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 200, "within the TTL the last grants still hold");
+    let a = s.a.clone();
+    let stale = eventually("grants fail closed after the TTL", Duration::from_secs(20), || {
+        let s = &s;
+        let a = a.clone();
+        async move {
+            let r = s.get("/fhir/Patient/a-pat-1", &a).await;
+            (r.status == 503).then_some(r)
+        }
+    })
+    .await;
+    assert!(stale.headers.get("retry-after").is_some());
+    assert_eq!(stale.json()["resourceType"], "OperationOutcome");
+    assert_eq!(s.get("/fhir/Patient", &s.a).await.status, 503);
+    assert_eq!(s.send(http().get(s.url("/fhir/metadata"))).await.status, 200, "routes stay last-known-good");
+
+    let _cp =
+        s.world.control_plane_args("cp-back", "cp.db", &format!("127.0.0.1:{port}"), &["--heartbeat-secs", "1"]).await;
+    eventually("grants confirmed again", Duration::from_secs(30), || {
+        let s = &s;
+        let a = a.clone();
+        async move { (s.get("/fhir/Patient/a-pat-1", &a).await.status == 200).then_some(()) }
+    })
+    .await;
 }

@@ -78,6 +78,11 @@ impl Ctx<'_> {
             return Err(QueryError::NotAcceptable { format: "XML".into() }.into());
         }
         let now = SystemTime::now();
+        // Cut off from the control plane for longer than the grant TTL: grants may have been revoked meanwhile.
+        let confirmed = self.proxy.state.confirmed_at().and_then(|at| now.duration_since(at).ok());
+        if confirmed.is_none_or(|age| age > self.proxy.grant_ttl) {
+            return Err(ProxyError::GrantsStale);
+        }
         let tags: Vec<&Tag> =
             self.snapshot.tenants.get(&self.caller.tenant).map(|t| t.active_tags(now).collect()).unwrap_or_default();
         let grants = Grants::new(tags.iter().copied());

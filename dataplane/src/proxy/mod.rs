@@ -42,6 +42,8 @@ pub struct Proxy {
     pub upstreams: Arc<UpstreamClient>,
     pub authn: Arc<Authenticator>,
     pub pages: PageSigner,
+    /// Longest time grants are trusted without confirmation from the control plane.
+    pub grant_ttl: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,8 @@ enum ProxyError {
     UpstreamStatus(StatusCode),
     #[error("upstream response cannot be verified: {0}")]
     Unverifiable(String),
+    #[error("grants not confirmed by the control plane within the grant TTL")]
+    GrantsStale,
 }
 
 impl ProxyError {
@@ -143,6 +147,12 @@ impl ProxyError {
             UpstreamStatus(status) if status.is_client_error() => {
                 Outcome::new(*status, "processing", "The upstream server refused the request.")
             }
+            GrantsStale => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "The gateway cannot confirm access grants right now.",
+            )
+            .retry_after(10),
             UpstreamStatus(_) | Unverifiable(_) => Outcome::new(
                 StatusCode::BAD_GATEWAY,
                 "transient",
