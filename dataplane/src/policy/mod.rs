@@ -5,3 +5,4 @@ pub mod classify;
 pub mod paging;
 pub mod query;
 pub mod verify;
+pub mod write;

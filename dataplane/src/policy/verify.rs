@@ -22,6 +22,10 @@ impl Grants {
         self.tags.is_empty()
     }
 
+    pub fn contains(&self, system: &str, code: &str) -> bool {
+        self.tags.contains(&(system.to_owned(), code.to_owned()))
+    }
+
     pub fn covers(&self, resource: &Value) -> bool {
         let Some(tags) = resource.get("meta").and_then(|m| m.get("tag")).and_then(Value::as_array) else {
             return false;

@@ -20,10 +20,9 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::links::{PageContext, rewrite_links};
-use super::{Proxy, ProxyError, headers};
+use super::{Proxy, ProxyError, headers, json_response, validators};
 use crate::authn::Caller;
 use crate::authn::scopes::{Allowed, Permission};
-use crate::outcome::FHIR_JSON;
 use crate::policy::classify::Interaction;
 use crate::policy::query::{self, PAGE_PARAM, Params, QueryError, Use};
 use crate::policy::verify::{Grants, filter_bundle, resource_visible, rewrite_full_urls};
@@ -52,20 +51,6 @@ fn wants_xml_only(headers: &HeaderMap) -> bool {
         let accept = accept.to_ascii_lowercase();
         accept.contains("xml") && !accept.contains("json") && !accept.contains("*/*")
     })
-}
-
-fn json_response(status: StatusCode, value: &Value, keep: &HeaderMap, head: bool) -> Response<Body> {
-    // Re-serialised from the parsed value: the client receives exactly what was verified.
-    let bytes = if head { Bytes::new() } else { Bytes::from(value.to_string()) };
-    let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
-    *response.status_mut() = status;
-    for name in [header::ETAG, header::LAST_MODIFIED] {
-        if let Some(v) = keep.get(&name) {
-            response.headers_mut().insert(name, v.clone());
-        }
-    }
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    response
 }
 
 impl Ctx<'_> {
@@ -111,13 +96,17 @@ impl Ctx<'_> {
                 self.focal(&ty, &id, &grants).await?;
                 self.bundle(&ty, Use::Everything, params, &tags, &grants, now, head).await
             }
+            Interaction::Create { ty } => self.create(&ty, request, &grants, &tags).await,
+            Interaction::Update { ty, id } => self.update(&ty, &id, request, &grants).await,
+            Interaction::Patch { ty, id } => self.patch(&ty, &id, request, &grants).await,
+            Interaction::Delete { ty, id } => self.delete(&ty, &id, request, &grants).await,
             other => {
                 Err(ProxyError::Forbidden(format!("{} is not supported through the gateway yet.", describe(&other))))
             }
         }
     }
 
-    fn require(&self, ty: &str, permission: Permission) -> Result<(), ProxyError> {
+    pub(super) fn require(&self, ty: &str, permission: Permission) -> Result<(), ProxyError> {
         match self.caller.scopes.allows(ty, permission) {
             Allowed::Tenant => Ok(()),
             Allowed::PatientOnly => Err(ProxyError::Forbidden(
@@ -158,14 +147,37 @@ impl Ctx<'_> {
         client: &HeaderMap,
         max: usize,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        self.exchange(Method::GET, target, client, None, max).await
+    }
+
+    pub(super) async fn exchange(
+        &self,
+        method: Method,
+        target: &str,
+        client: &HeaderMap,
+        body: Option<(&'static str, Bytes)>,
+        max: usize,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        self.exchange_extra(method, target, client, body, max, HeaderMap::new()).await
+    }
+
+    /// Sends one request to `target` (path and query on the upstream) and buffers the response body up to `max`.
+    /// `body` is `(content type, bytes)`; `client` headers are sanitised, and any conditional, range or compression
+    /// header is dropped: the gateway must see the full body to verify it. `extra` (the gateway's own
+    /// preconditions) is added last.
+    pub(super) async fn exchange_extra(
+        &self,
+        method: Method,
+        target: &str,
+        client: &HeaderMap,
+        body: Option<(&'static str, Bytes)>,
+        max: usize,
+        extra: HeaderMap,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
         let uri = Uri::try_from(format!("{}{target}", self.upstream.origin))
-            .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
-        let mut request = Request::get(uri)
-            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         let mut headers = client.clone();
         headers::sanitize_request(&mut headers, &self.upstream.strip_request_headers);
-        // The gateway must see the full body to verify it: no conditional or partial responses, no compression.
         for name in [
             header::IF_NONE_MATCH,
             header::IF_MODIFIED_SINCE,
@@ -175,11 +187,27 @@ impl Ctx<'_> {
             header::IF_RANGE,
             header::CONTENT_TYPE,
             header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+            header::EXPECT,
         ] {
             headers.remove(name);
         }
+        headers.remove("if-none-exist");
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+json"));
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        headers.extend(extra);
+        let request_body = match body {
+            Some((content_type, bytes)) => {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+            }
+            None => Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(request_body)
+            .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         *request.headers_mut() = headers;
         let response = self.proxy.upstreams.send(&self.upstream, request).await?;
         let status = response.status();
@@ -236,7 +264,7 @@ impl Ctx<'_> {
                 if !resource_visible(&value, ty, id, grants) {
                     return Err(ProxyError::ResourceNotFound);
                 }
-                Ok(json_response(StatusCode::OK, &value, &headers, head))
+                Ok(json_response(StatusCode::OK, &value, &validators(&headers), head))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
             other => Err(ProxyError::UpstreamStatus(other)),
@@ -361,10 +389,6 @@ fn describe(interaction: &Interaction) -> String {
         Interaction::SearchSystem => "System-level search".into(),
         Interaction::Compartment { .. } => "Compartment search".into(),
         Interaction::HistorySystem => "System-level history".into(),
-        Interaction::Create { .. }
-        | Interaction::Update { .. }
-        | Interaction::Patch { .. }
-        | Interaction::Delete { .. } => "Writing".into(),
         Interaction::Conditional { .. } => "A conditional write".into(),
         Interaction::BatchOrTransaction => "A batch or transaction".into(),
         Interaction::Operation { name, .. } => format!("The operation {name}"),

@@ -73,3 +73,9 @@ pub fn upstream_target(upstream: &Upstream, url: &str) -> Option<String> {
     }
     Some(rest.to_owned())
 }
+
+/// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
+pub fn rewrite_url(upstream: &Upstream, public_base: &str, url: &str) -> Option<String> {
+    let rest = url.strip_prefix(&upstream.base_url)?;
+    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then(|| format!("{public_base}{rest}"))
+}

@@ -16,21 +16,25 @@
 mod access;
 mod headers;
 mod links;
+mod write;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use fhirgw_config::Snapshot;
 use fhirgw_config::path::{NormalPath, PathError, join_encoded};
 use fhirgw_config::route::Action;
 use fhirgw_config::upstream::Upstream;
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use serde_json::Value;
 use tracing::{Instrument, info_span, warn};
 
 use crate::authn::{AuthError, Authenticator};
-use crate::outcome::Outcome;
+use crate::outcome::{FHIR_JSON, Outcome};
 use crate::policy::classify::{Interaction, classify};
 use crate::policy::paging::{PageError, PageSigner};
 use crate::policy::query::QueryError;
@@ -83,6 +87,12 @@ enum ProxyError {
     Unverifiable(String),
     #[error("grants not confirmed by the control plane within the grant TTL")]
     GrantsStale,
+    #[error("unsupported media type `{0}`")]
+    UnsupportedMedia(String),
+    #[error("precondition failed")]
+    PreconditionFailed,
+    #[error(transparent)]
+    Write(#[from] crate::policy::write::WriteError),
 }
 
 impl ProxyError {
@@ -147,6 +157,23 @@ impl ProxyError {
             UpstreamStatus(status) if status.is_client_error() => {
                 Outcome::new(*status, "processing", "The upstream server refused the request.")
             }
+            UnsupportedMedia(media) => Outcome::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-supported",
+                format!(
+                    "Content type `{media}` is not accepted here; use application/fhir+json (application/json-patch+json for PATCH)."
+                ),
+            ),
+            PreconditionFailed => Outcome::new(
+                StatusCode::PRECONDITION_FAILED,
+                "conflict",
+                "The resource has changed; read it again and retry with its current version.",
+            ),
+            Write(e @ crate::policy::write::WriteError::ForeignTag(_))
+            | Write(e @ crate::policy::write::WriteError::ForbiddenPatch(_)) => {
+                Outcome::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            Write(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
             GrantsStale => Outcome::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
@@ -263,4 +290,26 @@ impl Proxy {
 
 fn upstream_of(snapshot: &Snapshot, name: &str) -> Result<Arc<Upstream>, ProxyError> {
     snapshot.upstreams.get(name).cloned().ok_or_else(|| ProxyError::MissingUpstream(name.to_owned()))
+}
+
+/// A JSON response re-serialised from the parsed value, so the client receives exactly what was verified. `keep`
+/// holds the only upstream headers passed on (validators, rewritten locations), chosen by the caller.
+pub(super) fn json_response(status: StatusCode, value: &Value, keep: &HeaderMap, head: bool) -> Response<Body> {
+    let bytes = if head { Bytes::new() } else { Bytes::from(value.to_string()) };
+    let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    *response.headers_mut() = keep.clone();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+/// The upstream's validators (`ETag`, `Last-Modified`), for a response that is the upstream's representation.
+pub(super) fn validators(upstream: &HeaderMap) -> HeaderMap {
+    let mut keep = HeaderMap::new();
+    for name in [header::ETAG, header::LAST_MODIFIED] {
+        if let Some(v) = upstream.get(&name) {
+            keep.insert(name, v.clone());
+        }
+    }
+    keep
 }

@@ -1,0 +1,225 @@
+//! Rules for writes: which tags a written resource may carry, and which JSON Patch operations are allowed.
+//!
+//! A "dataset tag" is a `meta.tag` whose system is used by any grant of any tenant. A written resource must carry
+//! only dataset tags the caller's tenant holds, and at least one; a write without one is stamped (create: the
+//! tenant's only tag; update: the tags the stored resource had). A write can therefore never move a resource into
+//! another tenant's dataset nor strip its tag.
+
+use std::collections::HashSet;
+
+use fhirgw_config::Snapshot;
+use fhirgw_config::tenant::Tag;
+use serde_json::{Value, json};
+
+use super::verify::Grants;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    #[error("the resource carries the dataset tag {0}, which is not granted to you")]
+    ForeignTag(String),
+    #[error("meta.tag must name one of your datasets (several are granted, so none is chosen for you)")]
+    NoDataset,
+    #[error("meta.tag is malformed")]
+    Malformed,
+    #[error("patch operation {0} is not allowed: patches must not change meta, id or resourceType")]
+    ForbiddenPatch(usize),
+    #[error("the patch is not a JSON Patch document")]
+    BadPatch,
+}
+
+/// Systems of every tag granted to any tenant, expired or not.
+pub fn dataset_systems(snapshot: &Snapshot) -> HashSet<String> {
+    snapshot.tenants.values().flat_map(|t| t.grants.iter().map(|g| g.tag.system.clone())).collect()
+}
+
+/// Checks a resource about to be written, stamping `stamp` when it carries none of the caller's dataset tags.
+pub fn check_tags(
+    resource: &mut Value,
+    grants: &Grants,
+    systems: &HashSet<String>,
+    stamp: &[Tag],
+) -> Result<(), WriteError> {
+    let tags = match resource.get("meta").and_then(|m| m.get("tag")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(tags)) => tags.clone(),
+        Some(_) => return Err(WriteError::Malformed),
+    };
+    let mut granted = 0;
+    for tag in &tags {
+        let (Some(system), code) = (tag.get("system").and_then(Value::as_str), tag.get("code").and_then(Value::as_str))
+        else {
+            continue;
+        };
+        if !systems.contains(system) {
+            continue;
+        }
+        let code = code.unwrap_or_default();
+        if grants.contains(system, code) {
+            granted += 1;
+        } else {
+            return Err(WriteError::ForeignTag(format!("{system}|{code}")));
+        }
+    }
+    if granted > 0 {
+        return Ok(());
+    }
+    if stamp.is_empty() {
+        return Err(WriteError::NoDataset);
+    }
+    let Some(obj) = resource.as_object_mut() else { return Err(WriteError::Malformed) };
+    let meta = obj.entry("meta").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else { return Err(WriteError::Malformed) };
+    let list = meta.entry("tag").or_insert_with(|| json!([]));
+    if list.is_null() {
+        *list = json!([]);
+    }
+    let Some(list) = list.as_array_mut() else { return Err(WriteError::Malformed) };
+    for tag in stamp {
+        list.push(json!({ "system": tag.system, "code": tag.code }));
+    }
+    Ok(())
+}
+
+/// The caller's dataset tags a stored resource carries (what an update without tags keeps).
+pub fn granted_tags(resource: &Value, grants: &Grants) -> Vec<Tag> {
+    resource
+        .get("meta")
+        .and_then(|m| m.get("tag"))
+        .and_then(Value::as_array)
+        .map(|tags| {
+            tags.iter()
+                .filter_map(|t| {
+                    let system = t.get("system")?.as_str()?;
+                    let code = t.get("code")?.as_str()?;
+                    grants.contains(system, code).then(|| Tag { system: system.to_owned(), code: code.to_owned() })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A JSON Patch (RFC 6902) may change the resource's content but not its `meta`, `id` or `resourceType`, nor
+/// replace the whole document.
+pub fn check_json_patch(patch: &Value) -> Result<(), WriteError> {
+    let ops = patch.as_array().ok_or(WriteError::BadPatch)?;
+    if ops.is_empty() {
+        return Err(WriteError::BadPatch);
+    }
+    let protected = |path: &str| {
+        path.is_empty()
+            || ["/meta", "/id", "/resourceType"].iter().any(|p| path == *p || path.starts_with(&format!("{p}/")))
+    };
+    for (i, op) in ops.iter().enumerate() {
+        let kind = op.get("op").and_then(Value::as_str).ok_or(WriteError::BadPatch)?;
+        if !matches!(kind, "add" | "remove" | "replace" | "move" | "copy" | "test") {
+            return Err(WriteError::BadPatch);
+        }
+        let path = op.get("path").and_then(Value::as_str).ok_or(WriteError::BadPatch)?;
+        if kind != "test" && protected(path) {
+            return Err(WriteError::ForbiddenPatch(i));
+        }
+        if kind == "move" {
+            let from = op.get("from").and_then(Value::as_str).ok_or(WriteError::BadPatch)?;
+            if protected(from) {
+                return Err(WriteError::ForbiddenPatch(i));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DS: &str = "https://fhirgw.dev/dataset";
+
+    fn tag(code: &str) -> Tag {
+        Tag { system: DS.into(), code: code.into() }
+    }
+
+    fn systems() -> HashSet<String> {
+        [DS.to_owned()].into()
+    }
+
+    type Case<'a> = (&'a str, Value, &'a [Tag], Result<usize, WriteError>);
+
+    #[test]
+    fn tag_rules_table() {
+        let a = tag("a");
+        let grants = Grants::new([&a]);
+        let stamp_a = [tag("a")];
+        let cases: Vec<Case> = vec![
+            ("own tag", json!({"meta": {"tag": [{"system": DS, "code": "a"}]}}), &[], Ok(1)),
+            (
+                "foreign tag",
+                json!({"meta": {"tag": [{"system": DS, "code": "b"}]}}),
+                &[],
+                Err(WriteError::ForeignTag(format!("{DS}|b"))),
+            ),
+            (
+                "own and foreign",
+                json!({"meta": {"tag": [{"system": DS, "code": "a"}, {"system": DS, "code": "b"}]}}),
+                &[],
+                Err(WriteError::ForeignTag(format!("{DS}|b"))),
+            ),
+            (
+                "dataset tag without code",
+                json!({"meta": {"tag": [{"system": DS}]}}),
+                &[],
+                Err(WriteError::ForeignTag(format!("{DS}|"))),
+            ),
+            ("untagged, stamped", json!({}), &stamp_a, Ok(1)),
+            ("meta without tag, stamped", json!({"meta": {"versionId": "1"}}), &stamp_a, Ok(1)),
+            ("null tag, stamped", json!({"meta": {"tag": null}}), &stamp_a, Ok(1)),
+            (
+                "other systems are kept and stamped",
+                json!({"meta": {"tag": [{"system": "http://x", "code": "y"}]}}),
+                &stamp_a,
+                Ok(2),
+            ),
+            ("untagged, nothing to stamp", json!({}), &[], Err(WriteError::NoDataset)),
+            ("malformed tag", json!({"meta": {"tag": "a"}}), &stamp_a, Err(WriteError::Malformed)),
+        ];
+        for (what, mut resource, stamp, want) in cases {
+            let got = check_tags(&mut resource, &grants, &systems(), stamp)
+                .map(|()| resource["meta"]["tag"].as_array().map_or(0, Vec::len));
+            assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn granted_tags_of_a_stored_resource() {
+        let a = tag("a");
+        let grants = Grants::new([&a]);
+        let stored = json!({"meta": {"tag": [{"system": DS, "code": "a"}, {"system": DS, "code": "b"}, {"system": "http://x", "code": "a"}]}});
+        assert_eq!(granted_tags(&stored, &grants), vec![tag("a")]);
+    }
+
+    #[test]
+    fn patch_rules_table() {
+        let cases: Vec<(Value, Result<(), WriteError>)> = vec![
+            (json!([{"op": "replace", "path": "/name/0/family", "value": "X"}]), Ok(())),
+            (json!([{"op": "add", "path": "/telecom/-", "value": {}}]), Ok(())),
+            (json!([{"op": "test", "path": "/meta/versionId", "value": "1"}]), Ok(())),
+            (json!([{"op": "remove", "path": "/meta/tag/0"}]), Err(WriteError::ForbiddenPatch(0))),
+            (json!([{"op": "replace", "path": "/meta", "value": {}}]), Err(WriteError::ForbiddenPatch(0))),
+            (json!([{"op": "add", "path": "/meta/tag/-", "value": {}}]), Err(WriteError::ForbiddenPatch(0))),
+            (json!([{"op": "replace", "path": "/id", "value": "x"}]), Err(WriteError::ForbiddenPatch(0))),
+            (json!([{"op": "replace", "path": "", "value": {}}]), Err(WriteError::ForbiddenPatch(0))),
+            (
+                json!([{"op": "test", "path": "/x", "value": 1}, {"op": "move", "from": "/meta/tag", "path": "/x"}]),
+                Err(WriteError::ForbiddenPatch(1)),
+            ),
+            (json!([{"op": "copy", "from": "/meta/tag", "path": "/extension"}]), Ok(())),
+            (json!([{"op": "replace", "path": "/metadata", "value": 1}]), Ok(())),
+            (json!([{"op": "bogus", "path": "/x"}]), Err(WriteError::BadPatch)),
+            (json!([{"op": "replace"}]), Err(WriteError::BadPatch)),
+            (json!([]), Err(WriteError::BadPatch)),
+            (json!({"op": "replace"}), Err(WriteError::BadPatch)),
+        ];
+        for (patch, want) in cases {
+            assert_eq!(check_json_patch(&patch), want, "{patch}");
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Writes: create, update, patch and delete, checked on both sides.
+//!
+//! The stored resource is read and verified before any update, patch or delete (out of grant or missing: the same
+//! 404, and no update-as-create, which would be an existence oracle), and the write is forwarded with `If-Match` on
+//! the version that was checked, so nothing can change in between. The new content must carry only the caller's
+//! dataset tags (see `policy::write`). Conditional creates are narrowed to the tenant like searches.
+
+use bytes::Bytes;
+use fhirgw_config::path::join_encoded;
+use fhirgw_config::tenant::Tag;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::access::Ctx;
+use super::links::rewrite_url;
+use super::{ProxyError, json_response, validators};
+use crate::authn::scopes::Permission;
+use crate::policy::query::{self, Use};
+use crate::policy::verify::{Grants, resource_visible};
+use crate::policy::write::{check_json_patch, check_tags, dataset_systems, granted_tags};
+use crate::upstream::Body;
+
+/// Largest resource or patch accepted for a write.
+const WRITE_MAX_BYTES: usize = 16 * 1024 * 1024;
+const FHIR_JSON: &str = "application/fhir+json";
+
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<(HeaderMap, Bytes), ProxyError> {
+    let (parts, body) = request.into_parts();
+    let bytes = Limited::new(body, WRITE_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BadRequest(format!("the body is larger than {WRITE_MAX_BYTES} bytes")))?
+        .to_bytes();
+    Ok((parts.headers, bytes))
+}
+
+fn json_resource(headers: &HeaderMap, body: &[u8], ty: &str) -> Result<Value, ProxyError> {
+    let media = media_type(headers);
+    if !matches!(media.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir") {
+        return Err(ProxyError::UnsupportedMedia(media));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ProxyError::BadRequest(format!("the body is not JSON: {e}")))?;
+    if value.get("resourceType").and_then(Value::as_str) != Some(ty) {
+        return Err(ProxyError::BadRequest(format!("the body must be a {ty}")));
+    }
+    Ok(value)
+}
+
+/// `W/"3"`, `"3"` or `3` → `3`.
+fn version_of(etag: &str) -> &str {
+    etag.trim().trim_start_matches("W/").trim_matches('"')
+}
+
+impl Ctx<'_> {
+    pub(super) async fn create(
+        &self,
+        ty: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+        tags: &[&Tag],
+    ) -> Result<Response<Body>, ProxyError> {
+        self.require(ty, Permission::Create)?;
+        if grants.is_empty() {
+            return Err(ProxyError::Forbidden("Your tenant holds no dataset to write into.".into()));
+        }
+        let if_none_exist = request.headers().get("if-none-exist").map(|v| v.to_str().map(str::to_owned));
+        let (headers, body) = read_body(request).await?;
+        let mut resource = json_resource(&headers, &body, ty)?;
+        let stamp: Vec<Tag> = if tags.len() == 1 { tags.iter().map(|t| (*t).clone()).collect() } else { Vec::new() };
+        check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &stamp)?;
+        let mut out = headers.clone();
+        if let Some(condition) = if_none_exist {
+            // The match must only ever find the tenant's own resources, like any search.
+            let condition = condition.map_err(|_| ProxyError::BadRequest("If-None-Exist is not ASCII".into()))?;
+            let params = query::parse(Some(condition.trim_start_matches('?')));
+            query::check(Use::Search, &params, self.guard)?;
+            let narrowed = query::narrow(&params, tags).ok_or(ProxyError::ResourceNotFound)?;
+            let value = HeaderValue::try_from(query::encode(&narrowed))
+                .map_err(|_| ProxyError::BadRequest("bad If-None-Exist".into()))?;
+            out.insert("if-none-exist", value);
+        }
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned()]);
+        let body = Bytes::from(resource.to_string());
+        self.write_upstream(Method::POST, &target, out, Some(body), None, ty, grants).await
+    }
+
+    pub(super) async fn update(
+        &self,
+        ty: &str,
+        id: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.require(ty, Permission::Update)?;
+        let (headers, body) = read_body(request).await?;
+        let mut resource = json_resource(&headers, &body, ty)?;
+        if resource.get("id").and_then(Value::as_str) != Some(id) {
+            return Err(ProxyError::BadRequest(format!("the body's id must be `{id}`")));
+        }
+        let (stored, version) = self.stored(ty, id, grants, &headers).await?;
+        check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
+        let target = join_encoded(&self.upstream.base_path, self.relative);
+        self.write_upstream(
+            Method::PUT,
+            &target,
+            headers,
+            Some(Bytes::from(resource.to_string())),
+            Some(&version),
+            ty,
+            grants,
+        )
+        .await
+    }
+
+    pub(super) async fn patch(
+        &self,
+        ty: &str,
+        id: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.require(ty, Permission::Update)?;
+        let (headers, body) = read_body(request).await?;
+        let media = media_type(&headers);
+        if media != "application/json-patch+json" {
+            return Err(ProxyError::UnsupportedMedia(media));
+        }
+        let patch: Value =
+            serde_json::from_slice(&body).map_err(|e| ProxyError::BadRequest(format!("the patch is not JSON: {e}")))?;
+        check_json_patch(&patch)?;
+        let (_, version) = self.stored(ty, id, grants, &headers).await?;
+        let target = join_encoded(&self.upstream.base_path, self.relative);
+        let mut out = headers;
+        out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json-patch+json"));
+        self.write_upstream_typed(
+            Method::PATCH,
+            &target,
+            out,
+            Some(("application/json-patch+json", Bytes::from(patch.to_string()))),
+            Some(&version),
+            ty,
+            grants,
+        )
+        .await
+    }
+
+    pub(super) async fn delete(
+        &self,
+        ty: &str,
+        id: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.require(ty, Permission::Delete)?;
+        let headers = request.headers().clone();
+        let (_, version) = self.stored(ty, id, grants, &headers).await?;
+        let target = join_encoded(&self.upstream.base_path, self.relative);
+        self.write_upstream(Method::DELETE, &target, headers, None, Some(&version), ty, grants).await
+    }
+
+    /// The stored resource, verified, and its version. A client `If-Match` must name that version.
+    async fn stored(
+        &self,
+        ty: &str,
+        id: &str,
+        grants: &Grants,
+        client: &HeaderMap,
+    ) -> Result<(Value, String), ProxyError> {
+        if grants.is_empty() {
+            return Err(ProxyError::ResourceNotFound);
+        }
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
+        let (status, _, body) = self.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+            other => return Err(ProxyError::UpstreamStatus(other)),
+        }
+        let stored: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+        if !resource_visible(&stored, ty, id, grants) {
+            return Err(ProxyError::ResourceNotFound);
+        }
+        let version = stored
+            .get("meta")
+            .and_then(|m| m.get("versionId"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| ProxyError::Unverifiable("the stored resource has no versionId to write against".into()))?
+            .to_owned();
+        if let Some(wanted) = client.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
+            && version_of(wanted) != version
+        {
+            return Err(ProxyError::PreconditionFailed);
+        }
+        Ok((stored, version))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_upstream(
+        &self,
+        method: Method,
+        target: &str,
+        headers: HeaderMap,
+        body: Option<Bytes>,
+        if_match: Option<&str>,
+        ty: &str,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.write_upstream_typed(method, target, headers, body.map(|b| (FHIR_JSON, b)), if_match, ty, grants).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_upstream_typed(
+        &self,
+        method: Method,
+        target: &str,
+        headers: HeaderMap,
+        body: Option<(&'static str, Bytes)>,
+        if_match: Option<&str>,
+        ty: &str,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        let mut client = headers;
+        let if_none_exist = client.remove("if-none-exist");
+        let (status, upstream_headers, response) =
+            self.exchange_with(method, target, &client, body, if_match, if_none_exist).await?;
+        match status {
+            StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT => {}
+            StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => return Err(ProxyError::PreconditionFailed),
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+            other => return Err(ProxyError::UpstreamStatus(other)),
+        }
+        let mut keep = validators(&upstream_headers);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(url) = upstream_headers.get(&name).and_then(|v| v.to_str().ok())
+                && let Some(public) = rewrite_url(&self.upstream, &self.public, url)
+                && let Ok(value) = HeaderValue::try_from(public)
+            {
+                keep.insert(name, value);
+            }
+        }
+        // Only a resource the caller may see is returned; anything else (an outcome with upstream diagnostics,
+        // another resource) is reduced to the status and headers.
+        let visible = serde_json::from_slice::<Value>(&response).ok().filter(|v| {
+            let id = v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+            resource_visible(v, ty, &id, grants)
+        });
+        let mut out = match visible {
+            Some(value) => json_response(status, &value, &keep, false),
+            None => {
+                let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+                *r.status_mut() = if status == StatusCode::OK { StatusCode::NO_CONTENT } else { status };
+                *r.headers_mut() = keep;
+                r
+            }
+        };
+        if status == StatusCode::CREATED {
+            *out.status_mut() = StatusCode::CREATED;
+        }
+        Ok(out)
+    }
+
+    async fn exchange_with(
+        &self,
+        method: Method,
+        target: &str,
+        client: &HeaderMap,
+        body: Option<(&'static str, Bytes)>,
+        if_match: Option<&str>,
+        if_none_exist: Option<HeaderValue>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        let mut headers = client.clone();
+        let mut extra = HeaderMap::new();
+        if let Some(version) = if_match {
+            let value = HeaderValue::try_from(format!("W/\"{version}\""))
+                .map_err(|_| ProxyError::Unverifiable("bad versionId".into()))?;
+            extra.insert(header::IF_MATCH, value);
+        }
+        if let Some(value) = if_none_exist {
+            extra.insert("if-none-exist", value);
+        }
+        headers.remove(header::IF_MATCH);
+        self.exchange_extra(method, target, &headers, body, WRITE_MAX_BYTES, extra).await
+    }
+}
