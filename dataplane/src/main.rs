@@ -11,7 +11,7 @@ use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
 use fhirgw_dataplane::persist::SnapshotDir;
 use fhirgw_dataplane::policy::paging::PageSigner;
-use fhirgw_dataplane::proxy::Proxy;
+use fhirgw_dataplane::proxy::{Proxy, PublicConfig};
 use fhirgw_dataplane::state::{ConfigState, Source};
 use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
 use fhirgw_dataplane::{admin_http, server};
@@ -49,6 +49,14 @@ struct Args {
     /// a heartbeat every 30 s by default), requests that depend on grants fail closed with 503. Routes stay served.
     #[arg(long, env = "FHIRGW_GRANT_TTL_SECS", default_value_t = 300)]
     grant_ttl_secs: u64,
+    /// Public base URL clients use (e.g. https://fhir.example.org); overrides forwarding headers. Route tables' base
+    /// paths are appended to it.
+    #[arg(long, env = "FHIRGW_PUBLIC_BASE_URL")]
+    public_base_url: Option<String>,
+    /// Proxies whose X-Forwarded-* / Forwarded headers are honoured, as CIDRs or addresses, comma separated. Default:
+    /// none, so forwarding headers from clients are ignored.
+    #[arg(long, env = "FHIRGW_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<String>,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "FHIRGW_DP_DRAIN_SECS", default_value_t = 25)]
     drain_secs: u64,
@@ -155,10 +163,11 @@ async fn main() -> anyhow::Result<()> {
         authn: Authenticator::new(),
         pages: PageSigner::new(&paging_key),
         grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
+        public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
     });
     let grace = Duration::from_secs(args.drain_secs);
     let fhir_server =
-        server::serve(fhir, move |req, _peer| proxy.clone().handle(req), stopped(stop_rx.clone()), grace, "fhir");
+        server::serve(fhir, move |req, peer| proxy.clone().handle(req, peer), stopped(stop_rx.clone()), grace, "fhir");
     let admin_state = state.clone();
     let admin_server = server::serve(
         admin,

@@ -1,30 +1,15 @@
 //! Public URLs and the rewriting of links the upstream wrote.
 //!
-//! `public_base` is the one function that decides the gateway's public FHIR base for a request; issue 5 extends it
-//! with a configured base and trusted forwarding headers. Until then it is the request's own scheme-less authority
-//! (Host or :authority) over http.
+//! Every public URL starts from `PublicConfig::base` (see `public.rs`); these functions only move upstream URLs
+//! onto it.
 
 use std::time::SystemTime;
 
 use fhirgw_config::upstream::Upstream;
-use http::{HeaderMap, Uri};
 use serde_json::Value;
 
 use crate::policy::paging::PageSigner;
 use crate::policy::query::PAGE_PARAM;
-
-/// The public FHIR base for this request, without a trailing slash.
-pub fn public_base(uri: &Uri, headers: &HeaderMap, base_path: &str) -> String {
-    let host = uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .filter(|h| {
-            !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
-        })
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("http://{host}{base_path}")
-}
 
 /// What a page link needs to be signed.
 pub struct PageContext<'a> {

@@ -14,9 +14,13 @@
 //! ```
 
 mod access;
+mod discovery;
 mod headers;
 mod links;
+mod public;
 mod write;
+
+pub use public::{PublicConfig, PublicConfigError};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -48,6 +52,7 @@ pub struct Proxy {
     pub pages: PageSigner,
     /// Longest time grants are trusted without confirmation from the control plane.
     pub grant_ttl: std::time::Duration,
+    pub public: PublicConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +195,11 @@ impl ProxyError {
 }
 
 impl Proxy {
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
         let span = info_span!(
             "request",
             method = %request.method(),
@@ -199,7 +208,7 @@ impl Proxy {
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
         );
-        let result = self.pipeline(request).instrument(span.clone()).await;
+        let result = self.pipeline(request, peer).instrument(span.clone()).await;
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -216,12 +225,23 @@ impl Proxy {
         Ok(response)
     }
 
-    async fn pipeline(&self, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    async fn pipeline(
+        &self,
+        request: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
         let snapshot = self.state.load().ok_or(ProxyError::NotReady)?;
         let span = tracing::Span::current();
         span.record("config_version", snapshot.digest.as_str());
         let path = NormalPath::parse(request.uri().path())?;
         let (table, relative) = snapshot.table_for(&path).ok_or(ProxyError::NotFound)?;
+        let public = self.public.base(peer, request.uri(), request.headers(), &table.base_path);
+        if relative == [".well-known", "smart-configuration"] && request.method() == http::Method::GET {
+            let doc = discovery::smart_configuration(&snapshot).ok_or(ProxyError::NotFound)?;
+            let mut response = json_response(StatusCode::OK, &doc, &HeaderMap::new(), false);
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(response);
+        }
         let interaction = classify(request.method(), relative, request.uri().query().is_some());
         // Only the CapabilityStatement is public; everything else needs a caller.
         let caller = if interaction == Interaction::Capabilities {
@@ -245,7 +265,8 @@ impl Proxy {
                 match caller {
                     None => {
                         let target = join_encoded(&upstream.base_path, relative);
-                        self.forward(upstream, &target, request).await
+                        let response = self.forward_raw(upstream, &target, request).await?;
+                        capabilities(response, &snapshot, table, &public).await
                     }
                     Some(caller) => {
                         let ctx = access::Ctx {
@@ -253,7 +274,7 @@ impl Proxy {
                             snapshot: &snapshot,
                             caller: &caller,
                             upstream,
-                            public: links::public_base(request.uri(), request.headers(), &table.base_path),
+                            public,
                             relative,
                             guard: &matched.route.guard,
                         };
@@ -264,13 +285,14 @@ impl Proxy {
         }
     }
 
-    /// Streams a request to `target` (an encoded path on the upstream) and the response back, untouched.
-    async fn forward(
+    /// Sends a request to `target` (an encoded path on the upstream) with sanitised headers; the response comes
+    /// back as the upstream sent it, hop-by-hop headers removed.
+    async fn forward_raw(
         &self,
         upstream: Arc<Upstream>,
         target: &str,
         request: Request<Incoming>,
-    ) -> Result<Response<Body>, ProxyError> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let path_and_query = match parts.uri.query() {
             Some(query) => format!("{target}?{query}"),
@@ -281,10 +303,9 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         headers::sanitize_request(&mut parts.headers, &upstream.strip_request_headers);
         let outbound = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
-        let response = self.upstreams.send(&upstream, outbound).await?;
-        let (mut parts, body) = response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+        let mut response = self.upstreams.send(&upstream, outbound).await?;
+        headers::strip_hop_by_hop(response.headers_mut());
+        Ok(response)
     }
 }
 
@@ -312,4 +333,32 @@ pub(super) fn validators(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     keep
+}
+
+/// The upstream's CapabilityStatement, rewritten for the gateway (see `discovery`).
+async fn capabilities(
+    response: Response<Incoming>,
+    snapshot: &Snapshot,
+    table: &fhirgw_config::route::RouteTable,
+    public: &str,
+) -> Result<Response<Body>, ProxyError> {
+    if response.status() != StatusCode::OK {
+        return Err(ProxyError::UpstreamStatus(response.status()));
+    }
+    let body = http_body_util::Limited::new(response.into_body(), 16 * 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| ProxyError::Unverifiable(format!("reading the CapabilityStatement: {e}")))?
+        .to_bytes();
+    let cs: Value =
+        serde_json::from_slice(&body).map_err(|e| ProxyError::Unverifiable(format!("CapabilityStatement: {e}")))?;
+    if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
+        return Err(ProxyError::Unverifiable("metadata is not a CapabilityStatement".into()));
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &discovery::capability_statement(cs, snapshot, table, public),
+        &HeaderMap::new(),
+        false,
+    ))
 }
