@@ -92,7 +92,11 @@ impl TryFrom<&pb::Upstream> for Upstream {
                 UpstreamAuth::StaticToken { token_file: file_path("token_file", &s.token_file)? }
             }
             Some(pb::upstream_auth::Source::ClientCredentials(c)) => {
-                names::http_url("token_url", &c.token_url)?;
+                let token_uri = names::http_url("token_url", &c.token_url)?;
+                let loopback = matches!(token_uri.host(), Some("localhost" | "127.0.0.1" | "[::1]" | "::1"));
+                if token_uri.scheme_str() != Some("https") && !loopback {
+                    return Err(UpstreamError::Invalid("token_url must be https (plain http only on loopback)".into()));
+                }
                 if c.client_id.is_empty() {
                     return Err(UpstreamError::Invalid("client_credentials needs a client_id".into()));
                 }
@@ -174,7 +178,17 @@ mod tests {
         no_audience.auth = Some(pb::UpstreamAuth {
             source: Some(pb::upstream_auth::Source::MetadataIdentityToken(Default::default())),
         });
+        let mut http_token_url = upstream("http://x/fhir");
+        http_token_url.auth = Some(pb::UpstreamAuth {
+            source: Some(pb::upstream_auth::Source::ClientCredentials(pb::ClientCredentials {
+                token_url: "http://idp.example/token".into(),
+                client_id: "gw".into(),
+                client_secret_file: "/run/secret".into(),
+                ..Default::default()
+            })),
+        });
         let cases = [
+            ("client secret over plain http", http_token_url),
             ("relative token file", relative_token),
             ("zero timeout", zero_timeout),
             ("bad header", bad_header),

@@ -3,6 +3,7 @@
 pub mod admin_http;
 pub mod authn;
 pub mod config_client;
+pub mod credentials;
 pub mod http_client;
 pub mod outcome;
 pub mod persist;

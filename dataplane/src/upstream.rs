@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use moka::future::Cache;
 
+use crate::credentials::{self, TokenSource};
 use crate::http_client::{self, Connector};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,8 +48,10 @@ struct Pool {
 
 pub struct UpstreamClient {
     pools: DashMap<String, Pool>,
-    /// Credentials per (upstream, source): file contents now; fetched tokens later share the same cache.
+    /// Credentials read from files, per file.
     credentials: Cache<String, Arc<str>>,
+    /// Credentials fetched from a token endpoint or a metadata server, per (upstream, source).
+    tokens: TokenSource,
 }
 
 impl Default for UpstreamClient {
@@ -56,6 +59,7 @@ impl Default for UpstreamClient {
         Self {
             pools: DashMap::new(),
             credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build(),
+            tokens: TokenSource::default(),
         }
     }
 }
@@ -91,7 +95,7 @@ impl UpstreamClient {
                     .map_err(|e| fail(e.to_string()))?
             }
             UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
-                return Err(fail("this credential source is not supported by this data plane build".into()));
+                self.tokens.token(&upstream.name, &upstream.auth).await.map_err(|e| fail(e.to_string()))?
             }
         };
         let mut value = HeaderValue::try_from(format!("Bearer {token}"))
@@ -139,8 +143,9 @@ async fn read_token_file(path: &str) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
-/// What this data plane cannot honour in a configuration that is otherwise valid: credential files it cannot read,
-/// credential sources it does not implement. Such a push is NACKed rather than served without its credential.
+/// What this data plane cannot honour in a configuration that is otherwise valid: credential files it cannot read.
+/// Such a push is NACKed rather than served without its credential. Token endpoints and metadata servers are not
+/// contacted here: they may be down for a moment, which costs requests a 503, not the whole configuration.
 pub fn environment_rejections(snapshot: &Snapshot) -> Vec<Rejection> {
     let mut out = Vec::new();
     for (name, upstream) in &snapshot.upstreams {
@@ -151,9 +156,10 @@ pub fn environment_rejections(snapshot: &Snapshot) -> Vec<Rejection> {
                 Ok(_) => Some(format!("token_file {token_file} is empty on this data plane")),
                 Err(e) => Some(format!("token_file {token_file} is not readable on this data plane: {e}")),
             },
-            UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
-                Some("this credential source is not supported by this data plane build".to_owned())
+            UpstreamAuth::ClientCredentials { client_secret_file, .. } => {
+                credentials::check_secret_file(client_secret_file).err()
             }
+            UpstreamAuth::MetadataIdentityToken { .. } => None,
         };
         if let Some(reason) = problem {
             let version =
