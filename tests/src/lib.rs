@@ -96,6 +96,19 @@ impl Process {
         }
     }
 
+    /// Sends SIGTERM without waiting.
+    pub async fn signal_term(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+    }
+
+    /// Waits for the process to exit (up to 30 s).
+    pub async fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        tokio::time::timeout(Duration::from_secs(30), child.wait()).await.ok()?.ok()
+    }
+
     /// SIGTERM, then wait for exit; returns the exit status.
     pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
@@ -176,6 +189,10 @@ impl World {
 
     /// The real FHIR server with both tenants' seed data; it requires the upstream token.
     pub async fn fhir_server(&self) -> Process {
+        self.fhir_server_args(&[]).await
+    }
+
+    pub async fn fhir_server_args(&self, extra: &[&str]) -> Process {
         let root = workspace().join("tests/fhir-server");
         let mut command = Command::new(root.join("run.sh"));
         command
@@ -184,7 +201,8 @@ impl World {
             .arg("--seed")
             .arg(root.join("seed"))
             .arg("--require-token")
-            .arg(self.path("upstream.token"));
+            .arg(self.path("upstream.token"))
+            .args(extra);
         Process::spawn("fhir-server", command, self.dir.path()).await
     }
 

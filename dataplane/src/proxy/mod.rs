@@ -92,6 +92,8 @@ enum ProxyError {
     Unverifiable(String),
     #[error("grants not confirmed by the control plane within the grant TTL")]
     GrantsStale,
+    #[error("request target longer than {limit} bytes")]
+    TooLong { limit: u32 },
     #[error("unsupported media type `{0}`")]
     UnsupportedMedia(String),
     #[error("precondition failed")]
@@ -159,9 +161,27 @@ impl ProxyError {
             }
             BadRequest(message) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", message.clone()),
             Page(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", format!("{e}; run the search again")),
+            UpstreamStatus(StatusCode::TOO_MANY_REQUESTS) => {
+                Outcome::new(StatusCode::TOO_MANY_REQUESTS, "throttled", "The upstream server is busy; retry later.")
+                    .retry_after(5)
+            }
+            UpstreamStatus(StatusCode::SERVICE_UNAVAILABLE) => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "The upstream server is temporarily unavailable.",
+            )
+            .retry_after(5),
+            UpstreamStatus(StatusCode::GATEWAY_TIMEOUT) => {
+                Outcome::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "The upstream server did not answer in time.")
+            }
             UpstreamStatus(status) if status.is_client_error() => {
                 Outcome::new(*status, "processing", "The upstream server refused the request.")
             }
+            TooLong { limit } => Outcome::new(
+                StatusCode::URI_TOO_LONG,
+                "too-long",
+                format!("The request target is longer than {limit} bytes; use POST _search for long searches."),
+            ),
             UnsupportedMedia(media) => Outcome::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "not-supported",
@@ -255,6 +275,13 @@ impl Proxy {
             return Err(if table.path_known(relative) { ProxyError::MethodNotAllowed } else { ProxyError::NotFound });
         };
         span.record("route", matched.route.id.as_str());
+        let limit = match matched.route.guard.max_url_bytes {
+            0 => fhirgw_config::route::DEFAULT_MAX_URL_BYTES,
+            n => n,
+        };
+        if request.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > limit as usize {
+            return Err(ProxyError::TooLong { limit });
+        }
         match &matched.route.action {
             Action::Deny { status, message } => {
                 Err(ProxyError::Denied { route: matched.route.id.clone(), status: *status, message: message.clone() })

@@ -233,6 +233,9 @@ mod tests {
         SocketAddr::new(ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), 40000)
     }
 
+    /// (what, config, peer, headers, expected base)
+    type Case<'a> = (&'a str, &'a PublicConfig, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+
     #[test]
     fn public_base_table() {
         let uri: Uri = "/fhir/Patient".parse().unwrap_or_default();
@@ -240,7 +243,7 @@ mod tests {
         let none = PublicConfig::default();
         let fixed = PublicConfig::new(Some("https://fhir.example.org/gw/"), &["10.0.0.0/8".into()]).unwrap_or_default();
         let lb = [("host", "10.1.2.3:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "fhir.example.org")];
-        let cases: Vec<(&str, &PublicConfig, &str, Vec<(&str, &str)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             ("no proxy", &none, "203.0.113.9", vec![("host", "gw.local:8080")], "http://gw.local:8080/fhir"),
             ("untrusted peer's headers ignored", &none, "203.0.113.9", lb.to_vec(), "http://10.1.2.3:8080/fhir"),
             ("trusted LB", &trusted, "10.9.9.9", lb.to_vec(), "https://fhir.example.org/fhir"),

@@ -1,0 +1,94 @@
+//! Data plane lifecycle and request limits, end to end: draining on SIGTERM, over-long request targets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, status};
+use fhirgw_e2e::{UPSTREAM_TOKEN, World, admin, eventually, grpc_url, http};
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let world = World::new();
+    let fhir = world.fhir_server_args(&["--latency-ms", "1500"]).await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let mut dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    eventually("in sync", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            status(&mut admin)
+                .await
+                .data_planes
+                .first()
+                .filter(|d| d.in_sync && d.acked_revision >= revision)
+                .map(|_| ())
+        }
+    })
+    .await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let url = format!("http://{}/fhir/Patient/a-pat-1", dp.addr("fhir"));
+
+    // A slow request in flight...
+    let in_flight = tokio::spawn({
+        let (url, token) = (url.clone(), token.clone());
+        async move { http().get(url).bearer_auth(token).send().await.map(|r| r.status().as_u16()) }
+    });
+    let log_url = format!("http://{}/__admin/requests", fhir.ready["listening"].as_str().unwrap());
+    eventually("the request reaches the upstream", Duration::from_secs(10), || {
+        let log_url = log_url.clone();
+        async move {
+            let log: serde_json::Value = http().get(log_url).send().await.ok()?.json().await.ok()?;
+            log.as_array()?.iter().any(|r| r["path"].as_str().is_some_and(|p| p.contains("a-pat-1"))).then_some(())
+        }
+    })
+    .await;
+    // ...survives SIGTERM.
+    let signalled = Instant::now();
+    dp.signal_term().await;
+    let status = in_flight.await.unwrap();
+    assert_eq!(status.ok(), Some(200), "an in-flight request must complete during the drain");
+
+    // No new connections once draining; the process exits cleanly within the grace period.
+    let exit = dp.wait().await.expect("the data plane did not exit");
+    assert!(exit.success(), "{exit:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(6), "took {:?}", signalled.elapsed());
+    assert!(http().get(&url).bearer_auth(&token).send().await.is_err(), "the listener must be closed");
+    let _ = UPSTREAM_TOKEN;
+}
+
+#[tokio::test]
+async fn over_long_request_targets_are_refused_with_414() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    eventually("in sync", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            status(&mut admin)
+                .await
+                .data_planes
+                .first()
+                .filter(|d| d.in_sync && d.acked_revision >= revision)
+                .map(|_| ())
+        }
+    })
+    .await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let long = "x".repeat(9000);
+    let r = http()
+        .get(format!("http://{}/fhir/Patient?name={long}", dp.addr("fhir")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 414);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+}
