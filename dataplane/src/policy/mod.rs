@@ -4,5 +4,6 @@
 pub mod classify;
 pub mod paging;
 pub mod query;
+pub mod stream;
 pub mod verify;
 pub mod write;

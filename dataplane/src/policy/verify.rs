@@ -45,6 +45,25 @@ pub fn resource_visible(resource: &Value, ty: &str, id: &str, grants: &Grants) -
         && grants.covers(resource)
 }
 
+/// The rule for one Bundle entry, buffered or streamed: its resource must be of a type the scopes allow and
+/// covered by the grants. Entries without a resource (history deletes), OperationOutcome entries (upstream
+/// diagnostics) and nested Bundles (their contents cannot be checked here) are never visible.
+pub fn entry_visible(entry: &Value, grants: &Grants, type_allowed: &dyn Fn(&str) -> bool) -> bool {
+    entry.get("resource").is_some_and(|r| match r.get("resourceType").and_then(Value::as_str) {
+        None | Some("OperationOutcome") | Some("Bundle") => false,
+        Some(ty) => type_allowed(ty) && grants.covers(r),
+    })
+}
+
+/// Moves one entry's `fullUrl` from `upstream_base` to `public_base`.
+pub fn rewrite_full_url(entry: &mut Value, upstream_base: &str, public_base: &str) {
+    if let Some(Value::String(url)) = entry.get_mut("fullUrl")
+        && let Some(rest) = url.strip_prefix(upstream_base).filter(|r| r.is_empty() || r.starts_with('/'))
+    {
+        *url = format!("{public_base}{rest}");
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Filtered {
     pub kept: usize,
@@ -69,13 +88,7 @@ pub fn filter_bundle(
         .is_some_and(|links| links.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next")));
     if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
         entries.retain(|entry| {
-            let keep = entry.get("resource").is_some_and(|r| {
-                let ty = r.get("resourceType").and_then(Value::as_str);
-                match ty {
-                    None | Some("OperationOutcome") | Some("Bundle") => false,
-                    Some(ty) => type_allowed(ty) && grants.covers(r),
-                }
-            });
+            let keep = entry_visible(entry, grants, type_allowed);
             if keep {
                 stats.kept += 1;
             } else {
@@ -103,11 +116,7 @@ pub fn filter_bundle(
 pub fn rewrite_full_urls(bundle: &mut Value, upstream_base: &str, public_base: &str) {
     let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else { return };
     for entry in entries {
-        if let Some(Value::String(url)) = entry.get_mut("fullUrl")
-            && let Some(rest) = url.strip_prefix(upstream_base).filter(|r| r.is_empty() || r.starts_with('/'))
-        {
-            *url = format!("{public_base}{rest}");
-        }
+        rewrite_full_url(entry, upstream_base, public_base);
     }
 }
 

@@ -19,19 +19,16 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use super::links::{PageContext, rewrite_links};
-use super::{Proxy, ProxyError, headers, json_response, validators};
+use super::{Proxy, ProxyError, bundle_stream, headers, json_response, validators};
 use crate::authn::Caller;
 use crate::authn::scopes::{Allowed, Permission};
 use crate::policy::classify::Interaction;
 use crate::policy::query::{self, PAGE_PARAM, Params, QueryError, Use};
-use crate::policy::verify::{Grants, filter_bundle, resource_visible, rewrite_full_urls};
+use crate::policy::verify::{Grants, resource_visible};
 use crate::upstream::{Body, UpstreamError};
 
 /// Largest single resource the gateway verifies.
 const READ_MAX_BYTES: usize = 16 * 1024 * 1024;
-/// Largest Bundle the gateway verifies (buffered for now; streaming verification is the next step).
-const BUNDLE_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Largest form body of a `POST _search`.
 const FORM_MAX_BYTES: usize = 64 * 1024;
 
@@ -174,6 +171,26 @@ impl Ctx<'_> {
         max: usize,
         extra: HeaderMap,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        let response = self.send_upstream(method, target, client, body, extra).await?;
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, max)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::Unverifiable(format!("reading the body: {e}")))?
+            .to_bytes();
+        Ok((status, parts.headers, bytes))
+    }
+
+    /// Sends one request to the upstream; the response body is left to the caller.
+    pub(super) async fn send_upstream(
+        &self,
+        method: Method,
+        target: &str,
+        client: &HeaderMap,
+        body: Option<(&'static str, Bytes)>,
+        extra: HeaderMap,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let uri = Uri::try_from(format!("{}{target}", self.upstream.origin))
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         let mut headers = client.clone();
@@ -209,15 +226,7 @@ impl Ctx<'_> {
             .body(request_body)
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         *request.headers_mut() = headers;
-        let response = self.proxy.upstreams.send(&self.upstream, request).await?;
-        let status = response.status();
-        let (parts, body) = response.into_parts();
-        let bytes = Limited::new(body, max)
-            .collect()
-            .await
-            .map_err(|e| ProxyError::Unverifiable(format!("reading the body: {e}")))?
-            .to_bytes();
-        Ok((status, parts.headers, bytes))
+        Ok(self.proxy.upstreams.send(&self.upstream, request).await?)
     }
 
     /// An instance-level history or operation on a resource outside the grants must look exactly like one on a
@@ -331,40 +340,42 @@ impl Ctx<'_> {
         if grants.is_empty() {
             return Ok(empty_bundle(usage, public, &path, &params, head));
         }
-        let (status, headers, body) = self.fetch(&target, &HeaderMap::new(), BUNDLE_MAX_BYTES).await?;
-        if status != StatusCode::OK {
-            return Err(match status {
-                StatusCode::NOT_FOUND | StatusCode::GONE => ProxyError::ResourceNotFound,
-                other => ProxyError::UpstreamStatus(other),
-            });
+        let response = self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, HeaderMap::new()).await?;
+        // The status is known before anything is sent to the client.
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+            other => return Err(ProxyError::UpstreamStatus(other)),
         }
-        let mut bundle: Value =
-            serde_json::from_slice(&body).map_err(|e| ProxyError::Unverifiable(format!("not JSON: {e}")))?;
-        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(ProxyError::Unverifiable("expected a Bundle".into()));
-        }
-        let scopes = &self.caller.scopes;
-        let type_allowed = |t: &str| scopes.allows(t, Permission::Read) == Allowed::Tenant;
-        let stats = filter_bundle(&mut bundle, grants, narrowed, &type_allowed);
-        tracing::debug!(kept = stats.kept, dropped = stats.dropped, "bundle verified");
-        rewrite_full_urls(&mut bundle, &self.upstream.base_url, public);
         let self_url = if params.is_empty() {
             format!("{public}/{path}")
         } else {
             format!("{public}/{path}?{}", query::encode(&params))
         };
-        let ctx = PageContext {
-            signer: &self.proxy.pages,
-            tenant: &self.caller.tenant,
-            path: &path,
-            upstream: &self.upstream,
-            self_url,
-            public_base: public,
+        let mut out = if head {
+            Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
+        } else {
+            let rules = bundle_stream::Rules {
+                grants: grants.clone(),
+                scopes: self.caller.scopes.clone(),
+                upstream: self.upstream.clone(),
+                public: public.to_owned(),
+                signer: self.proxy.pages.clone(),
+                tenant: self.caller.tenant.clone(),
+                path: path.clone(),
+                self_url,
+                now,
+            };
+            Response::new(bundle_stream::filtered(
+                response.into_body(),
+                rules,
+                narrowed,
+                self.upstream.idle_body_timeout,
+            ))
         };
-        rewrite_links(&mut bundle, &ctx, now);
-        // A filtered Bundle is not the upstream's representation: its ETag and Last-Modified do not apply.
-        drop(headers);
-        Ok(json_response(StatusCode::OK, &bundle, &HeaderMap::new(), head))
+        // A filtered Bundle is not the upstream's representation: no ETag, Last-Modified or Content-Length.
+        out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::outcome::FHIR_JSON));
+        Ok(out)
     }
 }
 

@@ -14,6 +14,7 @@
 //! ```
 
 mod access;
+mod bundle_stream;
 mod discovery;
 mod headers;
 mod links;

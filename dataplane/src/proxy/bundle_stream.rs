@@ -1,0 +1,109 @@
+//! Bundles stream through the gateway: each `entry` is verified as it passes (`policy::stream::BundleFilter`), so
+//! memory stays bounded by the largest entry whatever the Bundle's size. Links are rewritten and signed, `fullUrl`s
+//! moved to the public base, and `total` never reveals an unfiltered count.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use fhirgw_config::upstream::Upstream;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use super::links::{PageContext, rewrite_links};
+use crate::authn::scopes::{Allowed, Permission, Scopes};
+use crate::policy::paging::PageSigner;
+use crate::policy::stream::{BundleFilter, EntryPolicy, Options};
+use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
+use crate::upstream::{Body, BoxError};
+
+/// Everything one Bundle's verification needs, owned: the body outlives the request handler.
+pub(super) struct Rules {
+    pub grants: Grants,
+    pub scopes: Scopes,
+    pub upstream: Arc<Upstream>,
+    pub public: String,
+    pub signer: PageSigner,
+    pub tenant: String,
+    /// Gateway path relative to the base (for page links).
+    pub path: String,
+    pub self_url: String,
+    pub now: SystemTime,
+}
+
+impl EntryPolicy for Rules {
+    fn entry(&mut self, mut entry: Value) -> Option<Value> {
+        let scopes = &self.scopes;
+        let allowed = |ty: &str| scopes.allows(ty, Permission::Read) == Allowed::Tenant;
+        if !entry_visible(&entry, &self.grants, &allowed) {
+            return None;
+        }
+        rewrite_full_url(&mut entry, &self.upstream.base_url, &self.public);
+        Some(entry)
+    }
+
+    fn links(&mut self, links: Value) -> Value {
+        let mut wrapper = json!({ "link": links });
+        let ctx = PageContext {
+            signer: &self.signer,
+            tenant: &self.tenant,
+            path: &self.path,
+            upstream: &self.upstream,
+            self_url: self.self_url.clone(),
+            public_base: &self.public,
+        };
+        rewrite_links(&mut wrapper, &ctx, self.now);
+        wrapper["link"].take()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body idle for more than {0:?}")]
+struct IdleTimeout(Duration);
+
+/// The client body: the upstream's Bundle, filtered while it streams. Any error (upstream failure, idle timeout,
+/// malformed or non-Bundle JSON) ends the body with an error, so the client sees a reset, never a complete but
+/// unverified document.
+pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Duration) -> Body {
+    let filter = BundleFilter::new(rules, Options { keep_total: narrowed, ..Options::default() });
+    let stream = futures_util::stream::unfold(Some((body, filter)), move |state| async move {
+        let (mut body, mut filter) = state?;
+        loop {
+            let next = match tokio::time::timeout(idle, body.frame()).await {
+                Ok(next) => next,
+                Err(_) => return Some((Err(Box::new(IdleTimeout(idle)) as BoxError), None)),
+            };
+            match next {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    let mut out = Vec::new();
+                    if let Err(e) = filter.push(&data, &mut out) {
+                        warn!(error = %e, "upstream Bundle rejected while streaming");
+                        return Some((Err(Box::new(e) as BoxError), None));
+                    }
+                    if !out.is_empty() {
+                        return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter))));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(Box::new(e) as BoxError), None)),
+                None => {
+                    let mut out = Vec::new();
+                    return match filter.finish(&mut out) {
+                        Ok(stats) => {
+                            debug!(kept = stats.kept, dropped = stats.dropped, "bundle verified");
+                            Some((Ok(Frame::data(Bytes::from(out))), None))
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "upstream Bundle rejected at its end");
+                            Some((Err(Box::new(e) as BoxError), None))
+                        }
+                    };
+                }
+            }
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
