@@ -83,11 +83,10 @@ impl AdminService {
             return Err(invalid(format!("{kind} is {} bytes; the limit is {MAX_RESOURCE_BYTES}", body.len())));
         }
         let expected = Expected::parse(expected).map_err(invalid)?;
-        let revision = self
-            .store
-            .write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check)
-            .await
-            .map_err(to_status)?;
+        // The write's span travels with the new revision to every data plane (ConfigResponse.trace_context).
+        let span = tracing::info_span!("admin.put", %kind, %name);
+        let write = self.store.write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check);
+        let revision = tracing::Instrument::instrument(write, span).await.map_err(to_status)?;
         info!(%kind, %name, revision, "stored");
         Ok(revision)
     }
@@ -103,11 +102,9 @@ impl AdminService {
         if expected == Expected::Absent {
             return Err(invalid("expected_version \"0\" (absent) makes no sense for a delete"));
         }
-        let revision = self
-            .store
-            .write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check)
-            .await
-            .map_err(to_status)?;
+        let span = tracing::info_span!("admin.delete", %kind, %name);
+        let write = self.store.write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check);
+        let revision = tracing::Instrument::instrument(write, span).await.map_err(to_status)?;
         info!(%kind, %name, revision, "deleted");
         Ok(Response::new(api::DeleteResponse { revision: revision.to_string() }))
     }

@@ -47,21 +47,12 @@ struct Args {
     log_format: String,
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    let _telemetry =
+        fhirgw_telemetry::init("fhirgw-controlplane", args.log_format == "json", "info,sqlx=warn,h2=warn,tower=warn")
+            .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let operator = BearerAuth::load(args.operator_token_file.as_deref(), "FHIRGW_OPERATOR_TOKEN", "operator")?;
     let dataplane = BearerAuth::load(args.dataplane_token_file.as_deref(), "FHIRGW_DATAPLANE_TOKEN", "data plane")?;
 

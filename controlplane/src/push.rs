@@ -229,7 +229,7 @@ impl Session {
                 .iter()
                 .map(|(kind, name)| push::ResourceRef { kind: kind.to_proto() as i32, name: name.clone() })
                 .collect(),
-            trace_context: Default::default(),
+            trace_context: state.trace_context.clone(),
         };
         self.pending = Some(Pending { nonce, revision: state.revision, sent, removed });
         tx.send(Ok(response)).await.map_err(|_| "data plane went away".to_owned())

@@ -47,6 +47,8 @@ pub struct State {
     pub digest: String,
     /// When this revision was loaded by this process; the start of lag for data planes behind it.
     pub loaded_at: SystemTime,
+    /// W3C trace context of the write that made this revision (empty when loaded from the store).
+    pub trace_context: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +270,8 @@ impl Store {
             .await?;
         tx.commit().await?;
         let digest = fhirgw_config::resource::set_digest(&pushed);
-        self.publish(State { revision, objects, pushed, digest, loaded_at: SystemTime::now() });
+        let trace_context = fhirgw_telemetry::to_map(&tracing::Span::current());
+        self.publish(State { revision, objects, pushed, digest, loaded_at: SystemTime::now(), trace_context });
         Ok(revision)
     }
 
@@ -320,5 +323,12 @@ async fn load_state(pool: &SqlitePool) -> Result<State, StoreError> {
     tx.commit().await?;
     let pushed = pushed_resources(&objects)?;
     let digest = fhirgw_config::resource::set_digest(&pushed);
-    Ok(State { revision: to_u64(revision), objects, pushed, digest, loaded_at: SystemTime::now() })
+    Ok(State {
+        revision: to_u64(revision),
+        objects,
+        pushed,
+        digest,
+        loaded_at: SystemTime::now(),
+        trace_context: Default::default(),
+    })
 }

@@ -134,6 +134,8 @@ impl ConfigClient {
     pub async fn apply(&self, response: push::ConfigResponse) -> push::ConfigRequest {
         let nonce = response.nonce.clone();
         let span = info_span!("config_apply", %nonce, revision = response.system_version);
+        // One trace shows a change reaching the fleet: each apply links to the admin call that caused it.
+        fhirgw_telemetry::link_from_map(&span, &response.trace_context);
         async {
             self.state.count_received(response.resources.len());
             let current = self.state.load();

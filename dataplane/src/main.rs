@@ -65,17 +65,6 @@ struct Args {
     log_format: String,
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -88,7 +77,9 @@ fn hostname() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(&args.log_format);
+    let _telemetry =
+        fhirgw_telemetry::init("fhirgw-dataplane", args.log_format == "json", "info,h2=warn,tower=warn,hyper=warn")
+            .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let token = match &args.token_file {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         None => std::env::var("FHIRGW_DATAPLANE_TOKEN")

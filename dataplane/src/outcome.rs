@@ -19,11 +19,20 @@ pub struct Outcome {
     pub retry_after_secs: Option<u32>,
     /// `WWW-Authenticate` for 401s.
     pub www_authenticate: Option<&'static str>,
+    /// Shown to the client so support can find the trace.
+    pub trace_id: Option<String>,
 }
 
 impl Outcome {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        Self { status, code, diagnostics: diagnostics.into(), retry_after_secs: None, www_authenticate: None }
+        Self {
+            status,
+            code,
+            diagnostics: diagnostics.into(),
+            retry_after_secs: None,
+            www_authenticate: None,
+            trace_id: None,
+        }
     }
 
     pub fn retry_after(mut self, secs: u32) -> Self {
@@ -38,9 +47,13 @@ impl Outcome {
 
     pub fn body(&self) -> serde_json::Value {
         let severity = if self.status.is_server_error() { "fatal" } else { "error" };
+        let diagnostics = match &self.trace_id {
+            Some(id) => format!("{} (trace {id})", self.diagnostics),
+            None => self.diagnostics.clone(),
+        };
         serde_json::json!({
             "resourceType": "OperationOutcome",
-            "issue": [{ "severity": severity, "code": self.code, "diagnostics": self.diagnostics }],
+            "issue": [{ "severity": severity, "code": self.code, "diagnostics": diagnostics }],
         })
     }
 
@@ -49,6 +62,9 @@ impl Outcome {
         let mut response = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed_unsync());
         *response.status_mut() = self.status;
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+        if let Some(id) = self.trace_id.as_deref().and_then(|id| HeaderValue::try_from(id).ok()) {
+            response.headers_mut().insert("x-trace-id", id);
+        }
         if let Some(challenge) = self.www_authenticate {
             response.headers_mut().insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }

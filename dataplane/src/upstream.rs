@@ -124,7 +124,17 @@ impl UpstreamClient {
             request.headers_mut().insert(AUTHORIZATION, credential);
         }
         let client = self.client_for(upstream);
-        match tokio::time::timeout(upstream.first_byte_timeout, client.request(request)).await {
+        let span = tracing::info_span!("upstream", upstream = %upstream.name, method = %request.method(), status = tracing::field::Empty);
+        fhirgw_telemetry::inject_into_headers(&span, request.headers_mut());
+        let sent = tracing::Instrument::instrument(
+            tokio::time::timeout(upstream.first_byte_timeout, client.request(request)),
+            span.clone(),
+        )
+        .await;
+        if let Ok(Ok(response)) = &sent {
+            span.record("status", response.status().as_u16());
+        }
+        match sent {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(source)) => Err(UpstreamError::Connect { upstream: upstream.name.clone(), source }),
             Err(_) => {

@@ -162,6 +162,8 @@ fn operator_auth(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, toni
 /// The test world: a temporary directory with tokens, and helpers to start each process.
 pub struct World {
     pub dir: tempfile::TempDir,
+    /// When set, every binary started afterwards exports traces here (OTLP/gRPC).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for World {
@@ -180,7 +182,16 @@ impl World {
         ] {
             std::fs::write(dir.path().join(file), format!("{token}\n")).unwrap();
         }
-        World { dir }
+        World { dir, otlp_endpoint: None }
+    }
+
+    fn otel_env(&self, command: &mut Command, service: &str) {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+                .env("OTEL_SERVICE_NAME", service)
+                .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -227,6 +238,7 @@ impl World {
             .arg(self.path("dataplane.token"))
             .args(extra)
             .env("RUST_LOG", "info,fhirgw_controlplane=debug");
+        self.otel_env(&mut command, "fhirgw-controlplane");
         Process::spawn(name, command, self.dir.path()).await
     }
 
@@ -271,6 +283,7 @@ impl World {
             .arg("5")
             .args(extra)
             .env("RUST_LOG", "info,fhirgw_dataplane=debug");
+        self.otel_env(&mut command, name);
         Process::spawn(name, command, self.dir.path()).await
     }
 }

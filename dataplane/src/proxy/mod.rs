@@ -229,11 +229,14 @@ impl Proxy {
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
         );
+        fhirgw_telemetry::continue_from_headers(&span, request.headers());
+        let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
         let result = self.pipeline(request, peer).instrument(span.clone()).await;
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                let outcome = error.outcome();
+                let mut outcome = error.outcome();
+                outcome.trace_id = trace_id;
                 if outcome.status.is_server_error() {
                     warn!(parent: &span, error = %error, "request failed");
                 } else {
@@ -268,7 +271,11 @@ impl Proxy {
         let caller = if interaction == Interaction::Capabilities {
             None
         } else {
-            let caller = self.authn.authenticate(&snapshot, request.headers()).await?;
+            let caller = self
+                .authn
+                .authenticate(&snapshot, request.headers())
+                .instrument(tracing::info_span!("authenticate"))
+                .await?;
             span.record("tenant", caller.tenant.as_str());
             Some(caller)
         };
@@ -306,7 +313,8 @@ impl Proxy {
                             relative,
                             guard: &matched.route.guard,
                         };
-                        ctx.serve(interaction, request).await
+                        let policy = tracing::info_span!("policy", interaction = ?std::mem::discriminant(&interaction));
+                        ctx.serve(interaction, request).instrument(policy).await
                     }
                 }
             }

@@ -1,0 +1,131 @@
+//! Logs and traces for both planes.
+//!
+//! Logs go to stderr, human-readable or JSON. Traces are exported over OTLP/gRPC only when an endpoint is
+//! configured through the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`;
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and the batch-processor variables are honoured by the SDK): no
+//! endpoint, no exporter and no OpenTelemetry layer at all. W3C trace context is the propagation format.
+
+use std::collections::{BTreeMap, HashMap};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Flushes and shuts the exporter down when dropped (at the end of `main`).
+pub struct Guard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+}
+
+/// Installs logging (and tracing export if configured). `default_filter` applies when `RUST_LOG` is unset. Call once,
+/// from inside the Tokio runtime.
+pub fn init(service: &'static str, json_logs: bool, default_filter: &str) -> Result<Guard, Box<dyn std::error::Error>> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json_logs { fmt.json().with_current_span(true).boxed() } else { fmt.boxed() };
+    let mut provider = None;
+    let otel = if otlp_configured() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
+        let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+        let tracer = p.tracer(service);
+        provider = Some(p);
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    } else {
+        None
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    Ok(Guard { provider })
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(key), http::HeaderValue::try_from(value)) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Continues a caller's W3C trace context (`traceparent`, `tracestate`) in `span`.
+pub fn continue_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Writes `span`'s W3C trace context into outgoing headers (replacing whatever the caller sent).
+pub fn inject_into_headers(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    headers.remove("traceparent");
+    headers.remove("tracestate");
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// `span`'s trace context as a map, for carrying across the config push.
+pub fn to_map(span: &tracing::Span) -> BTreeMap<String, String> {
+    let mut map = HashMap::new();
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut map);
+    }
+    map.into_iter().collect()
+}
+
+/// Links `span` to the trace context in `map` (a config change's trace, seen when a data plane applies it).
+pub fn link_from_map(span: &tracing::Span, map: &BTreeMap<String, String>) {
+    let plain: HashMap<String, String> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let cx = TraceContextPropagator::new().extract(&plain);
+    let context = cx.span().span_context().clone();
+    if context.is_valid() {
+        span.add_link(context);
+    }
+}
+
+/// The trace id of `span`, when traces are on; else the caller's, when it sent a valid `traceparent`.
+pub fn trace_id(span: &tracing::Span, headers: Option<&http::HeaderMap>) -> Option<String> {
+    let own = span.context().span().span_context().trace_id();
+    if own != opentelemetry::trace::TraceId::INVALID {
+        return Some(own.to_string());
+    }
+    let headers = headers?;
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let id = parent.span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}
