@@ -100,3 +100,22 @@ pub async fn configure(admin: &mut Admin, world: &World, fhir_base: &str, issuer
 pub async fn status(admin: &mut Admin) -> api::StatusResponse {
     admin.get_status(api::GetStatusRequest {}).await.unwrap().into_inner()
 }
+
+/// Waits until `n` data planes are connected, in sync, and have ACKed at least `revision`.
+pub async fn wait_in_sync(admin: &Admin, n: usize, revision: u64) -> api::StatusResponse {
+    let admin = admin.clone();
+    crate::eventually(
+        &format!("{n} data plane(s) in sync at revision {revision}"),
+        std::time::Duration::from_secs(20),
+        move || {
+            let mut admin = admin.clone();
+            async move {
+                let s = status(&mut admin).await;
+                let ok =
+                    s.data_planes.len() == n && s.data_planes.iter().all(|d| d.in_sync && d.acked_revision >= revision);
+                ok.then_some(s)
+            }
+        },
+    )
+    .await
+}

@@ -205,19 +205,7 @@ async fn put_upstream(s: &mut Stack, source: pb::upstream_auth::Source) -> u64 {
 /// Re-points the upstream and waits until the data plane ACKs it.
 async fn switch_upstream(s: &mut Stack, source: pb::upstream_auth::Source) {
     let revision = put_upstream(s, source).await;
-    let admin = s.admin.clone();
-    eventually(&format!("the data plane ACKs revision {revision}"), PROPAGATION, move || {
-        let mut admin = admin.clone();
-        async move {
-            status(&mut admin)
-                .await
-                .data_planes
-                .first()
-                .filter(|d| d.in_sync && d.acked_revision >= revision)
-                .map(|_| ())
-        }
-    })
-    .await;
+    fhirgw_e2e::fixtures::wait_in_sync(&s.admin, 1, revision).await;
     // The data plane runs the new upstream: its `/config` shows the version the control plane pushes.
     let config_version = status(&mut s.admin).await.config_version;
     assert_eq!(fhirgw_e2e::dp_config(&s.dp).await["version"], config_version);

@@ -19,17 +19,7 @@ fn fhir_base(server: &fhirgw_e2e::Process) -> String {
 
 /// Waits until every data plane runs the control plane's current configuration.
 async fn wait_in_sync(admin: &mut fhirgw_e2e::Admin, n: usize, revision: u64) -> api::StatusResponse {
-    let admin = admin.clone();
-    eventually(&format!("{n} data planes in sync at revision {revision}"), PROPAGATION, move || {
-        let mut admin = admin.clone();
-        async move {
-            let s = status(&mut admin).await;
-            let ok =
-                s.data_planes.len() == n && s.data_planes.iter().all(|d| d.in_sync && d.acked_revision >= revision);
-            ok.then_some(s)
-        }
-    })
-    .await
+    fixtures::wait_in_sync(admin, n, revision).await
 }
 
 async fn read_patient(dp: &fhirgw_e2e::Process, issuer: &Issuer, id: &str) -> reqwest::Response {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, status};
+use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure};
 use fhirgw_e2e::{UPSTREAM_TOKEN, World, admin, eventually, grpc_url, http};
 
 #[tokio::test]
@@ -16,18 +16,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     let mut dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
     let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    eventually("in sync", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        async move {
-            status(&mut admin)
-                .await
-                .data_planes
-                .first()
-                .filter(|d| d.in_sync && d.acked_revision >= revision)
-                .map(|_| ())
-        }
-    })
-    .await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
     let token = issuer.token("tenant-a", READ_SCOPES);
     let url = format!("http://{}/fhir/Patient/a-pat-1", dp.addr("fhir"));
 
@@ -68,18 +57,7 @@ async fn over_long_request_targets_are_refused_with_414() {
     let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
     let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    eventually("in sync", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        async move {
-            status(&mut admin)
-                .await
-                .data_planes
-                .first()
-                .filter(|d| d.in_sync && d.acked_revision >= revision)
-                .map(|_| ())
-        }
-    })
-    .await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
     let token = issuer.token("tenant-a", READ_SCOPES);
     let long = "x".repeat(9000);
     let r = http()

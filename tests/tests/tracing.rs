@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, grant, status};
+use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, grant};
 use fhirgw_e2e::{World, admin, eventually, grpc_url, http};
 use fhirgw_proto::admin::v1 as api;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
@@ -71,18 +71,7 @@ async fn a_request_and_a_grant_change_are_traced_end_to_end() {
     let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
     let mut admin = admin(&cp).await;
     let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    eventually("in sync", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        async move {
-            status(&mut admin)
-                .await
-                .data_planes
-                .first()
-                .filter(|d| d.in_sync && d.acked_revision >= revision)
-                .map(|_| ())
-        }
-    })
-    .await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
 
     // The caller's trace is continued through the data plane and to the upstream.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";

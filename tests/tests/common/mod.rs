@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::time::Duration;
-
-use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, status};
+use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure};
 use fhirgw_e2e::issuer::Issuer;
-use fhirgw_e2e::{Admin, Process, UPSTREAM_TOKEN, World, admin, eventually, grpc_url, http};
+use fhirgw_e2e::{Admin, Process, UPSTREAM_TOKEN, World, admin, grpc_url, http};
 use serde_json::Value;
 
 pub struct Stack {
@@ -33,19 +31,7 @@ pub async fn stack_with(cp_args: &[&str], dp_args: &[&str]) -> Stack {
     let dp = world.data_plane_args("dp", &grpc_url(&cp), "dp-state", &world.path("dataplane.token"), dp_args).await;
     let mut admin = admin(&cp).await;
     let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    let a2 = admin.clone();
-    eventually("data plane in sync", Duration::from_secs(20), move || {
-        let mut admin = a2.clone();
-        async move {
-            status(&mut admin)
-                .await
-                .data_planes
-                .first()
-                .filter(|d| d.in_sync && d.acked_revision >= revision)
-                .map(|_| ())
-        }
-    })
-    .await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
     let a = issuer.token("tenant-a", READ_SCOPES);
     let b = issuer.token("tenant-b", READ_SCOPES);
     Stack { world, fhir, cp, dp, issuer, admin, a, b }
