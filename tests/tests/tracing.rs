@@ -115,6 +115,25 @@ async fn a_request_and_a_grant_change_are_traced_end_to_end() {
     let sent = upstream_request["headers"]["traceparent"].as_str().expect("traceparent sent upstream");
     assert!(sent.contains(trace_id) && !sent.contains(parent), "{sent}: same trace, the gateway's own span as parent");
 
+    // A filtered Bundle has a `filter` span saying how many entries were dropped (here: the cross-tenant one).
+    let everything = http()
+        .get(format!("http://{}/fhir/Patient/a-pat-1/$everything", dp.addr("fhir")))
+        .bearer_auth(issuer.token("tenant-a", READ_SCOPES))
+        .header("traceparent", &traceparent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(everything.status(), 200);
+    everything.bytes().await.unwrap();
+    let filter = eventually("a filter span", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        let want = want.clone();
+        async move { receiver.named("filter").into_iter().map(|(_, s)| s).find(|s| s.trace_id == want) }
+    })
+    .await;
+    let dropped = filter.attributes.iter().find(|a| a.key == "entries_dropped").and_then(|a| a.value.clone());
+    assert!(format!("{dropped:?}").contains("IntValue(1)"), "{dropped:?}");
+
     // Errors carry the trace id.
     let r = http()
         .get(format!("http://{}/fhir/Patient/a-pat-1", dp.addr("fhir")))

@@ -69,8 +69,11 @@ struct IdleTimeout(Duration);
 /// unverified document.
 pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Duration) -> Body {
     let filter = BundleFilter::new(rules, Options { keep_total: narrowed, ..Options::default() });
-    let stream = futures_util::stream::unfold(Some((body, filter)), move |state| async move {
-        let (mut body, mut filter) = state?;
+    // Lives as long as the body streams: a child of the request's span, with what was dropped.
+    let span =
+        tracing::info_span!("filter", entries_kept = tracing::field::Empty, entries_dropped = tracing::field::Empty);
+    let stream = futures_util::stream::unfold(Some((body, filter, span)), move |state| async move {
+        let (mut body, mut filter, span) = state?;
         loop {
             let next = match tokio::time::timeout(idle, body.frame()).await {
                 Ok(next) => next,
@@ -85,7 +88,7 @@ pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Durat
                         return Some((Err(Box::new(e) as BoxError), None));
                     }
                     if !out.is_empty() {
-                        return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter))));
+                        return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter, span))));
                     }
                 }
                 Some(Err(e)) => return Some((Err(Box::new(e) as BoxError), None)),
@@ -93,7 +96,9 @@ pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Durat
                     let mut out = Vec::new();
                     return match filter.finish(&mut out) {
                         Ok(stats) => {
-                            debug!(kept = stats.kept, dropped = stats.dropped, "bundle verified");
+                            span.record("entries_kept", i64::try_from(stats.kept).unwrap_or(i64::MAX))
+                                .record("entries_dropped", i64::try_from(stats.dropped).unwrap_or(i64::MAX));
+                            debug!(parent: &span, kept = stats.kept, dropped = stats.dropped, "bundle verified");
                             Some((Ok(Frame::data(Bytes::from(out))), None))
                         }
                         Err(e) => {
