@@ -168,26 +168,11 @@ async fn main() -> anyhow::Result<()> {
         "admin",
     );
     tokio::spawn(async move {
-        shutdown_signal().await;
+        fhirgw_telemetry::shutdown_signal().await;
         info!("shutdown requested");
         let _ = stop_tx.send(true);
     });
     tokio::join!(fhir_server, admin_server);
     info!("data plane stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }

@@ -129,3 +129,19 @@ pub fn trace_id(span: &tracing::Span, headers: Option<&http::HeaderMap>) -> Opti
     let id = parent.span().span_context().trace_id();
     (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
 }
+
+/// Resolves on SIGTERM or Ctrl-C: when a process should stop accepting work and drain.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
