@@ -5,6 +5,7 @@
 #
 # Environment (all optional):
 #   FHIRGW_BIN_DIR=DIR   use these fhirgw-{controlplane,dataplane,dev-issuer} binaries instead of building
+#   FHIRGW_BIN_LABEL=..  what they were built from (printed with the results)
 #   DURATION=15 WARMUP=3 THREADS=2 CONNS=32   wrk parameters per measured run
 #   PROXY_WORKERS=auto   nginx reverse proxy worker_processes
 #   BIG_MB=1024          size of the streamed octet-stream file;  BUNDLE_MB=1024 size of the streamed searchset Bundle
@@ -183,7 +184,7 @@ for name, value in (("patient-p1.json", patient), ("metadata.json", capability))
         json.dump(value, f, indent=1)
 PY
 truncate -s "${BIG_MB}M" "$work/www/big.bin" # sparse: content does not matter
-# A searchset Bundle of ~BUNDLE_MB MiB: ~1.2 KB Observations, all tagged for the bench tenant (every entry is kept).
+# A searchset Bundle of ~BUNDLE_MB MiB: ~1.45 KB Observation entries, all tagged for the bench tenant (all are kept).
 python3 - "$work/www/bundle.json" "$BUNDLE_MB" "http://127.0.0.1:$static_port/fhir" <<'PY'
 import json, sys
 path, mb, base = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -494,11 +495,13 @@ sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
 mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 verdict() { [[ "$1" == 1 ]] && echo "**met**" || echo "**not met**"; }
 
-commit="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
-dirty="$(git -C "$root" status --porcelain -- '*.rs' '*.toml' 2>/dev/null | grep -q . && echo ' (+ uncommitted changes)' || true)"
-echo "### Run $(date -u +%Y-%m-%dT%H:%MZ), fhirgw $commit$dirty"
-echo
-[[ -n "${FHIRGW_BIN_DIR:-}" ]] && echo "Binaries from $bin (FHIRGW_BIN_DIR), not built by this run."
+if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
+  built="binaries from $bin (FHIRGW_BIN_DIR)${FHIRGW_BIN_LABEL:+, $FHIRGW_BIN_LABEL}"
+else
+  built="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+  git -C "$root" status --porcelain -- '*.rs' '*.toml' 2>/dev/null | grep -q . && built="$built + uncommitted changes"
+fi
+echo "### Run $(date -u +%Y-%m-%dT%H:%MZ), fhirgw $built"
 echo
 echo "$(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)), $(free -g | awk '/Mem:/ { print $2 }') GiB," \
   "Linux $(uname -r), $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | awk '{ print "wrk " $2 }')." \
