@@ -23,6 +23,9 @@ pub const RSA_PRIVATE: &str = include_str!("../keys/rsa-private.pem");
 pub const RSA_ROTATED_PRIVATE: &str = include_str!("../keys/rsa-other-private.pem");
 pub const EC_PRIVATE: &str = include_str!("../keys/ec-private.pem");
 pub const RSA_PUBLIC: &str = include_str!("../keys/rsa-public.pem");
+/// The client credentials the gateway presents to the introspection endpoint.
+pub const INTROSPECTION_CLIENT: &str = "fhirgw-gateway";
+pub const INTROSPECTION_SECRET: &str = "introspection-secret-0123456789";
 const JWKS: &str = include_str!("../keys/jwks.json");
 const JWKS_ROTATED: &str = include_str!("../keys/jwks-rotated.json");
 
@@ -37,6 +40,9 @@ pub enum Key {
 struct Shared {
     jwks: Mutex<Value>,
     fetches: AtomicU64,
+    /// Opaque tokens this issuer minted, with the claims introspection returns (`active` false once revoked).
+    opaque: Mutex<std::collections::HashMap<String, Value>>,
+    introspections: AtomicU64,
     issuer: String,
     audience: String,
 }
@@ -60,6 +66,8 @@ impl Issuer {
         let shared = Arc::new(Shared {
             jwks: Mutex::new(serde_json::from_str(JWKS).unwrap()),
             fetches: AtomicU64::new(0),
+            opaque: Mutex::default(),
+            introspections: AtomicU64::new(0),
             issuer: url.clone(),
             audience: audience.to_owned(),
         });
@@ -111,6 +119,37 @@ impl Issuer {
         let mut jwks = self.shared.jwks.lock().unwrap();
         let rotated: Value = serde_json::from_str(JWKS_ROTATED).unwrap();
         jwks["keys"].as_array_mut().unwrap().extend(rotated["keys"].as_array().unwrap().iter().cloned());
+    }
+
+    /// The identity provider resource for this issuer when it hands out opaque tokens: no JWKS, RFC 7662
+    /// introspection with client id `INTROSPECTION_CLIENT` and the secret in `secret_file`.
+    pub fn introspecting_provider(&self, secret_file: &str) -> pb::IdentityProvider {
+        pb::IdentityProvider {
+            jwks_uri: String::new(),
+            introspection_endpoint: format!("{}/introspect", self.url),
+            introspection_client_id: INTROSPECTION_CLIENT.into(),
+            introspection_client_secret_file: secret_file.into(),
+            ..self.identity_provider()
+        }
+    }
+
+    /// A new opaque (random, non-JWT) access token for a tenant, answered by introspection.
+    pub fn opaque_token(&self, tenant: &str, scope: &str) -> String {
+        let token = format!("opaque-{}", hex::encode(rand::random::<[u8; 16]>()));
+        let mut claims = self.claims(tenant, scope);
+        claims["active"] = json!(true);
+        self.shared.opaque.lock().unwrap().insert(token.clone(), claims);
+        token
+    }
+
+    /// Revokes an opaque token: introspection answers `active: false` from now on.
+    pub fn revoke(&self, token: &str) {
+        self.shared.opaque.lock().unwrap().insert(token.to_owned(), json!({"active": false}));
+    }
+
+    /// How many introspection requests were answered.
+    pub fn introspections(&self) -> u64 {
+        self.shared.introspections.load(Ordering::SeqCst)
     }
 
     /// How many times the JWKS was fetched.
@@ -184,6 +223,24 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     json!({"error": "invalid_request", "error_description": "client_id (the tenant) is required"}),
                 ),
             }
+        }
+        ("POST", "/introspect") => {
+            let expected = format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!("{INTROSPECTION_CLIENT}:{INTROSPECTION_SECRET}")
+                )
+            );
+            let authorized = req.headers().get(http::header::AUTHORIZATION).is_some_and(|v| v == expected.as_str());
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if !authorized {
+                return Ok(respond(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"})));
+            }
+            shared.introspections.fetch_add(1, Ordering::SeqCst);
+            let token = form_urlencoded::parse(&body).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned());
+            let answer = token.and_then(|t| shared.opaque.lock().unwrap().get(&t).cloned());
+            respond(StatusCode::OK, answer.unwrap_or_else(|| json!({"active": false})))
         }
         _ => respond(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
     })

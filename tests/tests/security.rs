@@ -128,6 +128,72 @@ async fn jwks_refetch_on_rotation_is_rate_limited() {
     assert_eq!(s.issuer.jwks_fetches(), fetches + 1, "unknown kids must not each trigger a JWKS fetch");
 }
 
+/// Opaque tokens through RFC 7662 introspection: the tenant comes from the answer, an active answer is cached, a
+/// revoked token stops working once the cache bound passes, and an unknown one never authenticates.
+#[tokio::test]
+async fn opaque_tokens_are_introspected() {
+    let mut s = stack().await;
+    let secret = s.world.path("introspection.secret");
+    std::fs::write(&secret, fhirgw_e2e::issuer::INTROSPECTION_SECRET).unwrap();
+    let idp = s.issuer.introspecting_provider(secret.to_str().unwrap());
+    let put = api::PutIdentityProviderRequest { identity_provider: Some(idp), expected_version: String::new() };
+    let revision: u64 =
+        s.admin.put_identity_provider(put).await.unwrap().into_inner().meta.unwrap().version.parse().unwrap();
+    fixtures::wait_in_sync(&s.admin, 1, revision).await;
+
+    let a = s.issuer.opaque_token("tenant-a", READ_SCOPES);
+    let b = s.issuer.opaque_token("tenant-b", READ_SCOPES);
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &a).await.status, 200);
+    assert_only_tenant(&s.get("/fhir/Patient", &a).await, "a-");
+    assert_only_tenant(&s.get("/fhir/Patient", &b).await, "b-");
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &b).await.status, 404, "tenant-b's opaque token reads tenant-a");
+    let calls = s.issuer.introspections();
+    assert_eq!(calls, 2, "one introspection per token, then the cache");
+    for _ in 0..5 {
+        assert_eq!(s.get("/fhir/Patient/a-pat-1", &a).await.status, 200);
+    }
+    assert_eq!(s.issuer.introspections(), calls, "an active answer is reused until exp");
+
+    // Never seen, revoked before first use, or with a tenant that does not exist: 401 invalid_token.
+    let revoked = s.issuer.opaque_token("tenant-a", READ_SCOPES);
+    s.issuer.revoke(&revoked);
+    let unknown_tenant = s.issuer.opaque_token("tenant-z", READ_SCOPES);
+    for (what, token) in
+        [("unknown", "opaque-0000"), ("revoked", revoked.as_str()), ("unknown tenant", &unknown_tenant)]
+    {
+        let r = s.get("/fhir/Patient/a-pat-1", token).await;
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        assert!(r.headers["www-authenticate"].to_str().unwrap().contains("invalid_token"), "{what}");
+    }
+    // JWTs of this issuer now need introspection too (it has no JWKS any more); a JWT is not in its table.
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 401);
+
+    // A gateway whose client secret is wrong cannot introspect: that is the gateway's fault, so 503, never a 200.
+    std::fs::write(&secret, "wrong-secret").unwrap();
+    let fresh = s.issuer.opaque_token("tenant-a", READ_SCOPES);
+    let r = s.get("/fhir/Patient/a-pat-1", &fresh).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+/// A verified JWT is cached, but only against the identity provider's settings it was verified with: changing the
+/// provider (here: its audience) refuses the same token on the next request, with no restart.
+#[tokio::test]
+async fn cached_verification_follows_provider_changes() {
+    let mut s = stack().await;
+    for _ in 0..3 {
+        assert_eq!(s.get("/fhir/Patient/a-pat-1", &s.a).await.status, 200);
+    }
+    let mut idp = s.issuer.identity_provider();
+    idp.audiences = vec!["https://elsewhere.example/fhir".into()];
+    let put = api::PutIdentityProviderRequest { identity_provider: Some(idp), expected_version: String::new() };
+    let revision: u64 =
+        s.admin.put_identity_provider(put).await.unwrap().into_inner().meta.unwrap().version.parse().unwrap();
+    fixtures::wait_in_sync(&s.admin, 1, revision).await;
+    let r = s.get("/fhir/Patient/a-pat-1", &s.a).await;
+    assert_eq!(r.status, 401, "a token cached under the old audience still works: {}", r.text());
+}
+
 /// Cases 1, 7, 10: reads and vreads are verified; out-of-grant is indistinguishable from missing.
 #[tokio::test]
 async fn reads_are_verified_and_out_of_grant_looks_missing() {

@@ -1,11 +1,17 @@
-//! Who is calling: bearer JWTs validated against the pushed identity providers.
+//! Who is calling: bearer tokens validated against the pushed identity providers.
 //!
-//! The issuer is chosen by the token's exact `iss`; the key by `kid` from the issuer's JWKS, cached in moka and
+//! A JWT's issuer is chosen by its exact `iss`; the key by `kid` from the issuer's JWKS, cached in moka and
 //! refetched (at most once per 10 s per issuer) when a `kid` is unknown, so key rotation works without letting random
 //! `kid`s hammer the issuer. Algorithms are allow-listed per issuer (asymmetric only, never `none` or HMAC), `aud`
-//! must be one of the issuer's configured audiences, `exp` is required, `exp`/`nbf` get 30 s of leeway. The tenant
-//! comes from the configured claim and must be a tenant the control plane knows; a token without it is refused.
+//! must be one of the issuer's configured audiences, `exp` is required, `exp`/`nbf` get 30 s of leeway. Opaque tokens
+//! (and JWTs of an issuer without a JWKS) go through RFC 7662 introspection (`introspect.rs`). The tenant comes from
+//! the configured claim and must be a tenant the control plane knows; a token without it is refused.
+//!
+//! A verified token is cached by its SHA-256 until its `exp` (at most five minutes), so the signature check or the
+//! introspection call is paid once per token, not once per request. A cached result is used only while the provider's
+//! settings are unchanged, and `exp` and the tenant are checked on every request.
 
+mod introspect;
 pub mod scopes;
 
 use std::sync::Arc;
@@ -18,13 +24,14 @@ use dashmap::DashMap;
 use fhirgw_config::Snapshot;
 use fhirgw_config::identity::IdentityProvider;
 use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::future::Cache;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::http_client::{self, Connector};
 use scopes::Scopes;
@@ -34,6 +41,10 @@ const JWKS_TTL: Duration = Duration::from_secs(600);
 const JWKS_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
 const JWKS_MAX_BYTES: usize = 1024 * 1024;
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+/// A verified token is re-verified at least this often, so a key dropped from the JWKS (or a token revoked at the
+/// introspection endpoint) stops working within this bound even if the token's `exp` is later.
+const VERIFIED_MAX_AGE: Duration = Duration::from_secs(300);
+const VERIFIED_CAPACITY: u64 = 100_000;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -52,14 +63,41 @@ pub enum AuthError {
     /// The token is refused. The reason is for the log only; the client learns just `invalid_token`.
     #[error("invalid token: {0}")]
     Invalid(String),
-    #[error("signing keys of `{issuer}` unavailable: {reason}")]
-    KeysUnavailable { issuer: String, reason: String },
+    /// The issuer's keys or introspection endpoint cannot be reached: a 503, not the caller's fault.
+    #[error("identity provider `{issuer}` unavailable: {reason}")]
+    IssuerUnavailable { issuer: String, reason: String },
 }
 
 pub struct Authenticator {
     jwks: Cache<String, Arc<Vec<Jwk>>>,
     last_forced: DashMap<String, Instant>,
-    http: Client<Connector, Empty<Bytes>>,
+    /// Tokens already verified (JWT signature checked, or introspected as active), keyed by the SHA-256 of the token,
+    /// each kept until its own `exp` and never longer than `VERIFIED_MAX_AGE`.
+    verified: Cache<[u8; 32], Arc<Verified>>,
+    http: Client<Connector, Full<Bytes>>,
+}
+
+/// The outcome of verifying one token, reusable until `exp` while its identity provider's settings are unchanged.
+#[derive(Debug)]
+struct Verified {
+    /// The settings the token was verified against; a changed provider means verifying again.
+    idp: IdentityProvider,
+    caller: Caller,
+    /// Unix seconds.
+    exp: u64,
+}
+
+struct VerifiedExpiry;
+
+impl moka::Expiry<[u8; 32], Arc<Verified>> for VerifiedExpiry {
+    fn expire_after_create(&self, _: &[u8; 32], value: &Arc<Verified>, _: std::time::Instant) -> Option<Duration> {
+        let left = (value.exp + LEEWAY_SECS).saturating_sub(unix_now());
+        Some(Duration::from_secs(left).min(VERIFIED_MAX_AGE))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Default for Authenticator {
@@ -67,6 +105,7 @@ impl Default for Authenticator {
         Authenticator {
             jwks: Cache::builder().max_capacity(256).time_to_live(JWKS_TTL).build(),
             last_forced: DashMap::new(),
+            verified: Cache::builder().max_capacity(VERIFIED_CAPACITY).expire_after(VerifiedExpiry).build(),
             http: Client::builder(TokioExecutor::new()).build(http_client::connector(JWKS_TIMEOUT)),
         }
     }
@@ -93,6 +132,11 @@ fn unverified_issuer(token: &str) -> Option<String> {
     value.get("iss")?.as_str().map(str::to_owned)
 }
 
+/// A compact JWS has exactly three segments and a header that decodes; anything else is an opaque token.
+fn looks_like_jwt(token: &str) -> bool {
+    token.split('.').count() == 3 && jsonwebtoken::decode_header(token).is_ok()
+}
+
 fn algorithm_name(alg: Algorithm) -> &'static str {
     match alg {
         Algorithm::HS256 => "HS256",
@@ -110,6 +154,26 @@ fn algorithm_name(alg: Algorithm) -> &'static str {
     }
 }
 
+/// The caller described by verified claims (from a JWT or an introspection response).
+pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Result<Caller, AuthError> {
+    let tenant = claims
+        .get(&idp.tenant_claim)
+        .and_then(Value::as_str)
+        .ok_or_else(|| AuthError::Invalid(format!("no `{}` claim", idp.tenant_claim)))?;
+    let scopes = match (claims.get("scope"), claims.get("scp")) {
+        (Some(Value::String(s)), _) => Scopes::parse(s),
+        (_, Some(Value::Array(items))) => Scopes::from_list(items.iter().filter_map(Value::as_str)),
+        (_, Some(Value::String(s))) => Scopes::parse(s),
+        _ => Scopes::default(),
+    };
+    Ok(Caller {
+        tenant: tenant.to_owned(),
+        subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        scopes,
+        patient: claims.get("patient").and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
 impl Authenticator {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -117,19 +181,67 @@ impl Authenticator {
 
     pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = bearer(headers)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = match self.verified.get(&key).await {
+            // Reuse only while the provider's settings are exactly those the token was verified against.
+            Some(hit) if snapshot.identity_providers.iter().any(|p| *p == hit.idp) => Some(hit),
+            Some(_) => {
+                self.verified.invalidate(&key).await;
+                None
+            }
+            None => None,
+        };
+        let verified = match cached {
+            Some(hit) => hit,
+            None => {
+                let fresh = Arc::new(self.verify(snapshot, token).await?);
+                self.verified.insert(key, fresh.clone()).await;
+                fresh
+            }
+        };
+        // Checked on every request, cached or not: the expiry to the second, and the tenant still existing.
+        if verified.exp + LEEWAY_SECS <= unix_now() {
+            return Err(AuthError::Invalid("token expired".into()));
+        }
+        if !snapshot.tenants.contains_key(&verified.caller.tenant) {
+            return Err(AuthError::Invalid(format!("unknown tenant `{}`", verified.caller.tenant)));
+        }
+        Ok(verified.caller.clone())
+    }
+
+    async fn verify(&self, snapshot: &Snapshot, token: &str) -> Result<Verified, AuthError> {
+        if !looks_like_jwt(token) {
+            // An opaque token carries no issuer: it goes to the one provider that introspects, never to several
+            // (sending a caller's token to an issuer that did not mint it would leak it).
+            let mut introspecting = snapshot.identity_providers.iter().filter(|p| p.introspection_endpoint.is_some());
+            return match (introspecting.next(), introspecting.next()) {
+                (Some(idp), None) => introspect::introspect(&self.http, idp, token).await,
+                (None, _) => Err(AuthError::Invalid("opaque token, and no identity provider introspects".into())),
+                (Some(_), Some(_)) => {
+                    Err(AuthError::Invalid("opaque token, and more than one identity provider introspects".into()))
+                }
+            };
+        }
         let issuer = unverified_issuer(token).ok_or_else(|| AuthError::Invalid("no readable iss claim".into()))?;
         let idp = snapshot
             .identity_providers
             .iter()
             .find(|p| p.issuer == issuer)
             .ok_or_else(|| AuthError::Invalid(format!("issuer `{issuer}` is not trusted")))?;
+        if idp.jwks_uri.is_empty() {
+            return match idp.introspection_endpoint {
+                Some(_) => introspect::introspect(&self.http, idp, token).await,
+                None => Err(AuthError::Invalid(format!("`{}` has neither JWKS nor introspection", idp.name))),
+            };
+        }
+        self.verify_jwt(idp, token).await
+    }
+
+    async fn verify_jwt(&self, idp: &IdentityProvider, token: &str) -> Result<Verified, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
         let alg = algorithm_name(header.alg);
         if !idp.algorithms.iter().any(|a| a == alg) {
             return Err(AuthError::Invalid(format!("algorithm {alg} is not allowed for `{}`", idp.name)));
-        }
-        if idp.jwks_uri.is_empty() {
-            return Err(AuthError::Invalid(format!("`{}` has no JWKS; opaque tokens are not supported yet", idp.name)));
         }
         let jwk = self.key(idp, header.kid.as_deref()).await?;
         if let Some(key_alg) = jwk.common.key_algorithm
@@ -147,26 +259,8 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| AuthError::Invalid(format!("verification: {e}")))?;
-        let claims = data.claims;
-        let tenant = claims
-            .get(&idp.tenant_claim)
-            .and_then(Value::as_str)
-            .ok_or_else(|| AuthError::Invalid(format!("no `{}` claim", idp.tenant_claim)))?;
-        if !snapshot.tenants.contains_key(tenant) {
-            return Err(AuthError::Invalid(format!("unknown tenant `{tenant}`")));
-        }
-        let scopes = match (claims.get("scope"), claims.get("scp")) {
-            (Some(Value::String(s)), _) => Scopes::parse(s),
-            (_, Some(Value::Array(items))) => Scopes::from_list(items.iter().filter_map(Value::as_str)),
-            (_, Some(Value::String(s))) => Scopes::parse(s),
-            _ => Scopes::default(),
-        };
-        Ok(Caller {
-            tenant: tenant.to_owned(),
-            subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned(),
-            scopes,
-            patient: claims.get("patient").and_then(Value::as_str).map(str::to_owned),
-        })
+        let exp = data.claims.get("exp").and_then(Value::as_u64).ok_or_else(|| AuthError::Invalid("no exp".into()))?;
+        Ok(Verified { idp: idp.clone(), caller: caller_from_claims(idp, &data.claims)?, exp })
     }
 
     async fn key(&self, idp: &IdentityProvider, kid: Option<&str>) -> Result<Jwk, AuthError> {
@@ -198,17 +292,16 @@ impl Authenticator {
     async fn keys(&self, idp: &IdentityProvider) -> Result<Arc<Vec<Jwk>>, AuthError> {
         let uri = idp.jwks_uri.clone();
         let http = self.http.clone();
-        self.jwks
-            .try_get_with(uri.clone(), async move { fetch_jwks(&http, &uri).await.map(Arc::new) })
-            .await
-            .map_err(|e: Arc<String>| AuthError::KeysUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() })
+        self.jwks.try_get_with(uri.clone(), async move { fetch_jwks(&http, &uri).await.map(Arc::new) }).await.map_err(
+            |e: Arc<String>| AuthError::IssuerUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() },
+        )
     }
 }
 
-async fn fetch_jwks(http: &Client<Connector, Empty<Bytes>>, uri: &str) -> Result<Vec<Jwk>, String> {
+async fn fetch_jwks(http: &Client<Connector, Full<Bytes>>, uri: &str) -> Result<Vec<Jwk>, String> {
     let request = Request::get(uri)
         .header(http::header::ACCEPT, "application/json")
-        .body(Empty::new())
+        .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(JWKS_TIMEOUT, http.request(request))
         .await

@@ -148,7 +148,7 @@ impl ProxyError {
                 Outcome::new(StatusCode::UNAUTHORIZED, "login", "The bearer token is not valid.")
                     .challenge("Bearer realm=\"fhirgw\", error=\"invalid_token\"")
             }
-            Auth(AuthError::KeysUnavailable { .. }) => {
+            Auth(AuthError::IssuerUnavailable { .. }) => {
                 Outcome::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "The token cannot be verified right now.")
                     .retry_after(5)
             }
