@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
         pages: PageSigner::new(&paging_key),
         grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
         public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
+        capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
     });
     let grace = Duration::from_secs(args.drain_secs);
     let fhir_server =

@@ -54,6 +54,8 @@ pub struct Proxy {
     /// Longest time grants are trusted without confirmation from the control plane.
     pub grant_ttl: std::time::Duration,
     pub public: PublicConfig,
+    /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
+    pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -299,9 +301,24 @@ impl Proxy {
                 let upstream = upstream_of(&snapshot, upstream)?;
                 match caller {
                     None => {
-                        let target = join_encoded(&upstream.base_path, relative);
-                        let response = self.forward_raw(upstream, &target, request).await?;
-                        capabilities(response, &snapshot, table, &public).await
+                        // The rewritten CapabilityStatement depends on the config, the public base and the request
+                        // target only, so it is served from a short-lived cache.
+                        let key = (
+                            snapshot.digest.clone(),
+                            public.clone(),
+                            request.uri().path_and_query().map(|pq| pq.as_str().to_owned()).unwrap_or_default(),
+                        );
+                        let body = match self.capabilities.get(&key).await {
+                            Some(body) => body,
+                            None => {
+                                let target = join_encoded(&upstream.base_path, relative);
+                                let response = self.forward_raw(upstream, &target, request).await?;
+                                let body = capabilities(response, &snapshot, table, &public).await?;
+                                self.capabilities.insert(key, body.clone()).await;
+                                body
+                            }
+                        };
+                        Ok(bytes_response(StatusCode::OK, body))
                     }
                     Some(caller) => {
                         let ctx = access::Ctx {
@@ -371,13 +388,13 @@ pub(super) fn validators(upstream: &HeaderMap) -> HeaderMap {
     keep
 }
 
-/// The upstream's CapabilityStatement, rewritten for the gateway (see `discovery`).
+/// The upstream's CapabilityStatement, rewritten for the gateway (see `discovery`), serialised.
 async fn capabilities(
     response: Response<Incoming>,
     snapshot: &Snapshot,
     table: &fhirgw_config::route::RouteTable,
     public: &str,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Bytes, ProxyError> {
     if response.status() != StatusCode::OK {
         return Err(ProxyError::UpstreamStatus(response.status()));
     }
@@ -391,10 +408,13 @@ async fn capabilities(
     if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
         return Err(ProxyError::Unverifiable("metadata is not a CapabilityStatement".into()));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &discovery::capability_statement(cs, snapshot, table, public),
-        &HeaderMap::new(),
-        false,
-    ))
+    Ok(Bytes::from(discovery::capability_statement(cs, snapshot, table, public).to_string()))
+}
+
+/// A FHIR JSON response from bytes the gateway produced.
+fn bytes_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
 }
