@@ -72,7 +72,9 @@ async fn behind_a_trusted_load_balancer_every_url_is_public() {
     assert_eq!(rest["security"]["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
     let oauth = rest["security"]["extension"][0]["extension"].as_array().unwrap();
     assert!(oauth.iter().any(|e| e["url"] == "token" && e["valueUri"].as_str().unwrap().ends_with("/token")));
-    assert!(rest.get("interaction").is_none(), "system-level interactions (batch, transaction) are not let through");
+    let system: Vec<&str> =
+        rest["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    assert_eq!(system, ["transaction", "batch"], "only batch and transaction are served at the system level");
     let patient = rest["resource"].as_array().unwrap().iter().find(|r| r["type"] == "Patient").unwrap();
     let codes: Vec<&str> =
         patient["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();

@@ -364,11 +364,12 @@ async fn searches_are_narrowed_and_joins_refused() {
         ("compartment search", http().get(s.url("/fhir/Patient/b-pat-1/Observation")).bearer_auth(&s.a)),
         ("system search", http().get(s.url("/fhir?_type=Patient")).bearer_auth(&s.a)),
         (
-            "transaction",
-            http()
-                .post(s.url("/fhir"))
-                .bearer_auth(&s.a)
-                .json(&json!({"resourceType": "Bundle", "type": "transaction", "entry": []})),
+            "transaction carrying a compartment search",
+            http().post(s.url("/fhir")).bearer_auth(&s.a).json(
+                &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                    {"request": {"method": "GET", "url": "Patient/b-pat-1/Observation"}},
+                ]}),
+            ),
         ),
         (
             "update",

@@ -246,3 +246,138 @@ async fn updates_patches_and_deletes_check_both_sides() {
     assert!(r.status == 200 || r.status == 204, "{}", r.text());
     assert_eq!(s.get("/fhir/Observation/a-obs-4", &a).await.status, 404);
 }
+
+/// Case 4: every entry of a batch or transaction is checked like the request it describes; a transaction with one
+/// refused entry is refused whole before anything reaches the upstream.
+#[tokio::test]
+async fn batch_and_transaction_entries_are_checked_one_by_one() {
+    let s = stack().await;
+    let a = s.issuer.token("tenant-a", WRITE);
+    let post = |bundle: Value| s.send(http().post(s.url("/fhir")).bearer_auth(&a).json(&bundle));
+    let b_before = s.upstream("/Patient/b-pat-1").await;
+    let patients_before = s.upstream("/Patient?_summary=count").await["total"].as_u64().unwrap();
+    let entry = |method: &str, url: &str| json!({"request": {"method": method, "url": url}});
+    let with = |method: &str, url: &str, resource: Value| json!({"request": {"method": method, "url": url}, "resource": resource});
+
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        entry("GET", "Patient/a-pat-1"),
+        entry("GET", "Patient/b-pat-1"),
+        entry("GET", "Patient/does-not-exist"),
+        entry("GET", "Patient?_count=50"),
+        entry("GET", &format!("Patient?_tag={DS}|tenant-b")),
+        with("POST", "Patient", json!({"resourceType": "Patient", "name": [{"family": "Batched"}]})),
+        with("PUT", "Patient/b-pat-1", json!({"resourceType": "Patient", "id": "b-pat-1", "meta": {"tag": [{"system": DS, "code": "tenant-a"}]}})),
+        entry("DELETE", "Patient/b-pat-1"),
+        entry("GET", "Patient/b-pat-1/Observation"),
+        with("POST", "Observation", json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "meta": {"tag": [{"system": DS, "code": "tenant-b"}]}})),
+        entry("GET", "Patient/b-pat-1/$everything"),
+        entry("GET", "https://evil.example/fhir/Patient/b-pat-1"),
+        entry("DELETE", "Patient?identifier=x"),
+    ]});
+    let r = post(batch).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["type"], "batch-response");
+    let entries = body["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 13);
+    let status = |i: usize| entries[i]["response"]["status"].as_str().unwrap().to_owned();
+    assert!(status(0).starts_with("200"), "{}", entries[0]);
+    assert_eq!(entries[0]["resource"]["id"], "a-pat-1");
+    // Out of grant and nonexistent: the same answer, byte for byte.
+    assert!(status(1).starts_with("404"), "{}", entries[1]);
+    assert_eq!(entries[1], entries[2], "out-of-grant and missing differ");
+    // The search is narrowed: only tenant-a's patients, and asking for tenant-b's tag finds nothing.
+    let found: Vec<&str> = entries[3]["resource"]["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert!(!found.is_empty() && found.iter().all(|id| !id.starts_with("b-")), "{found:?}");
+    assert!(entries[4]["resource"]["entry"].as_array().is_none_or(Vec::is_empty), "{}", entries[4]);
+    // The create is stamped with tenant-a's dataset and its location is public.
+    assert!(status(5).starts_with("201"), "{}", entries[5]);
+    let location = entries[5]["response"]["location"].as_str().unwrap();
+    assert!(location.starts_with(&s.url("/fhir/Patient/")), "{location}");
+    let id = location.split("/Patient/").nth(1).unwrap().split('/').next().unwrap();
+    assert_eq!(tags(&s.upstream(&format!("/Patient/{id}")).await), vec![format!("{DS}|tenant-a")]);
+    // Writes to another tenant's resource look like writes to a missing one; the rest are refused in place.
+    assert!(status(6).starts_with("404") && status(7).starts_with("404"), "{} {}", entries[6], entries[7]);
+    // A conditional delete has no route here (DELETE is not routed on a type), exactly as when sent on its own.
+    assert!(status(12).starts_with("405"), "{}", entries[12]);
+    for i in [8, 9, 10] {
+        assert!(status(i).starts_with("403"), "entry {i}: {}", entries[i]);
+        assert_eq!(entries[i]["response"]["outcome"]["resourceType"], "OperationOutcome");
+    }
+    assert!(status(11).starts_with("400"), "{}", entries[11]);
+    assert_eq!(s.upstream("/Patient/b-pat-1").await, b_before, "tenant-b's patient changed");
+    let upstream_base = s.fhir.ready["base_url"].as_str().unwrap();
+    assert!(!r.text().contains(upstream_base), "the upstream's base leaked");
+
+    // A transaction with one refused entry is refused whole, and nothing reaches the upstream.
+    let log_before = s.upstream_requests().await.len();
+    let refused = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        with("POST", "Patient", json!({"resourceType": "Patient", "name": [{"family": "Never"}]})),
+        entry("GET", "Patient/b-pat-1/Observation"),
+    ]});
+    let r = post(refused).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.json()["issue"][0]["diagnostics"].as_str().unwrap().contains("entry 1"), "{}", r.text());
+    let log = s.upstream_requests().await;
+    assert!(log[log_before..].iter().all(|req| req["method"] != "POST"), "a refused transaction reached the upstream");
+
+    // A transaction touching another tenant's resource: the same 404 as a missing one, and nothing written.
+    let r = post(json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        with("POST", "Patient", json!({"resourceType": "Patient", "name": [{"family": "Never"}]})),
+        entry("DELETE", "Patient/b-pat-1"),
+    ]}))
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(s.upstream("/Patient/b-pat-1").await, b_before);
+
+    // A transaction the checks allow goes through atomically, with references between its entries resolved.
+    let ok = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:7f4b9e2a-0000-4000-8000-000000000001",
+         "resource": {"resourceType": "Patient", "name": [{"family": "Transacted"}]},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "t"},
+                      "subject": {"reference": "urn:uuid:7f4b9e2a-0000-4000-8000-000000000001"}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ]});
+    let r = post(ok).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["type"], "transaction-response");
+    for e in body["entry"].as_array().unwrap() {
+        assert!(e["response"]["status"].as_str().unwrap().starts_with("201"), "{e}");
+        let location = e["response"]["location"].as_str().unwrap();
+        let path = location.strip_prefix(&s.url("/fhir")).unwrap_or_else(|| panic!("not public: {location}"));
+        let path = path.split("/_history").next().unwrap();
+        assert_eq!(tags(&s.upstream(path).await), vec![format!("{DS}|tenant-a")], "{path}");
+    }
+    let patients_after = s.upstream("/Patient?_summary=count").await["total"].as_u64().unwrap();
+    assert_eq!(patients_after, patients_before + 2, "one patient from the batch, one from the transaction");
+
+    // An update pinned to a stale version fails the transaction with 412.
+    let current = s.upstream("/Patient/a-pat-2").await;
+    let mut stale = current.clone();
+    stale["name"] = json!([{"family": "Stale"}]);
+    let r = post(json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": stale, "request": {"method": "PUT", "url": "Patient/a-pat-2", "ifMatch": "W/\"999\""}},
+    ]}))
+    .await;
+    assert_eq!(r.status, 412, "{}", r.text());
+    assert_eq!(s.upstream("/Patient/a-pat-2").await, current);
+
+    // Not a batch at all, or a read-only token writing: refused.
+    let r = post(json!({"resourceType": "Bundle", "type": "collection", "entry": []})).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = s
+        .send(http().post(s.url("/fhir")).bearer_auth(&s.a).json(
+            &json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                with("POST", "Patient", json!({"resourceType": "Patient"})),
+            ]}),
+        ))
+        .await;
+    assert!(r.json()["entry"][0]["response"]["status"].as_str().unwrap().starts_with("403"), "{}", r.text());
+}

@@ -1,6 +1,7 @@
 //! Access-control policy: the pure parts (classification, query checks and narrowing, response verification,
 //! page tokens). The proxy applies them; everything here is table-tested.
 
+pub mod batch;
 pub mod classify;
 pub mod paging;
 pub mod query;

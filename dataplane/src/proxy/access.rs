@@ -1,8 +1,9 @@
 //! Authorization and rewriting per interaction, and verification of what comes back.
 //!
 //! Supported through the gateway today: read, vread, type-level search (GET and `POST _search`), instance and type
-//! history, `Patient/[id]/$everything`, and paging through signed page links. Every other interaction is refused
-//! with 403 until it has its own checks: the gateway never forwards what it cannot verify.
+//! history, `Patient/[id]/$everything`, paging through signed page links, writes (`write.rs`) and batches and
+//! transactions checked entry by entry (`batch.rs`). Every other interaction is refused with 403 until it has its
+//! own checks: the gateway never forwards what it cannot verify.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -41,6 +42,8 @@ pub(super) struct Ctx<'a> {
     pub public: String,
     pub relative: &'a [String],
     pub guard: &'a QueryGuard,
+    /// The route table the request was matched in (batch entries are matched in it too).
+    pub table: &'a fhirgw_config::route::RouteTable,
 }
 
 fn wants_xml_only(headers: &HeaderMap) -> bool {
@@ -97,6 +100,7 @@ impl Ctx<'_> {
             Interaction::Update { ty, id } => self.update(&ty, &id, request, &grants).await,
             Interaction::Patch { ty, id } => self.patch(&ty, &id, request, &grants).await,
             Interaction::Delete { ty, id } => self.delete(&ty, &id, request, &grants).await,
+            Interaction::BatchOrTransaction => self.batch(request, &grants, &tags).await,
             other => {
                 Err(ProxyError::Forbidden(format!("{} is not supported through the gateway yet.", describe(&other))))
             }
@@ -395,7 +399,7 @@ fn empty_bundle(usage: Use, public: &str, path: &str, params: &Params, head: boo
     json_response(StatusCode::OK, &bundle, &HeaderMap::new(), head)
 }
 
-fn describe(interaction: &Interaction) -> String {
+pub(super) fn describe(interaction: &Interaction) -> String {
     match interaction {
         Interaction::SearchSystem => "System-level search".into(),
         Interaction::Compartment { .. } => "Compartment search".into(),

@@ -74,8 +74,15 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
     let Some(rests) = cs.get_mut("rest").and_then(Value::as_array_mut) else { return cs };
     for rest in rests.iter_mut() {
         let Some(rest) = rest.as_object_mut() else { continue };
-        // System-level interactions and operations (batch, transaction, system search and history) are refused.
-        rest.remove("interaction");
+        // Of the system-level interactions only batch and transaction are served (entry by entry); system search
+        // and history, and system operations, are refused.
+        let batch = proxied(table, &Method::POST, &[]);
+        if let Some(list) = rest.get_mut("interaction").and_then(Value::as_array_mut) {
+            list.retain(|i| batch && matches!(i.get("code").and_then(Value::as_str), Some("batch" | "transaction")));
+        }
+        if rest.get("interaction").and_then(Value::as_array).is_some_and(Vec::is_empty) {
+            rest.remove("interaction");
+        }
         rest.remove("operation");
         if let Some(idp) = idp {
             let mut uris = Vec::new();

@@ -14,6 +14,7 @@
 //! ```
 
 mod access;
+mod batch;
 mod bundle_stream;
 mod discovery;
 mod headers;
@@ -103,9 +104,27 @@ enum ProxyError {
     PreconditionFailed,
     #[error(transparent)]
     Write(#[from] crate::policy::write::WriteError),
+    /// An entry of a batch or transaction was refused.
+    #[error("entry {index}: {error}")]
+    Entry { index: usize, error: Box<ProxyError> },
 }
 
 impl ProxyError {
+    /// Whether this refusal concerns one entry of a batch (answered in place), rather than the whole request
+    /// (the upstream failing, grants unconfirmed).
+    fn is_entry_level(&self) -> bool {
+        !matches!(
+            self,
+            ProxyError::NotReady
+                | ProxyError::Upstream(_)
+                | ProxyError::MissingUpstream(_)
+                | ProxyError::UpstreamStatus(_)
+                | ProxyError::Unverifiable(_)
+                | ProxyError::GrantsStale
+                | ProxyError::Auth(_)
+        )
+    }
+
     /// The single classification of errors into client responses. Internal details stay in the log.
     fn outcome(&self) -> Outcome {
         use ProxyError::*;
@@ -208,6 +227,11 @@ impl ProxyError {
                 "The gateway cannot confirm access grants right now.",
             )
             .retry_after(10),
+            Entry { index, error } => {
+                let mut outcome = error.outcome();
+                outcome.diagnostics = format!("Bundle entry {index}: {}", outcome.diagnostics);
+                outcome
+            }
             UpstreamStatus(_) | Unverifiable(_) => Outcome::new(
                 StatusCode::BAD_GATEWAY,
                 "transient",
@@ -329,6 +353,7 @@ impl Proxy {
                             public,
                             relative,
                             guard: &matched.route.guard,
+                            table,
                         };
                         let policy = tracing::info_span!("policy", interaction = ?std::mem::discriminant(&interaction));
                         ctx.serve(interaction, request).instrument(policy).await

@@ -59,6 +59,50 @@ fn json_resource(headers: &HeaderMap, body: &[u8], ty: &str) -> Result<Value, Pr
     Ok(value)
 }
 
+/// A FHIR JSON request body that must be a `ty`.
+pub(super) async fn json_body(request: Request<Incoming>, ty: &str) -> Result<(HeaderMap, Value), ProxyError> {
+    let (headers, body) = read_body(request).await?;
+    let value = json_resource(&headers, &body, ty)?;
+    Ok((headers, value))
+}
+
+/// The stored resource `ty/id`, read from the upstream and verified against the grants (out of grant or missing:
+/// the same 404), and its version. `if_match`, the client's precondition, must name that version.
+pub(super) async fn stored_version(
+    ctx: &Ctx<'_>,
+    ty: &str,
+    id: &str,
+    grants: &Grants,
+    if_match: Option<&str>,
+) -> Result<(Value, String), ProxyError> {
+    if grants.is_empty() {
+        return Err(ProxyError::ResourceNotFound);
+    }
+    let target = join_encoded(&ctx.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
+    let (status, _, body) = ctx.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
+    match status {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+        other => return Err(ProxyError::UpstreamStatus(other)),
+    }
+    let stored: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+    if !resource_visible(&stored, ty, id, grants) {
+        return Err(ProxyError::ResourceNotFound);
+    }
+    let version = stored
+        .get("meta")
+        .and_then(|m| m.get("versionId"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ProxyError::Unverifiable("the stored resource has no versionId to write against".into()))?
+        .to_owned();
+    if let Some(wanted) = if_match
+        && version_of(wanted) != version
+    {
+        return Err(ProxyError::PreconditionFailed);
+    }
+    Ok((stored, version))
+}
+
 /// `W/"3"`, `"3"` or `3` → `3`.
 fn version_of(etag: &str) -> &str {
     etag.trim().trim_start_matches("W/").trim_matches('"')
@@ -179,32 +223,8 @@ impl Ctx<'_> {
         grants: &Grants,
         client: &HeaderMap,
     ) -> Result<(Value, String), ProxyError> {
-        if grants.is_empty() {
-            return Err(ProxyError::ResourceNotFound);
-        }
-        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        let (status, _, body) = self.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
-        match status {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
-            other => return Err(ProxyError::UpstreamStatus(other)),
-        }
-        let stored: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
-        if !resource_visible(&stored, ty, id, grants) {
-            return Err(ProxyError::ResourceNotFound);
-        }
-        let version = stored
-            .get("meta")
-            .and_then(|m| m.get("versionId"))
-            .and_then(Value::as_str)
-            .ok_or_else(|| ProxyError::Unverifiable("the stored resource has no versionId to write against".into()))?
-            .to_owned();
-        if let Some(wanted) = client.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
-            && version_of(wanted) != version
-        {
-            return Err(ProxyError::PreconditionFailed);
-        }
-        Ok((stored, version))
+        let if_match = client.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+        stored_version(self, ty, id, grants, if_match).await
     }
 
     #[allow(clippy::too_many_arguments)]
