@@ -85,7 +85,8 @@ async fn nginx(world: &fhirgw_e2e::World, upstream: &str) -> Nginx {
     );
     let conf = format!(
         r#"
-worker_processes 1;
+# One process: killing it (the harness does on drop, panics included) leaves no orphaned workers behind.
+master_process off;
 pid {p}/nginx.pid;
 error_log stderr notice;
 events {{ worker_connections 256; }}
