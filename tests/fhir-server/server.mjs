@@ -7,13 +7,14 @@
 // and a request log for tests under /__admin.
 //
 // Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
-//                        [--require-token FILE] [--latency-ms N] [--default-count N]
+//                        [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]
 // Needs Node >= 22 (see run.sh). Prints one JSON line to stdout once listening; logs to stderr.
 
 import { readFileSync, readdirSync } from 'node:fs';
 import http from 'node:http';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { gzipSync } from 'node:zlib';
 import {
   allOk, badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
   indexStructureDefinitionBundle, isCreated, isOk, isResourceType, normalizeOperationOutcome, notFound,
@@ -31,7 +32,7 @@ const log = (...args) => console.error('[fhir-server]', ...args);
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N]';
+const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]';
 const parseCli = () => parseArgs({
   options: {
     listen: { type: 'string', default: '127.0.0.1:0' },
@@ -40,6 +41,7 @@ const parseCli = () => parseArgs({
     'require-token': { type: 'string' },
     'latency-ms': { type: 'string', default: '0' },
     'default-count': { type: 'string', default: '20' },
+    gzip: { type: 'string' },
   },
 });
 let opts;
@@ -58,6 +60,13 @@ const listenHost = listenMatch[1].replace(/^\[(.*)\]$/, '$1');
 const listenPort = Number(listenMatch[2]);
 const latencyMs = Number(opts['latency-ms']) || 0;
 const defaultCount = Number(opts['default-count']) || 20;
+// gzip: `negotiate` compresses FHIR responses when the request's Accept-Encoding allows gzip (as HAPI does);
+// `always` compresses them whatever was asked (a misbehaving server).
+const gzipMode = opts.gzip;
+if (gzipMode !== undefined && gzipMode !== 'negotiate' && gzipMode !== 'always') {
+  log(`bad --gzip ${gzipMode}: expected negotiate or always`);
+  process.exit(2);
+}
 let requiredToken;
 try {
   requiredToken = opts['require-token'] ? readFileSync(opts['require-token'], 'utf8').trim() : undefined;
@@ -158,10 +167,25 @@ function capabilityStatement() {
 
 let requestLog = [];
 
+// Whether an Accept-Encoding header allows gzip (q > 0, by name or `*`).
+function acceptsGzip(header) {
+  return String(header ?? '').split(',').some((item) => {
+    const [coding, ...params] = item.trim().toLowerCase().split(';');
+    const q = params.map((p) => p.trim()).find((p) => p.startsWith('q='));
+    return (coding.trim() === 'gzip' || coding.trim() === '*') && (q === undefined || Number(q.slice(2)) > 0);
+  });
+}
+
 // Node itself drops the body of responses to HEAD requests.
 function send(res, status, body, headers = {}, pretty = false) {
   const text = body === undefined ? '' : JSON.stringify(body, null, pretty ? 2 : undefined);
-  res.writeHead(status, { ...(text ? { 'Content-Type': 'application/fhir+json; charset=utf-8' } : {}), ...headers });
+  const out = { ...(text ? { 'Content-Type': 'application/fhir+json; charset=utf-8' } : {}), ...headers };
+  if (text && (gzipMode === 'always' || (gzipMode === 'negotiate' && acceptsGzip(res.req?.headers['accept-encoding'])))) {
+    res.writeHead(status, { ...out, 'Content-Encoding': 'gzip', Vary: 'Accept-Encoding' });
+    return res.end(gzipSync(text));
+  }
+  if (gzipMode) out.Vary = 'Accept-Encoding';
+  res.writeHead(status, out);
   res.end(text);
 }
 

@@ -317,6 +317,62 @@ pub async fn grpcurl(cp: &Process, flags: &[&str], verbs: &[&str]) -> (bool, Str
     )
 }
 
+/// The Python with the `fhirclient` SMART client (`./dev tools` installs it): `FHIRGW_PYTHON`, else
+/// `.tools/venv/bin/python`.
+pub fn smart_python() -> PathBuf {
+    std::env::var_os("FHIRGW_PYTHON").map_or_else(|| workspace().join(".tools/venv/bin/python"), PathBuf::from)
+}
+
+/// What `tests/smart-client/client.py` reported.
+pub struct SmartRun {
+    pub success: bool,
+    pub output: serde_json::Value,
+    pub stderr: String,
+}
+
+/// Runs the third-party SMART client (`tests/smart-client/client.py`, Python `fhirclient`) against `base` with a
+/// bearer token: discovery, a read of `Patient/{patient}`, and a search of `search_type` followed page by page.
+/// `env` is added to its environment (e.g. `REQUESTS_CA_BUNDLE`).
+pub async fn smart_client(
+    base: &str,
+    token: &str,
+    patient: &str,
+    search_type: &str,
+    page_size: u32,
+    env: &[(&str, &str)],
+) -> SmartRun {
+    let python = smart_python();
+    let check = Command::new(&python).arg("-c").arg("import fhirclient").output().await;
+    assert!(
+        check.as_ref().is_ok_and(|o| o.status.success()),
+        "{} cannot import fhirclient: run `./dev tools` (it installs fhirclient into .tools/venv), or set FHIRGW_PYTHON",
+        python.display()
+    );
+    let mut command = Command::new(&python);
+    command
+        .arg(workspace().join("tests/smart-client/client.py"))
+        .arg(base)
+        .arg(patient)
+        .arg(search_type)
+        .arg(page_size.to_string())
+        .env("FHIR_TOKEN", token)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the SMART client did not finish within 120 s")
+        .expect("running the SMART client");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let output = if out.status.success() {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("the SMART client printed {stdout:?}: {e}"))
+    } else {
+        serde_json::Value::Null
+    };
+    SmartRun { success: out.status.success(), output, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }

@@ -107,3 +107,129 @@ async fn forwarding_headers_from_an_untrusted_client_change_nothing() {
         assert!(url.starts_with(&own), "{url} should be on {own}");
     }
 }
+
+/// The upstream's base as the FHIR server reports it, and a tenant-a Observation seeded on the upstream whose
+/// references name that base absolutely (as HAPI writes them when resources were stored with absolute references).
+async fn seed_absolute_references(s: &common::Stack) -> String {
+    let upstream = s.fhir.ready["base_url"].as_str().unwrap().to_owned();
+    let tag = json!([{"system": fhirgw_e2e::fixtures::DATASET, "code": "tenant-a"}]);
+    s.put_upstream(&json!({
+        "resourceType": "Observation", "id": "a-obs-abs", "status": "final", "meta": {"tag": tag},
+        "code": {"text": "absolute references"},
+        "subject": {"reference": format!("{upstream}/Patient/a-pat-1")},
+        "encounter": {"reference": format!("{upstream}/Encounter/a-enc-1")},
+        "performer": [{"reference": "Patient/a-pat-1"}],
+        "extension": [{"url": "https://fhirgw.dev/test-ext", "valueReference": {"reference": format!("{upstream}/Patient/a-pat-2")}}]
+    }))
+    .await;
+    upstream
+}
+
+#[tokio::test]
+async fn absolute_references_to_the_upstream_are_public() {
+    let s = stack_with(&[], &["--trusted-proxies", "127.0.0.1/32"]).await;
+    let upstream = seed_absolute_references(&s).await;
+    let with_lb = |r: reqwest::RequestBuilder| LB.iter().fold(r, |r, (k, v)| r.header(*k, *v));
+    let public = "https://fhir.example.org/fhir";
+    let own = format!("http://{}/fhir", s.dp.addr("fhir"));
+
+    let check = |resource: &Value, base: &str| {
+        assert_eq!(resource["subject"]["reference"], format!("{base}/Patient/a-pat-1"), "{resource}");
+        assert_eq!(resource["encounter"]["reference"], format!("{base}/Encounter/a-enc-1"), "{resource}");
+        assert_eq!(resource["extension"][0]["valueReference"]["reference"], format!("{base}/Patient/a-pat-2"));
+        assert_eq!(resource["performer"][0]["reference"], "Patient/a-pat-1", "relative references stay relative");
+        assert_eq!(resource["extension"][0]["url"], "https://fhirgw.dev/test-ext");
+    };
+
+    // A read (buffered), behind the load balancer and straight to the data plane.
+    let r = s.send(with_lb(http().get(s.url("/fhir/Observation/a-obs-abs")).bearer_auth(&s.a))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains(&upstream), "the upstream's base leaked: {}", r.text());
+    check(&r.json(), public);
+    let r = s.get("/fhir/Observation/a-obs-abs", &s.a).await;
+    check(&r.json(), &own);
+
+    // A search (streamed entry by entry) and a history: the same references in every entry.
+    for path in ["/fhir/Observation?_id=a-obs-abs", "/fhir/Observation/a-obs-abs/_history"] {
+        let r = s.send(with_lb(http().get(s.url(path)).bearer_auth(&s.a))).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert!(!r.text().contains(&upstream), "{path}: the upstream's base leaked: {}", r.text());
+        let bundle = r.json();
+        let entries = bundle["entry"].as_array().unwrap();
+        assert!(!entries.is_empty(), "{path}: {bundle}");
+        for entry in entries {
+            check(&entry["resource"], public);
+        }
+    }
+
+    // The rewritten reference leads back through the gateway to the resource it names.
+    let r = s.get("/fhir/Observation/a-obs-abs", &s.a).await;
+    let reference = r.json()["subject"]["reference"].as_str().unwrap().to_owned();
+    let patient = s.send(http().get(&reference).bearer_auth(&s.a)).await;
+    assert_eq!(patient.status, 200, "{reference}: {}", patient.text());
+    assert_eq!(patient.json()["id"], "a-pat-1");
+
+    // Tenant B cannot see the resource at all: rewriting happens only to what was verified.
+    assert_eq!(s.get("/fhir/Observation/a-obs-abs", &s.b).await.status, 404);
+}
+
+/// The gateway reads every body it checks, so it asks the upstream for identity encoding whatever the client
+/// accepts: an upstream that gzips when asked (as HAPI does) still gives verified, rewritten JSON.
+#[tokio::test]
+async fn a_gzip_capable_upstream_is_asked_for_identity() {
+    let s = common::stack_full(&["--gzip", "negotiate"], &[], &[]).await;
+    let upstream = seed_absolute_references(&s).await;
+    let gzip = |r: reqwest::RequestBuilder| r.header("accept-encoding", "gzip, deflate");
+    // The seeding request itself shows the server compresses when allowed to.
+    let direct = http()
+        .get(format!("{upstream}/Patient/a-pat-1"))
+        .bearer_auth(fhirgw_e2e::UPSTREAM_TOKEN)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.headers()["content-encoding"],
+        "gzip",
+        "the test server must compress for this test to mean anything"
+    );
+    let admin = format!("http://{}/__admin/requests", s.fhir.addr("listening"));
+    assert!(http().delete(&admin).send().await.unwrap().status().is_success());
+
+    let read = s.send(gzip(http().get(s.url("/fhir/Observation/a-obs-abs")).bearer_auth(&s.a))).await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert!(read.headers.get("content-encoding").is_none());
+    assert_eq!(read.json()["subject"]["reference"], format!("http://{}/fhir/Patient/a-pat-1", s.dp.addr("fhir")));
+    let search = s.send(gzip(http().get(s.url("/fhir/Observation?_count=2")).bearer_auth(&s.a))).await;
+    assert_eq!(search.status, 200, "{}", search.text());
+    assert_eq!(search.ids().len(), 2, "{}", search.text());
+    let metadata = s.send(gzip(http().get(s.url("/fhir/metadata")))).await;
+    assert_eq!(metadata.status, 200, "{}", metadata.text());
+    assert_eq!(metadata.json()["resourceType"], "CapabilityStatement");
+
+    // Everything since the log was cleared came from the gateway.
+    let log = s.upstream_requests().await;
+    assert!(log.len() >= 3, "{log:?}");
+    for request in &log {
+        assert_eq!(request["headers"]["accept-encoding"], "identity", "{request}");
+    }
+}
+
+/// An upstream that compresses although identity was asked for gets a clean 502, never a body misread as missing
+/// or malformed.
+#[tokio::test]
+async fn an_upstream_that_always_compresses_is_refused() {
+    let s = common::stack_full(&["--gzip", "always"], &[], &[]).await;
+    for (path, token) in
+        [("/fhir/Patient/a-pat-1", Some(&s.a)), ("/fhir/Observation?_count=2", Some(&s.a)), ("/fhir/metadata", None)]
+    {
+        let request = http().get(s.url(path));
+        let request = match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        };
+        let r = s.send(request).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.json()["resourceType"], "OperationOutcome", "{path}");
+    }
+}

@@ -230,7 +230,9 @@ impl Ctx<'_> {
             .body(request_body)
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         *request.headers_mut() = headers;
-        Ok(self.proxy.upstreams.send(&self.upstream, request).await?)
+        let response = self.proxy.upstreams.send(&self.upstream, request).await?;
+        headers::require_identity(response.headers())?;
+        Ok(response)
     }
 
     /// An instance-level history or operation on a resource outside the grants must look exactly like one on a
@@ -273,10 +275,11 @@ impl Ctx<'_> {
         let (status, headers, body) = self.fetch(&target, request.headers(), READ_MAX_BYTES).await?;
         match status {
             StatusCode::OK => {
-                let value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+                let mut value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
                 if !resource_visible(&value, ty, id, grants) {
                     return Err(ProxyError::ResourceNotFound);
                 }
+                super::links::rewrite_references(&mut value, &self.upstream, &self.public);
                 Ok(json_response(StatusCode::OK, &value, &validators(&headers), head))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),

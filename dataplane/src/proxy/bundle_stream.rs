@@ -1,6 +1,8 @@
 //! Bundles stream through the gateway: each `entry` is verified as it passes (`policy::stream::BundleFilter`), so
 //! memory stays bounded by the largest entry whatever the Bundle's size. Links are rewritten and signed, `fullUrl`s
-//! moved to the public base, and `total` never reveals an unfiltered count.
+//! and absolute references on the upstream's base moved to the public base (each entry is whole and parsed by then,
+//! so a URL split across upstream chunks is rewritten like any other), and `total` never reveals an unfiltered
+//! count.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,7 +15,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use super::links::{PageContext, rewrite_links};
+use super::links::{PageContext, rewrite_links, rewrite_references};
 use crate::authn::scopes::{Allowed, Permission, Scopes};
 use crate::policy::paging::PageSigner;
 use crate::policy::stream::{BundleFilter, EntryPolicy, Options};
@@ -42,6 +44,9 @@ impl EntryPolicy for Rules {
             return None;
         }
         rewrite_full_url(&mut entry, &self.upstream.base_url, &self.public);
+        if let Some(resource) = entry.get_mut("resource") {
+            rewrite_references(resource, &self.upstream, &self.public);
+        }
         Some(entry)
     }
 
@@ -111,4 +116,67 @@ pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Durat
         }
     });
     StreamBody::new(stream).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use fhirgw_config::tenant::Tag;
+    use fhirgw_proto::config::v1 as pb;
+
+    use super::*;
+
+    const UP: &str = "http://upstream:8090/fhir";
+    const PUBLIC: &str = "https://fhir.example.org:8443/fhir";
+
+    fn rules() -> Rules {
+        let msg = pb::Upstream { name: "fhir".into(), base_url: UP.into(), ..Default::default() };
+        let tag = Tag { system: "https://fhirgw.dev/dataset".into(), code: "tenant-a".into() };
+        Rules {
+            grants: Grants::new([&tag]),
+            scopes: Scopes::parse("user/*.read"),
+            upstream: Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}"))),
+            public: PUBLIC.into(),
+            signer: PageSigner::new(&[7; 32]),
+            tenant: "tenant-a".into(),
+            path: "Observation".into(),
+            self_url: format!("{PUBLIC}/Observation"),
+            now: SystemTime::now(),
+        }
+    }
+
+    /// The upstream's absolute references reach the client on the public base wherever the upstream's chunks split
+    /// them (here: at every byte), in kept entries; dropped entries are not rewritten, they are gone.
+    #[test]
+    fn references_split_across_chunks_are_rewritten() {
+        let tag = r#"{"tag":[{"system":"https://fhirgw.dev/dataset","code":"tenant-a"}]}"#;
+        let other = r#"{"tag":[{"system":"https://fhirgw.dev/dataset","code":"tenant-b"}]}"#;
+        let input = format!(
+            r#"{{"resourceType":"Bundle","type":"searchset","entry":[
+              {{"fullUrl":"{UP}/Observation/o1","resource":{{"resourceType":"Observation","id":"o1","meta":{tag},
+                "subject":{{"reference":"{UP}/Patient/p\u0031"}},"focus":[{{"reference":"{UP}/Group/g1"}}],
+                "encounter":{{"reference":"Encounter/e1"}}}}}},
+              {{"fullUrl":"{UP}/Observation/o2","resource":{{"resourceType":"Observation","id":"o2","meta":{other},
+                "subject":{{"reference":"{UP}/Patient/secret"}}}}}}],
+              "link":[{{"relation":"self","url":"{UP}/Observation"}}]}}"#
+        );
+        let bytes = input.as_bytes();
+        for split in 0..=bytes.len() {
+            let mut filter = BundleFilter::new(rules(), Options::default());
+            let mut out = Vec::new();
+            for chunk in [&bytes[..split], &bytes[split..]] {
+                filter.push(chunk, &mut out).unwrap_or_else(|e| panic!("split at {split}: {e}"));
+            }
+            filter.finish(&mut out).unwrap_or_else(|e| panic!("split at {split}: {e}"));
+            let text = String::from_utf8(out).unwrap_or_default();
+            assert!(!text.contains("upstream:8090"), "split at {split}: {text}");
+            assert!(!text.contains("secret"), "split at {split}: {text}");
+            let bundle: Value = serde_json::from_str(&text).unwrap_or_default();
+            let entry = &bundle["entry"][0];
+            assert_eq!(entry["fullUrl"], format!("{PUBLIC}/Observation/o1"), "split at {split}");
+            assert_eq!(entry["resource"]["subject"]["reference"], format!("{PUBLIC}/Patient/p1"), "split at {split}");
+            assert_eq!(entry["resource"]["focus"][0]["reference"], format!("{PUBLIC}/Group/g1"), "split at {split}");
+            assert_eq!(entry["resource"]["encounter"]["reference"], "Encounter/e1", "split at {split}");
+            assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(1), "split at {split}");
+        }
+    }
 }

@@ -64,6 +64,26 @@ pub fn sanitize_request(headers: &mut HeaderMap, extra: &[HeaderName]) {
     }
 }
 
+/// The gateway reads every body it passes on, so it asks the upstream for `Accept-Encoding: identity`. An upstream
+/// that compresses anyway gets a clean 502 (logged), not a body misread as malformed or missing.
+pub(super) fn require_identity(headers: &HeaderMap) -> Result<(), super::ProxyError> {
+    let encodings: Vec<&str> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not ASCII)"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && !v.eq_ignore_ascii_case("identity"))
+        .collect();
+    if encodings.is_empty() {
+        return Ok(());
+    }
+    Err(super::ProxyError::Unverifiable(format!(
+        "the upstream sent Content-Encoding `{}` although identity was asked for",
+        encodings.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +117,25 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "if-none-match", "prefer"]);
+    }
+
+    #[test]
+    fn only_identity_bodies_are_read() {
+        let cases: &[(&[&str], bool)] = &[
+            (&[], true),
+            (&["identity"], true),
+            (&["Identity"], true),
+            (&["gzip"], false),
+            (&["identity", "br"], false),
+            (&["gzip, identity"], false),
+            (&[""], true),
+        ];
+        for (values, ok) in cases {
+            let mut h = HeaderMap::new();
+            for v in *values {
+                h.append(header::CONTENT_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(require_identity(&h).is_ok(), *ok, "{values:?}");
+        }
     }
 }

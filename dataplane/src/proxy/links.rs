@@ -59,8 +59,127 @@ pub fn upstream_target(upstream: &Upstream, url: &str) -> Option<String> {
     Some(rest.to_owned())
 }
 
+/// What follows the upstream's base in an absolute URL on it: empty, or starting with `/`, `?` or `#`. Scheme and
+/// host compare case-insensitively (RFC 3986 §6.2.2.1), the path exactly; `None` for any other URL.
+fn on_upstream_base<'u>(upstream: &Upstream, url: &'u str) -> Option<&'u str> {
+    let origin = url.get(..upstream.origin.len()).filter(|o| o.eq_ignore_ascii_case(&upstream.origin))?;
+    let rest = url[origin.len()..].strip_prefix(upstream.base_path.as_str())?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
 /// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
 pub fn rewrite_url(upstream: &Upstream, public_base: &str, url: &str) -> Option<String> {
-    let rest = url.strip_prefix(&upstream.base_url)?;
-    (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')).then(|| format!("{public_base}{rest}"))
+    on_upstream_base(upstream, url).map(|rest| format!("{public_base}{rest}"))
+}
+
+/// Moves every absolute reference to the upstream's own base inside a resource to the public base: each
+/// `reference` string at any depth (`Reference.reference` in elements, extensions and contained resources alike).
+/// Relative references, references to other servers and URLs in any other element are left alone. Returns how
+/// many were rewritten.
+///
+/// A client cannot resolve the upstream's internal address, and must not learn it. The depth is bounded by the
+/// JSON parser (serde_json refuses nesting deeper than 128).
+pub fn rewrite_references(value: &mut Value, upstream: &Upstream, public_base: &str) -> usize {
+    match value {
+        Value::Object(map) => map
+            .iter_mut()
+            .map(|(key, item)| match item {
+                Value::String(url) if key == "reference" => match rewrite_url(upstream, public_base, url) {
+                    Some(public) => {
+                        *url = public;
+                        1
+                    }
+                    None => 0,
+                },
+                other => rewrite_references(other, upstream, public_base),
+            })
+            .sum(),
+        Value::Array(items) => items.iter_mut().map(|item| rewrite_references(item, upstream, public_base)).sum(),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fhirgw_proto::config::v1 as pb;
+    use serde_json::json;
+
+    use super::*;
+
+    fn upstream(base_url: &str) -> Upstream {
+        let msg = pb::Upstream { name: "fhir".into(), base_url: base_url.into(), ..Default::default() };
+        Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const PUBLIC: &str = "https://fhir.example.org:8443/fhir";
+
+    #[test]
+    fn rewrite_url_table() {
+        let up = upstream("http://upstream:8090/fhir");
+        let root = upstream("http://upstream:8090");
+        // (what, upstream, url, rewritten)
+        let cases: &[(&str, &Upstream, &str, Option<&str>)] = &[
+            ("resource", &up, "http://upstream:8090/fhir/Patient/123", Some("/Patient/123")),
+            ("version", &up, "http://upstream:8090/fhir/Patient/1/_history/2", Some("/Patient/1/_history/2")),
+            ("the base itself", &up, "http://upstream:8090/fhir", Some("")),
+            ("query", &up, "http://upstream:8090/fhir?_id=1", Some("?_id=1")),
+            ("fragment", &up, "http://upstream:8090/fhir#x", Some("#x")),
+            ("scheme and host case", &up, "HTTP://UpStream:8090/fhir/Patient/1", Some("/Patient/1")),
+            ("path case matters", &up, "http://upstream:8090/FHIR/Patient/1", None),
+            ("longer path segment", &up, "http://upstream:8090/fhirx/Patient/1", None),
+            ("other port", &up, "http://upstream:8091/fhir/Patient/1", None),
+            ("port prefix", &up, "http://upstream:80900/fhir/Patient/1", None),
+            ("other host", &up, "http://upstream.evil:8090/fhir/Patient/1", None),
+            ("other scheme", &up, "https://upstream:8090/fhir/Patient/1", None),
+            ("relative", &up, "Patient/1", None),
+            ("urn", &up, "urn:uuid:0b7f3c0e-6a43-4e8e-9d7e-2c8c8b6f0a11", None),
+            ("shorter than the origin", &up, "http://up", None),
+            ("non-ASCII before the boundary", &up, "http://upstreäm:8090/fhir/Patient/1", None),
+            ("root base", &root, "http://upstream:8090/Patient/1", Some("/Patient/1")),
+            ("root base, other port", &root, "http://upstream:80901/Patient/1", None),
+        ];
+        for (what, upstream, url, want) in cases {
+            let got = rewrite_url(upstream, PUBLIC, url);
+            assert_eq!(got, want.map(|rest| format!("{PUBLIC}{rest}")), "{what}: {url}");
+        }
+    }
+
+    #[test]
+    fn references_at_any_depth_and_nothing_else() {
+        let up = upstream("http://upstream:8090/fhir");
+        let base = "http://upstream:8090/fhir";
+        let mut resource = json!({
+            "resourceType": "Observation",
+            "id": "o1",
+            "subject": {"reference": format!("{base}/Patient/123"), "display": format!("{base}/Patient/123")},
+            "encounter": {"reference": "Encounter/e1"},
+            "performer": [
+                {"reference": format!("{base}/Practitioner/p1/_history/3")},
+                {"reference": "https://elsewhere.example/fhir/Practitioner/9"},
+                {"reference": "#contained-1"}
+            ],
+            "contained": [{"resourceType": "Device", "id": "contained-1",
+                           "owner": {"reference": format!("{base}/Organization/org1")}}],
+            "extension": [{"url": "http://example.org/ext", "valueReference": {"reference": format!("{base}/Group/g1")}}],
+            "valueAttachment": {"url": format!("{base}/Binary/b1")},
+            "note": [{"text": format!("see {base}/Patient/123")}],
+            "reference": 12
+        });
+        let n = rewrite_references(&mut resource, &up, PUBLIC);
+        assert_eq!(n, 4);
+        let p = PUBLIC;
+        assert_eq!(resource["subject"]["reference"], format!("{p}/Patient/123"));
+        assert_eq!(resource["subject"]["display"], format!("{base}/Patient/123"), "only `reference` elements");
+        assert_eq!(resource["encounter"]["reference"], "Encounter/e1");
+        assert_eq!(resource["performer"][0]["reference"], format!("{p}/Practitioner/p1/_history/3"));
+        assert_eq!(resource["performer"][1]["reference"], "https://elsewhere.example/fhir/Practitioner/9");
+        assert_eq!(resource["performer"][2]["reference"], "#contained-1");
+        assert_eq!(resource["contained"][0]["owner"]["reference"], format!("{p}/Organization/org1"));
+        assert_eq!(resource["extension"][0]["valueReference"]["reference"], format!("{p}/Group/g1"));
+        assert_eq!(resource["extension"][0]["url"], "http://example.org/ext");
+        assert_eq!(resource["valueAttachment"]["url"], format!("{base}/Binary/b1"));
+        assert_eq!(resource["reference"], 12);
+        // Idempotent: public references are not on the upstream's base.
+        assert_eq!(rewrite_references(&mut resource, &up, PUBLIC), 0);
+    }
 }

@@ -380,6 +380,9 @@ impl Proxy {
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         parts.version = http::Version::HTTP_11;
         headers::sanitize_request(&mut parts.headers, &upstream.strip_request_headers);
+        // The one caller parses the body (the CapabilityStatement): a client's `Accept-Encoding: gzip` must not
+        // reach the upstream.
+        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let outbound = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let mut response = self.upstreams.send(&upstream, outbound).await?;
         headers::strip_hop_by_hop(response.headers_mut());
@@ -423,6 +426,7 @@ async fn capabilities(
     if response.status() != StatusCode::OK {
         return Err(ProxyError::UpstreamStatus(response.status()));
     }
+    headers::require_identity(response.headers())?;
     let body = http_body_util::Limited::new(response.into_body(), 16 * 1024 * 1024)
         .collect()
         .await

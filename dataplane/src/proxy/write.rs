@@ -278,7 +278,10 @@ impl Ctx<'_> {
             resource_visible(v, ty, &id, grants)
         });
         let mut out = match visible {
-            Some(value) => json_response(status, &value, &keep, false),
+            Some(mut value) => {
+                super::links::rewrite_references(&mut value, &self.upstream, &self.public);
+                json_response(status, &value, &keep, false)
+            }
             None => {
                 let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
                 *r.status_mut() = if status == StatusCode::OK { StatusCode::NO_CONTENT } else { status };

@@ -24,8 +24,13 @@ pub async fn stack() -> Stack {
 }
 
 pub async fn stack_with(cp_args: &[&str], dp_args: &[&str]) -> Stack {
+    stack_full(&[], cp_args, dp_args).await
+}
+
+/// A stack whose FHIR server gets extra flags too (e.g. `--gzip always`).
+pub async fn stack_full(fhir_args: &[&str], cp_args: &[&str], dp_args: &[&str]) -> Stack {
     let world = World::new();
-    let fhir = world.fhir_server().await;
+    let fhir = world.fhir_server_args(fhir_args).await;
     let issuer = fixtures::issuer().await;
     let cp = world.control_plane_args("cp", "cp.db", "127.0.0.1:0", cp_args).await;
     let dp = world.data_plane_args("dp", &grpc_url(&cp), "dp-state", &world.path("dataplane.token"), dp_args).await;
@@ -94,6 +99,23 @@ impl Stack {
     pub async fn upstream(&self, path: &str) -> Value {
         let base = self.fhir.ready["base_url"].as_str().unwrap();
         http().get(format!("{base}{path}")).bearer_auth(UPSTREAM_TOKEN).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Writes a resource straight to the upstream (test set-up the gateway could not do, e.g. with the upstream's own
+    /// absolute URLs in it).
+    pub async fn put_upstream(&self, resource: &Value) {
+        let base = self.fhir.ready["base_url"].as_str().unwrap();
+        let path = format!("{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
+        let response = http()
+            .put(format!("{base}/{path}"))
+            .bearer_auth(UPSTREAM_TOKEN)
+            .header("content-type", "application/fhir+json")
+            .body(resource.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(status.is_success(), "seeding {path}: {status} {}", response.text().await.unwrap_or_default());
     }
 
     pub async fn upstream_requests(&self) -> Vec<Value> {
