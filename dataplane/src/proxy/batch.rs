@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::access::Ctx;
-use super::links::rewrite_url;
+use super::links::{rewrite_references, rewrite_url};
 use super::write::{json_body, stored_version};
 use super::{ProxyError, json_response};
 use crate::authn::scopes::Permission;
@@ -309,6 +309,9 @@ impl Ctx<'_> {
         match code {
             Some(code) if code.is_success() => {
                 rewrite_full_url(&mut answer, &self.upstream.base_url, &self.public);
+                if let Some(resource) = answer.get_mut("resource") {
+                    rewrite_references(resource, &self.upstream, &self.public);
+                }
                 answer["response"]["status"] = Value::String(status_line(code));
                 answer
             }
