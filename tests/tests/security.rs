@@ -194,6 +194,73 @@ async fn cached_verification_follows_provider_changes() {
     assert_eq!(r.status, 401, "a token cached under the old audience still works: {}", r.text());
 }
 
+/// SMART `patient/` scopes: the token's `patient` claim confines every read and search to that patient's
+/// compartment, on top of the tenant's grants (never instead of them).
+#[tokio::test]
+async fn patient_scopes_confine_to_the_compartment() {
+    let s = stack().await;
+    let token = |patient: Option<&str>, scope: &str| {
+        let mut claims = s.issuer.claims("tenant-a", scope);
+        if let Some(p) = patient {
+            claims["patient"] = json!(p);
+        }
+        sign(Key::Rsa, &claims)
+    };
+    let p1 = token(Some("a-pat-1"), "launch/patient patient/*.rs");
+    let ids = |r: &common::Reply| r.ids();
+
+    assert_eq!(s.get("/fhir/Patient/a-pat-1", &p1).await.status, 200);
+    let other = s.get("/fhir/Patient/a-pat-2", &p1).await;
+    let missing = s.get("/fhir/Patient/nope", &p1).await;
+    assert_eq!((other.status, missing.status), (404, 404));
+    assert_eq!(other.json()["issue"], missing.json()["issue"], "another patient must look missing");
+    assert_eq!(s.get("/fhir/Observation/a-obs-3", &p1).await.status, 404, "a-pat-2's observation");
+    assert_eq!(s.get("/fhir/Observation/a-obs-1", &p1).await.status, 200);
+
+    // Searches: only the patient's own, never another tenant's record about the same patient (b-obs-cross).
+    let r = s.get("/fhir/Observation", &p1).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut got = ids(&r);
+    got.sort();
+    assert_eq!(got, ["Observation/a-obs-1", "Observation/a-obs-2"]);
+    assert_eq!(ids(&s.get("/fhir/Patient", &p1).await), ["Patient/a-pat-1"]);
+    assert_eq!(ids(&s.get("/fhir/Condition", &p1).await), ["Condition/a-cond-1"]);
+    // Asking for another patient explicitly narrows to nothing rather than widening.
+    assert!(ids(&s.get("/fhir/Observation?subject=Patient/a-pat-2", &p1).await).is_empty());
+    // Includes and $everything are checked entry by entry.
+    let r = s.get("/fhir/Observation?_include=Observation:subject&_count=50", &p1).await;
+    assert!(
+        ids(&r).iter().all(|id| id.ends_with("a-obs-1") || id.ends_with("a-obs-2") || id == "Patient/a-pat-1"),
+        "{:?}",
+        ids(&r)
+    );
+    let r = s.get("/fhir/Patient/a-pat-1/$everything", &p1).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!ids(&r).is_empty());
+    for id in ids(&r) {
+        assert!(!id.starts_with("Observation/a-obs-3") && !id.contains("b-"), "{id} is outside the compartment");
+    }
+    assert_eq!(s.get("/fhir/Patient/a-pat-2/$everything", &p1).await.status, 404);
+    assert_eq!(s.get("/fhir/Patient/a-pat-2/_history", &p1).await.status, 404);
+
+    // The tenant's grants still apply: a patient claim naming another tenant's patient sees nothing.
+    let foreign = token(Some("b-pat-1"), "patient/*.rs");
+    assert_eq!(s.get("/fhir/Patient/b-pat-1", &foreign).await.status, 404);
+    assert!(ids(&s.get("/fhir/Observation", &foreign).await).is_empty());
+
+    // Refused: no patient claim, types outside the compartment, and writes.
+    let r = s.get("/fhir/Observation", &token(None, "patient/*.rs")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(s.get("/fhir/Practitioner", &p1).await.status, 403);
+    let write = token(Some("a-pat-1"), "patient/*.cruds");
+    let r = s
+        .send(http().post(s.url("/fhir/Observation")).bearer_auth(&write).json(&json!({
+            "resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "Patient/a-pat-1"}})))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+}
+
 /// Cases 1, 7, 10: reads and vreads are verified; out-of-grant is indistinguishable from missing.
 #[tokio::test]
 async fn reads_are_verified_and_out_of_grant_looks_missing() {

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod classify;
+pub mod compartment;
 pub mod paging;
 pub mod query;
 pub mod stream;

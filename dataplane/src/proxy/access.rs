@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use fhirgw_config::Snapshot;
 use fhirgw_config::path::join_encoded;
+use fhirgw_config::pattern::Class;
 use fhirgw_config::route::QueryGuard;
 use fhirgw_config::tenant::Tag;
 use fhirgw_config::upstream::Upstream;
@@ -24,6 +25,7 @@ use super::{Proxy, ProxyError, bundle_stream, headers, json_response, validators
 use crate::authn::Caller;
 use crate::authn::scopes::{Allowed, Permission};
 use crate::policy::classify::Interaction;
+use crate::policy::compartment::{self, Reach};
 use crate::policy::query::{self, PAGE_PARAM, Params, QueryError, Use};
 use crate::policy::verify::{Grants, resource_visible};
 use crate::upstream::{Body, UpstreamError};
@@ -107,13 +109,37 @@ impl Ctx<'_> {
         }
     }
 
+    /// Tenant-wide permission, as writes and batches need: a `patient/` scope is not enough.
     pub(super) fn require(&self, ty: &str, permission: Permission) -> Result<(), ProxyError> {
         match self.caller.scopes.allows(ty, permission) {
             Allowed::Tenant => Ok(()),
             Allowed::PatientOnly => Err(ProxyError::Forbidden(
-                "Patient-context scopes (patient/...) are not supported by this gateway yet; use user/ or system/ scopes.".into(),
+                "patient/ scopes allow direct reads and searches only; this needs a user/ or system/ scope.".into(),
             )),
-            Allowed::No => Err(ProxyError::Forbidden(format!("The token's scopes do not allow this interaction on {ty}."))),
+            Allowed::No => {
+                Err(ProxyError::Forbidden(format!("The token's scopes do not allow this interaction on {ty}.")))
+            }
+        }
+    }
+
+    /// How far the caller may read `ty`: the tenant, or (`patient/` scopes) the compartment of the token's patient.
+    pub(super) fn require_read(&self, ty: &str, permission: Permission) -> Result<Reach, ProxyError> {
+        match self.caller.scopes.allows(ty, permission) {
+            Allowed::Tenant => Ok(Reach::Tenant),
+            Allowed::PatientOnly => {
+                let patient = self.caller.patient.as_deref().filter(|p| Class::Id.accepts(p)).ok_or_else(|| {
+                    ProxyError::Forbidden("patient/ scopes need the token's `patient` claim (a patient id).".into())
+                })?;
+                if compartment::search_param(ty, patient).is_none() {
+                    return Err(ProxyError::Forbidden(format!(
+                        "{ty} is not in the patient compartment, so a patient/ scope grants nothing on it."
+                    )));
+                }
+                Ok(Reach::Patient(patient.to_owned()))
+            }
+            Allowed::No => {
+                Err(ProxyError::Forbidden(format!("The token's scopes do not allow this interaction on {ty}.")))
+            }
         }
     }
 
@@ -238,7 +264,7 @@ impl Ctx<'_> {
     /// An instance-level history or operation on a resource outside the grants must look exactly like one on a
     /// resource that does not exist: the focal resource is read and verified first.
     async fn focal(&self, ty: &str, id: &str, grants: &Grants) -> Result<(), ProxyError> {
-        self.require(ty, Permission::Read)?;
+        let reach = self.require_read(ty, Permission::Read)?;
         if grants.is_empty() {
             return Err(ProxyError::ResourceNotFound);
         }
@@ -247,7 +273,11 @@ impl Ctx<'_> {
         match status {
             StatusCode::OK => {
                 let value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
-                if resource_visible(&value, ty, id, grants) { Ok(()) } else { Err(ProxyError::ResourceNotFound) }
+                if resource_visible(&value, ty, id, grants) && reach.admits(&value) {
+                    Ok(())
+                } else {
+                    Err(ProxyError::ResourceNotFound)
+                }
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
             other => Err(ProxyError::UpstreamStatus(other)),
@@ -264,7 +294,7 @@ impl Ctx<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         let params = query::parse(request.uri().query());
         query::check(Use::Read, &params, self.guard)?;
-        self.require(ty, Permission::Read)?;
+        let reach = self.require_read(ty, Permission::Read)?;
         if grants.is_empty() {
             return Err(ProxyError::ResourceNotFound);
         }
@@ -276,7 +306,7 @@ impl Ctx<'_> {
         match status {
             StatusCode::OK => {
                 let mut value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
-                if !resource_visible(&value, ty, id, grants) {
+                if !resource_visible(&value, ty, id, grants) || !reach.admits(&value) {
                     return Err(ProxyError::ResourceNotFound);
                 }
                 super::links::rewrite_references(&mut value, &self.upstream, &self.public);
@@ -302,7 +332,7 @@ impl Ctx<'_> {
         let segments: Vec<String> = if usage == Use::Search { vec![ty.to_owned()] } else { self.relative.to_vec() };
         let path = segments.join("/");
         let permission = if usage == Use::Search { Permission::Search } else { Permission::Read };
-        self.require(ty, permission)?;
+        let reach = self.require_read(ty, permission)?;
         let public = self.public.as_str();
         let page_token = match params.as_slice() {
             [(name, token)] if name == PAGE_PARAM => Some(token.clone()),
@@ -327,7 +357,15 @@ impl Ctx<'_> {
                 query::check(usage, &params, self.guard)?;
                 let upstream_params = if usage == Use::Search {
                     match query::narrow(&params, tags) {
-                        Some(p) => p,
+                        Some(mut p) => {
+                            // A patient/ scope: confined upstream too (every entry is checked regardless).
+                            if let Reach::Patient(patient) = &reach
+                                && let Some(param) = compartment::search_param(ty, patient)
+                            {
+                                p.push(param);
+                            }
+                            p
+                        }
                         None => return Ok(empty_bundle(usage, public, &path, &params, head)),
                     }
                 } else if grants.is_empty() {
@@ -365,6 +403,7 @@ impl Ctx<'_> {
             let rules = bundle_stream::Rules {
                 grants: grants.clone(),
                 scopes: self.caller.scopes.clone(),
+                patient: self.caller.patient.clone(),
                 upstream: self.upstream.clone(),
                 public: public.to_owned(),
                 signer: self.proxy.pages.clone(),

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use super::links::{PageContext, rewrite_links, rewrite_references};
 use crate::authn::scopes::{Allowed, Permission, Scopes};
+use crate::policy::compartment;
 use crate::policy::paging::PageSigner;
 use crate::policy::stream::{BundleFilter, EntryPolicy, Options};
 use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
@@ -26,6 +27,8 @@ use crate::upstream::{Body, BoxError};
 pub(super) struct Rules {
     pub grants: Grants,
     pub scopes: Scopes,
+    /// The token's patient: entries that only a `patient/` scope covers must be in this patient's compartment.
+    pub patient: Option<String>,
     pub upstream: Arc<Upstream>,
     pub public: String,
     pub signer: PageSigner,
@@ -39,8 +42,15 @@ pub(super) struct Rules {
 impl EntryPolicy for Rules {
     fn entry(&mut self, mut entry: Value) -> Option<Value> {
         let scopes = &self.scopes;
-        let allowed = |ty: &str| scopes.allows(ty, Permission::Read) == Allowed::Tenant;
+        let allowed = |ty: &str| scopes.allows(ty, Permission::Read) != Allowed::No;
         if !entry_visible(&entry, &self.grants, &allowed) {
+            return None;
+        }
+        let resource = entry.get("resource")?;
+        let ty = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+        if scopes.allows(ty, Permission::Read) == Allowed::PatientOnly
+            && !self.patient.as_deref().is_some_and(|p| compartment::contains(resource, p))
+        {
             return None;
         }
         rewrite_full_url(&mut entry, &self.upstream.base_url, &self.public);
