@@ -144,6 +144,7 @@ mod tests {
         Rules {
             grants: Grants::new([&tag]),
             scopes: Scopes::parse("user/*.read"),
+            patient: None,
             upstream: Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}"))),
             public: PUBLIC.into(),
             signer: PageSigner::new(&[7; 32]),
