@@ -425,10 +425,25 @@ async fn searches_are_narrowed_and_joins_refused() {
         .await;
     assert_eq!(r.status, 400);
 
+    // Compartment searches: the focal patient is verified first (another tenant's patient looks missing), then the
+    // search is narrowed like any other, so another tenant's record about this patient (b-obs-cross) stays hidden.
+    let r = s.get("/fhir/Patient/a-pat-1/Observation", &s.a).await;
+    let mut got = r.ids();
+    got.sort();
+    assert_eq!(got, ["Observation/a-obs-1", "Observation/a-obs-2"], "{}", r.text());
+    let foreign = s.get("/fhir/Patient/b-pat-1/Observation", &s.a).await;
+    let missing = s.get("/fhir/Patient/nope/Observation", &s.a).await;
+    assert_eq!((foreign.status, missing.status), (404, 404), "{}", foreign.text());
+    assert_eq!(foreign.json()["issue"], missing.json()["issue"]);
+    assert_eq!(s.get("/fhir/Patient/a-pat-1/Practitioner", &s.a).await.status, 403);
+
     // Request shapes that carry searches or writes the gateway does not verify yet are refused, not forwarded.
     let before = s.upstream_requests().await.len();
     let denied: Vec<(&str, reqwest::RequestBuilder)> = vec![
-        ("compartment search", http().get(s.url("/fhir/Patient/b-pat-1/Observation")).bearer_auth(&s.a)),
+        (
+            "compartment search outside the Patient compartment",
+            http().get(s.url("/fhir/Group/g1/Observation")).bearer_auth(&s.a),
+        ),
         ("system search", http().get(s.url("/fhir?_type=Patient")).bearer_auth(&s.a)),
         (
             "transaction carrying a compartment search",

@@ -98,6 +98,18 @@ impl Ctx<'_> {
                 self.focal(&ty, &id, &grants).await?;
                 self.bundle(&ty, Use::Everything, params, &tags, &grants, now, head).await
             }
+            Interaction::Compartment { ty, id, target } if ty == "Patient" => {
+                // `Patient/1/Observation?…` is `Observation?patient=Patient/1&…` once Patient/1 is known visible.
+                self.focal(&ty, &id, &grants).await?;
+                let (name, value) = compartment::search_param(&target, &id)
+                    .ok_or_else(|| ProxyError::Forbidden(format!("{target} is not in the Patient compartment.")))?;
+                let mut params = query::parse(request.uri().query());
+                if params.iter().any(|(n, _)| n == PAGE_PARAM) {
+                    return Err(ProxyError::BadRequest("page through the links the search returned".into()));
+                }
+                params.push((name, value));
+                self.bundle(&target, Use::Search, params, &tags, &grants, now, head).await
+            }
             Interaction::Create { ty } => self.create(&ty, request, &grants, &tags).await,
             Interaction::Update { ty, id } => self.update(&ty, &id, request, &grants).await,
             Interaction::Patch { ty, id } => self.patch(&ty, &id, request, &grants).await,
