@@ -49,7 +49,8 @@ pub fn route_table() -> pb::RouteTable {
             proxy("metadata", "/metadata", &["GET"]),
             // Routed, so the access policy (not the route table) is what refuses system-level calls.
             proxy("root", "/", &["GET", "POST"]),
-            proxy("type", "/{type}", &["GET", "POST"]),
+            // PUT, PATCH and DELETE on a type are conditional writes.
+            proxy("type", "/{type}", &["GET", "POST", "PUT", "PATCH", "DELETE"]),
             proxy("search", "/{type}/_search", &["POST"]),
             proxy("instance", "/{type}/{id}", &["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
             proxy("history", "/{type}/{id}/_history", &["GET"]),

@@ -462,7 +462,6 @@ async fn searches_are_narrowed_and_joins_refused() {
         ),
         ("create", http().post(s.url("/fhir/Patient")).bearer_auth(&s.a).json(&json!({"resourceType": "Patient"}))),
         ("delete", http().delete(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a)),
-        ("conditional delete", http().delete(s.url("/fhir/Patient?identifier=x")).bearer_auth(&s.a)),
         ("$meta-add", http().post(s.url("/fhir/Patient/$meta-add")).bearer_auth(&s.a)),
         ("$export", http().get(s.url("/fhir/Patient/$export")).bearer_auth(&s.a)),
     ];

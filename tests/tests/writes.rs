@@ -303,9 +303,7 @@ async fn batch_and_transaction_entries_are_checked_one_by_one() {
     assert_eq!(tags(&s.upstream(&format!("/Patient/{id}")).await), vec![format!("{DS}|tenant-a")]);
     // Writes to another tenant's resource look like writes to a missing one; the rest are refused in place.
     assert!(status(6).starts_with("404") && status(7).starts_with("404"), "{} {}", entries[6], entries[7]);
-    // A conditional delete has no route here (DELETE is not routed on a type), exactly as when sent on its own.
-    assert!(status(12).starts_with("405"), "{}", entries[12]);
-    for i in [8, 9, 10] {
+    for i in [8, 9, 10, 12] {
         assert!(status(i).starts_with("403"), "entry {i}: {}", entries[i]);
         assert_eq!(entries[i]["response"]["outcome"]["resourceType"], "OperationOutcome");
     }
@@ -380,4 +378,65 @@ async fn batch_and_transaction_entries_are_checked_one_by_one() {
         ))
         .await;
     assert!(r.json()["entry"][0]["response"]["status"].as_str().unwrap().starts_with("403"), "{}", r.text());
+}
+
+/// Case 4: conditional update, patch and delete are resolved with a search narrowed to the tenant; another tenant's
+/// resources can neither match nor be counted, and the write itself is the ordinary checked one.
+#[tokio::test]
+async fn conditional_writes_match_only_the_callers_resources() {
+    let s = stack().await;
+    let a = s.issuer.token("tenant-a", WRITE);
+    let b_before = s.upstream("/Patient/b-pat-1").await;
+
+    // One match: updated in place, pinned to the version that matched; the body may leave the id out.
+    let r = s
+        .send(http().put(s.url("/fhir/Patient?_id=a-pat-2")).bearer_auth(&a).json(&json!({
+            "resourceType": "Patient", "name": [{"family": "Conditional"}]})))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stored = s.upstream("/Patient/a-pat-2").await;
+    assert_eq!(stored["name"][0]["family"], "Conditional");
+    assert_eq!(tags(&stored), vec![format!("{DS}|tenant-a")], "the stored dataset tag is kept");
+
+    // Another tenant's resource never matches: a conditional update creates the caller's own resource instead,
+    // and a conditional delete finds nothing, exactly as for a condition nothing meets.
+    let r = s
+        .send(http().put(s.url("/fhir/Patient?_id=b-pat-1")).bearer_auth(&a).json(&json!({
+            "resourceType": "Patient", "name": [{"family": "NotB"}]})))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.headers["location"].to_str().unwrap().to_owned();
+    assert!(!created.contains("b-pat-1"), "{created}");
+    let foreign = s.send(http().delete(s.url("/fhir/Patient?_id=b-pat-1")).bearer_auth(&a)).await;
+    let nothing = s.send(http().delete(s.url("/fhir/Patient?_id=nope")).bearer_auth(&a)).await;
+    assert_eq!((foreign.status, nothing.status), (404, 404), "{}", foreign.text());
+    assert_eq!(foreign.json()["issue"], nothing.json()["issue"]);
+    let foreign_patch = s
+        .send(
+            http()
+                .patch(s.url("/fhir/Patient?_id=b-pat-1"))
+                .bearer_auth(&a)
+                .header("content-type", "application/json-patch+json")
+                .body(r#"[{"op": "replace", "path": "/active", "value": false}]"#),
+        )
+        .await;
+    assert_eq!(foreign_patch.status, 404, "{}", foreign_patch.text());
+    assert_eq!(s.upstream("/Patient/b-pat-1").await, b_before, "tenant-b's patient changed");
+
+    // Several of one's own match: 412, nothing deleted. b-obs-cross (tenant-b, about a-pat-1) is not counted either.
+    let r = s.send(http().delete(s.url("/fhir/Observation?subject=Patient/a-pat-1")).bearer_auth(&a)).await;
+    assert_eq!(r.status, 412, "{}", r.text());
+    assert_eq!(s.upstream("/Observation/a-obs-1").await["id"], "a-obs-1");
+    // Exactly one: deleted.
+    let r = s.send(http().delete(s.url("/fhir/Observation?_id=a-obs-4")).bearer_auth(&a)).await;
+    assert!(r.status == 200 || r.status == 204, "{} {}", r.status, r.text());
+    let gone = s.get("/fhir/Observation/a-obs-4", &a).await;
+    assert_eq!(gone.status, 404);
+
+    // Read-only scopes cannot write conditionally; a paging or count parameter is not a condition.
+    let r = s.send(http().delete(s.url("/fhir/Patient?_id=a-pat-3")).bearer_auth(&s.a)).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = s.send(http().delete(s.url("/fhir/Patient?_id=a-pat-3&_count=1")).bearer_auth(&a)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(s.upstream("/Patient/a-pat-3").await["id"], "a-pat-3");
 }

@@ -111,6 +111,7 @@ impl Ctx<'_> {
                 self.bundle(&target, Use::Search, params, &tags, &grants, now, head).await
             }
             Interaction::Create { ty } => self.create(&ty, request, &grants, &tags).await,
+            Interaction::Conditional { ty, method } => self.conditional(&ty, method, request, &grants, &tags).await,
             Interaction::Update { ty, id } => self.update(&ty, &id, request, &grants).await,
             Interaction::Patch { ty, id } => self.patch(&ty, &id, request, &grants).await,
             Interaction::Delete { ty, id } => self.delete(&ty, &id, request, &grants).await,

@@ -118,8 +118,11 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
             if let Some(list) = r.get_mut("interaction").and_then(Value::as_array_mut) {
                 list.retain(|i| i.get("code").and_then(Value::as_str).is_some_and(|c| allowed.contains(&c)));
             }
-            r.insert("conditionalUpdate".into(), json!(false));
-            r.insert("conditionalDelete".into(), json!("not-supported"));
+            // Conditional writes are resolved by the gateway with a narrowed search, one match at a time.
+            r.insert("conditionalUpdate".into(), json!(proxied(table, &Method::PUT, &[ty.as_str()])));
+            let conditional_delete =
+                if proxied(table, &Method::DELETE, &[ty.as_str()]) { "single" } else { "not-supported" };
+            r.insert("conditionalDelete".into(), json!(conditional_delete));
             let everything = ty == "Patient" && proxied(table, &Method::GET, &["Patient", "x", "$everything"]);
             if let Some(ops) = r.get_mut("operation").and_then(Value::as_array_mut) {
                 ops.retain(|o| everything && o.get("name").and_then(Value::as_str) == Some("everything"));

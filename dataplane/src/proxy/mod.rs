@@ -104,6 +104,8 @@ enum ProxyError {
     PreconditionFailed,
     #[error(transparent)]
     Write(#[from] crate::policy::write::WriteError),
+    #[error("a conditional write matches several resources")]
+    MultipleMatches,
     /// An entry of a batch or transaction was refused.
     #[error("entry {index}: {error}")]
     Entry { index: usize, error: Box<ProxyError> },
@@ -227,6 +229,11 @@ impl ProxyError {
                 "The gateway cannot confirm access grants right now.",
             )
             .retry_after(10),
+            MultipleMatches => Outcome::new(
+                StatusCode::PRECONDITION_FAILED,
+                "multiple-matches",
+                "The condition matches more than one resource; make it more specific.",
+            ),
             Entry { index, error } => {
                 let mut outcome = error.outcome();
                 outcome.diagnostics = format!("Bundle entry {index}: {}", outcome.diagnostics);

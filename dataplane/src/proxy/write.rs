@@ -18,7 +18,7 @@ use super::access::Ctx;
 use super::links::rewrite_url;
 use super::{ProxyError, json_response, validators};
 use crate::authn::scopes::Permission;
-use crate::policy::query::{self, Use};
+use crate::policy::query::{self, PAGE_PARAM, Use};
 use crate::policy::verify::{Grants, resource_visible};
 use crate::policy::write::{check_json_patch, check_tags, dataset_systems, granted_tags};
 use crate::upstream::Body;
@@ -141,6 +141,86 @@ impl Ctx<'_> {
         self.write_upstream(Method::POST, &target, out, Some(body), None, ty, grants).await
     }
 
+    /// A conditional update, patch or delete (`PUT Patient?identifier=…`): the condition is searched narrowed to
+    /// the tenant like any search, and only the caller's own matches count. One match: the ordinary checked write on
+    /// it (pinned to the version seen). None: an update becomes a create (tag rules apply), a patch or delete finds
+    /// nothing. Several: 412. Another tenant's resources can neither match nor be counted.
+    pub(super) async fn conditional(
+        &self,
+        ty: &str,
+        method: Method,
+        request: Request<Incoming>,
+        grants: &Grants,
+        tags: &[&Tag],
+    ) -> Result<Response<Body>, ProxyError> {
+        let permission = if method == Method::DELETE { Permission::Delete } else { Permission::Update };
+        self.require(ty, permission)?;
+        let params = query::parse(request.uri().query());
+        query::check(Use::Search, &params, self.guard)?;
+        if params.iter().any(|(name, _)| matches!(name.as_str(), "_count" | "_sort" | PAGE_PARAM)) {
+            return Err(ProxyError::BadRequest("a condition takes search criteria only".into()));
+        }
+        let matches = self.matching(ty, &params, grants, tags).await?;
+        match (matches.as_slice(), method) {
+            ([], Method::PUT) => self.create(ty, request, grants, tags).await,
+            ([], _) => Err(ProxyError::ResourceNotFound),
+            ([id], Method::PUT) => self.update_resource(ty, id, request, grants, true).await,
+            ([id], Method::PATCH) => self.patch(ty, id, request, grants).await,
+            ([id], Method::DELETE) => self.delete(ty, id, request, grants).await,
+            ([_], _) => Err(ProxyError::MethodNotAllowed),
+            _ => Err(ProxyError::MultipleMatches),
+        }
+    }
+
+    /// Ids of the caller's resources of type `ty` matching `params` (at most two: enough to tell one from several).
+    async fn matching(
+        &self,
+        ty: &str,
+        params: &[(String, String)],
+        grants: &Grants,
+        tags: &[&Tag],
+    ) -> Result<Vec<String>, ProxyError> {
+        let Some(mut narrowed) = query::narrow(params, tags) else { return Ok(Vec::new()) };
+        if grants.is_empty() {
+            return Ok(Vec::new());
+        }
+        narrowed.push(("_count".into(), "2".into()));
+        let target =
+            format!("{}?{}", join_encoded(&self.upstream.base_path, &[ty.to_owned()]), query::encode(&narrowed));
+        let (status, _, body) = self.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
+        if status != StatusCode::OK {
+            return Err(ProxyError::UpstreamStatus(status));
+        }
+        let bundle: Value = serde_json::from_slice(&body)
+            .map_err(|e| ProxyError::Unverifiable(format!("the condition's search result is not JSON: {e}")))?;
+        let more = bundle
+            .get("link")
+            .and_then(Value::as_array)
+            .is_some_and(|links| links.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next")));
+        let mut ids: Vec<String> = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter(|e| {
+                        e.get("search").and_then(|s| s.get("mode")).and_then(Value::as_str).is_none_or(|m| m == "match")
+                    })
+                    .filter_map(|e| e.get("resource"))
+                    .filter_map(|r| {
+                        let id = r.get("id").and_then(Value::as_str)?;
+                        resource_visible(r, ty, id, grants).then(|| id.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if more && ids.len() == 1 {
+            // More pages of matches: several, whatever this page showed.
+            ids.push(String::new());
+        }
+        Ok(ids)
+    }
+
     pub(super) async fn update(
         &self,
         ty: &str,
@@ -148,15 +228,33 @@ impl Ctx<'_> {
         request: Request<Incoming>,
         grants: &Grants,
     ) -> Result<Response<Body>, ProxyError> {
+        self.update_resource(ty, id, request, grants, false).await
+    }
+
+    /// `conditional`: the body may leave out the id (the match supplies it).
+    async fn update_resource(
+        &self,
+        ty: &str,
+        id: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+        conditional: bool,
+    ) -> Result<Response<Body>, ProxyError> {
         self.require(ty, Permission::Update)?;
         let (headers, body) = read_body(request).await?;
         let mut resource = json_resource(&headers, &body, ty)?;
+        if conditional
+            && resource.get("id").is_none()
+            && let Some(obj) = resource.as_object_mut()
+        {
+            obj.insert("id".into(), Value::String(id.to_owned()));
+        }
         if resource.get("id").and_then(Value::as_str) != Some(id) {
             return Err(ProxyError::BadRequest(format!("the body's id must be `{id}`")));
         }
         let (stored, version) = self.stored(ty, id, grants, &headers).await?;
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
-        let target = join_encoded(&self.upstream.base_path, self.relative);
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         self.write_upstream(
             Method::PUT,
             &target,
@@ -186,7 +284,7 @@ impl Ctx<'_> {
             serde_json::from_slice(&body).map_err(|e| ProxyError::BadRequest(format!("the patch is not JSON: {e}")))?;
         check_json_patch(&patch)?;
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
-        let target = join_encoded(&self.upstream.base_path, self.relative);
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         let mut out = headers;
         out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json-patch+json"));
         self.write_upstream_typed(
@@ -211,7 +309,7 @@ impl Ctx<'_> {
         self.require(ty, Permission::Delete)?;
         let headers = request.headers().clone();
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
-        let target = join_encoded(&self.upstream.base_path, self.relative);
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         self.write_upstream(Method::DELETE, &target, headers, None, Some(&version), ty, grants).await
     }
 
