@@ -27,6 +27,7 @@ use moka::future::Cache;
 use serde_json::Value;
 
 use crate::http_client::{self, Connector};
+use crate::metrics::CacheCounter;
 use scopes::Scopes;
 
 pub const LEEWAY_SECS: u64 = 30;
@@ -60,6 +61,7 @@ pub struct Authenticator {
     jwks: Cache<String, Arc<Vec<Jwk>>>,
     last_forced: DashMap<String, Instant>,
     http: Client<Connector, Empty<Bytes>>,
+    jwks_lookups: CacheCounter,
 }
 
 impl Default for Authenticator {
@@ -68,6 +70,7 @@ impl Default for Authenticator {
             jwks: Cache::builder().max_capacity(256).time_to_live(JWKS_TTL).build(),
             last_forced: DashMap::new(),
             http: Client::builder(TokioExecutor::new()).build(http_client::connector(JWKS_TIMEOUT)),
+            jwks_lookups: CacheCounter::default(),
         }
     }
 }
@@ -113,6 +116,11 @@ fn algorithm_name(alg: Algorithm) -> &'static str {
 impl Authenticator {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Counts JWKS cache hits and misses into `jwks_lookups`.
+    pub fn with_metrics(jwks_lookups: CacheCounter) -> Arc<Self> {
+        Arc::new(Self { jwks_lookups, ..Self::default() })
     }
 
     pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
@@ -198,10 +206,16 @@ impl Authenticator {
     async fn keys(&self, idp: &IdentityProvider) -> Result<Arc<Vec<Jwk>>, AuthError> {
         let uri = idp.jwks_uri.clone();
         let http = self.http.clone();
-        self.jwks
-            .try_get_with(uri.clone(), async move { fetch_jwks(&http, &uri).await.map(Arc::new) })
-            .await
-            .map_err(|e: Arc<String>| AuthError::KeysUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() })
+        let mut fetched = false;
+        let keys = self
+            .jwks
+            .try_get_with(uri.clone(), async {
+                fetched = true;
+                fetch_jwks(&http, &uri).await.map(Arc::new)
+            })
+            .await;
+        self.jwks_lookups.record(!fetched);
+        keys.map_err(|e: Arc<String>| AuthError::KeysUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() })
     }
 }
 
