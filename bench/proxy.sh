@@ -241,7 +241,7 @@ nginx -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log" -g
 
 log "starting the control plane, the data plane and the dev issuer (RUST_LOG=warn)"
 export RUST_LOG=warn
-"$bin/fhirgw-controlplane" --listen 127.0.0.1:0 --store "$work/cp.db" --operator-token-file "$work/operator.token" \
+"$bin/fhirgw-controlplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --store "$work/cp.db" --operator-token-file "$work/operator.token" \
   --dataplane-token-file "$work/dataplane.token" >"$work/cp.out" 2>"$work/cp.log" & pids+=($!)
 cp_addr="$(wait_for_line "$work/cp.out" | json_get grpc)"
 "$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \

@@ -13,6 +13,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
 
+use crate::metrics::Metrics;
 use crate::objects::{ObjKind, Object, grant_key};
 use crate::status::Registry;
 use crate::store::{Change, Expected, Store, StoreError};
@@ -20,11 +21,12 @@ use crate::store::{Change, Expected, Store, StoreError};
 pub struct AdminService {
     store: Arc<Store>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<Store>, registry: Arc<Registry>) -> Self {
-        Self { store, registry }
+    pub fn new(store: Arc<Store>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        Self { store, registry, metrics }
     }
 }
 
@@ -75,6 +77,19 @@ impl AdminService {
         expected: &str,
         check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
     ) -> Result<u64, Status> {
+        let result = self.put_inner(kind, name, msg, expected, check).await;
+        self.metrics.write(kind, "put", result.as_ref().map(|_| ()).map_err(Status::code));
+        result
+    }
+
+    async fn put_inner<M: Message>(
+        &self,
+        kind: ObjKind,
+        name: String,
+        msg: &M,
+        expected: &str,
+        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+    ) -> Result<u64, Status> {
         if name.is_empty() {
             return Err(invalid(format!("{kind} name is required")));
         }
@@ -92,6 +107,18 @@ impl AdminService {
     }
 
     async fn delete(
+        &self,
+        kind: ObjKind,
+        name: String,
+        expected: &str,
+        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
+        let result = self.delete_inner(kind, name, expected, check).await;
+        self.metrics.write(kind, "delete", result.as_ref().map(|_| ()).map_err(Status::code));
+        result
+    }
+
+    async fn delete_inner(
         &self,
         kind: ObjKind,
         name: String,

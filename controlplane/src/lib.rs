@@ -1,7 +1,9 @@
 //! The fhirgw control plane: stores configuration durably and pushes it to data planes.
 
 pub mod admin;
+pub mod admin_http;
 pub mod auth;
+pub mod metrics;
 pub mod objects;
 pub mod push;
 pub mod status;

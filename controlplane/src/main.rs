@@ -1,4 +1,5 @@
-//! `fhirgw-controlplane`: one gRPC port serving the operator API, the config push stream, reflection and health.
+//! `fhirgw-controlplane`: one gRPC port serving the operator API, the config push stream, reflection and health;
+//! one admin HTTP port serving `/metrics` and `/healthz`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use fhirgw_controlplane::admin::AdminService;
+use fhirgw_controlplane::admin_http;
 use fhirgw_controlplane::auth::BearerAuth;
+use fhirgw_controlplane::metrics::Metrics;
 use fhirgw_controlplane::push::PushService;
 use fhirgw_controlplane::status::Registry;
 use fhirgw_controlplane::store::Store;
@@ -23,6 +26,9 @@ struct Args {
     /// gRPC listen address (operator API, config stream, reflection, health).
     #[arg(long, env = "FHIRGW_CP_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Admin HTTP listen address (/metrics, /healthz).
+    #[arg(long, env = "FHIRGW_CP_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
+    admin_listen: SocketAddr,
     /// SQLite database file of the embedded store (created if missing).
     #[arg(long, env = "FHIRGW_CP_STORE", default_value = "fhirgw-controlplane.db")]
     store: PathBuf,
@@ -47,6 +53,20 @@ struct Args {
     log_format: String,
 }
 
+/// The server span of one gRPC call, continuing the caller's W3C trace context (`traceparent` metadata), so an
+/// operator's trace runs through the admin call, the store write and the pushes it causes. Health checks and
+/// reflection get none: probes would flood the traces.
+fn grpc_span(request: &http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+        return tracing::Span::none();
+    }
+    let span =
+        tracing::info_span!("grpc", otel.name = %path.trim_start_matches('/'), otel.kind = "server", rpc = %path);
+    fhirgw_telemetry::continue_from_headers(&span, request.headers());
+    span
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -59,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&args.store).await.with_context(|| format!("opening store {}", args.store.display()))?;
     info!(store = %args.store.display(), revision = store.state().revision, "store open");
     let registry = Arc::new(Registry::default());
+    let metrics = Metrics::new(store.clone(), registry.clone());
 
     let poller = store.clone();
     let poll = Duration::from_millis(args.poll_ms.max(50));
@@ -89,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         .build_v1alpha()?;
 
     let admin = tonic::service::interceptor::InterceptedService::new(
-        AdminServer::new(AdminService::new(store.clone(), registry.clone()))
+        AdminServer::new(AdminService::new(store.clone(), registry.clone(), metrics.clone()))
             .max_decoding_message_size(16 * 1024 * 1024),
         operator,
     );
@@ -99,18 +120,27 @@ async fn main() -> anyhow::Result<()> {
             registry.clone(),
             Duration::from_secs(args.stream_lifetime_secs.max(10)),
             Duration::from_secs(args.heartbeat_secs.max(1)),
+            metrics.clone(),
         ),
         dataplane,
     );
 
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let local = listener.local_addr()?;
-    // One machine-readable line on stdout: how scripts and tests learn the port when it was 0.
-    println!("{}", serde_json::json!({ "event": "listening", "grpc": local.to_string() }));
-    info!(%local, "control plane listening");
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let (local, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    // One machine-readable line on stdout: how scripts and tests learn the ports when they were 0.
+    println!(
+        "{}",
+        serde_json::json!({ "event": "listening", "grpc": local.to_string(), "admin": admin_addr.to_string() })
+    );
+    info!(%local, %admin_addr, "control plane listening");
+    tokio::spawn(admin_http::serve(admin_listener, metrics));
 
     tonic::transport::Server::builder()
+        .trace_fn(grpc_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)

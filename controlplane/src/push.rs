@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::metrics::Metrics;
 use crate::status::{DataPlane, LastResponse, Registry};
 use crate::store::{State, Store};
 
@@ -26,13 +27,20 @@ pub struct PushService {
     registry: Arc<Registry>,
     max_lifetime: Duration,
     heartbeat: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl PushService {
     /// `heartbeat`: an idle stream gets an empty response this often, so data planes can tell a live control plane
     /// (and thus current grants) from a silent one.
-    pub fn new(store: Arc<Store>, registry: Arc<Registry>, max_lifetime: Duration, heartbeat: Duration) -> Self {
-        Self { store, registry, max_lifetime, heartbeat }
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        max_lifetime: Duration,
+        heartbeat: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { store, registry, max_lifetime, heartbeat, metrics }
     }
 }
 
@@ -55,6 +63,7 @@ struct Session {
     pending: Option<Pending>,
     nonce_prefix: String,
     sent_count: u64,
+    metrics: Arc<Metrics>,
 }
 
 type Outbound = mpsc::Sender<Result<push::ConfigResponse, Status>>;
@@ -115,6 +124,7 @@ impl ConfigDiscovery for PushService {
             pending: None,
             nonce_prefix: format!("{:08x}", rand::rng().random::<u32>()),
             sent_count: 0,
+            metrics: self.metrics.clone(),
         };
         // Jitter spreads reconnects so data planes rebalance across replicas instead of stampeding.
         let lifetime = self.max_lifetime.mul_f64(rand::rng().random_range(0.8..1.0));
@@ -232,7 +242,9 @@ impl Session {
             trace_context: state.trace_context.clone(),
         };
         self.pending = Some(Pending { nonce, revision: state.revision, sent, removed });
-        tx.send(Ok(response)).await.map_err(|_| "data plane went away".to_owned())
+        tx.send(Ok(response)).await.map_err(|_| "data plane went away".to_owned())?;
+        self.metrics.pushed();
+        Ok(())
     }
 
     fn on_request(&mut self, request: push::ConfigRequest) {
@@ -242,6 +254,7 @@ impl Session {
             return;
         };
         let now = SystemTime::now();
+        self.metrics.replied(request.nack.is_none());
         match request.nack {
             None => {
                 for (key, version) in pending.sent {

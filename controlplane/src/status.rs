@@ -41,6 +41,27 @@ impl DataPlane {
     fn known_digest(&self) -> String {
         digest(self.known.iter().map(|((k, n), v)| (*k, n.as_str(), v.as_str())))
     }
+
+    /// Whether it holds exactly what `state` pushes for the kinds it subscribed to.
+    fn in_sync(&self, state: &State) -> bool {
+        let wanted = digest(
+            state
+                .pushed
+                .iter()
+                .filter(|((kind, _), _)| self.subscribed.contains(kind))
+                .map(|((k, n), raw)| (*k, n.as_str(), raw.version.as_str())),
+        );
+        wanted == self.known_digest()
+    }
+}
+
+/// The fleet in three numbers, for metrics (per-data-plane series would be unbounded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub connected: usize,
+    pub out_of_sync: usize,
+    /// Revisions between the store and the furthest-behind data plane that is out of sync (0 when all are in sync).
+    pub max_lag_revisions: u64,
 }
 
 #[derive(Default)]
@@ -74,6 +95,19 @@ impl Registry {
         self.streams.is_empty()
     }
 
+    pub fn summary(&self, state: &State) -> Summary {
+        let mut summary = Summary { connected: self.streams.len(), ..Summary::default() };
+        for entry in &self.streams {
+            let dp = entry.value();
+            if !dp.in_sync(state) {
+                summary.out_of_sync += 1;
+                let lag = state.revision.saturating_sub(dp.acked_revision).max(1);
+                summary.max_lag_revisions = summary.max_lag_revisions.max(lag);
+            }
+        }
+        summary
+    }
+
     /// Status of every connected data plane against the current state. `changed_since(rev)` gives when the first
     /// revision after `rev` was written, the start of a lagging data plane's lag.
     pub fn report(
@@ -87,14 +121,7 @@ impl Registry {
             .iter()
             .map(|entry| {
                 let dp = entry.value();
-                let wanted = digest(
-                    state
-                        .pushed
-                        .iter()
-                        .filter(|((kind, _), _)| dp.subscribed.contains(kind))
-                        .map(|((k, n), raw)| (*k, n.as_str(), raw.version.as_str())),
-                );
-                let in_sync = wanted == dp.known_digest();
+                let in_sync = dp.in_sync(state);
                 let lag_seconds = if in_sync {
                     0.0
                 } else {

@@ -1,4 +1,4 @@
-//! The admin port: liveness, readiness and the applied configuration.
+//! The admin port: liveness, readiness, the applied configuration and Prometheus metrics.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::metrics::{self, Metrics};
 use crate::state::{ConfigState, Source};
 use crate::upstream::Body;
 
@@ -25,9 +26,18 @@ fn secs_since(at: Option<SystemTime>) -> serde_json::Value {
         .map_or(serde_json::Value::Null, |d| d.as_secs_f64().into())
 }
 
-pub async fn handle(state: Arc<ConfigState>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    state: Arc<ConfigState>,
+    metrics: Arc<Metrics>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     Ok(match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/metrics" => {
+            let (content_type, text) =
+                metrics.encode(metrics::wants_openmetrics(request.headers().get(http::header::ACCEPT)));
+            respond(StatusCode::OK, content_type, text)
+        }
         "/readyz" => {
             if state.is_ready() {
                 respond(StatusCode::OK, "text/plain", "ready\n".into())

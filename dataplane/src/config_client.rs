@@ -18,6 +18,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::metrics::Metrics;
 use crate::persist::SnapshotDir;
 use crate::state::{ConfigState, Source};
 use crate::upstream::environment_rejections;
@@ -32,6 +33,7 @@ pub struct ConfigClient {
     pub node: push::Node,
     pub state: Arc<ConfigState>,
     pub persist: Option<SnapshotDir>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,7 @@ impl ConfigClient {
         while let Some(response) = inbound.message().await? {
             *got_response = true;
             let reply = self.apply(response).await;
+            self.metrics.config_replied(reply.nack.is_none());
             tx.send(reply).await.map_err(|_| SessionError::Closed)?;
         }
         Err(SessionError::Closed)

@@ -26,6 +26,7 @@ use moka::future::Cache;
 use serde_json::Value;
 
 use crate::http_client::{self, Connector};
+use crate::metrics::CacheCounter;
 
 /// How long before a token's expiry it is replaced.
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -130,6 +131,8 @@ pub struct TokenSource {
     last_good: Cache<String, Fetched>,
     /// Recent failures per key.
     failures: Cache<String, Arc<CredentialError>>,
+    /// A hit is a token served without waiting for a fetch.
+    lookups: CacheCounter,
 }
 
 impl Default for TokenSource {
@@ -148,15 +151,24 @@ impl TokenSource {
             fresh: Cache::builder().max_capacity(1024).expire_after(Until::Refresh).build(),
             last_good: Cache::builder().max_capacity(1024).expire_after(Until::Expiry).build(),
             failures: Cache::builder().max_capacity(1024).time_to_live(FAILURE_HOLD).build(),
+            lookups: CacheCounter::default(),
         }
+    }
+
+    /// Counts lookups into `lookups` (hits and misses).
+    pub fn with_lookups(mut self, lookups: CacheCounter) -> Self {
+        self.lookups = lookups;
+        self
     }
 
     /// The current token for `upstream`'s `auth` (a client-credentials or metadata identity-token source).
     pub async fn token(&self, upstream: &str, auth: &UpstreamAuth) -> Result<Arc<str>, Arc<CredentialError>> {
         let key = cache_key(upstream, auth).ok_or_else(|| Arc::new(CredentialError::NotFetched))?;
         if let Some(fetched) = self.fresh.get(&key).await {
+            self.lookups.hit();
             return Ok(fetched.token);
         }
+        self.lookups.miss();
         if let Some(error) = self.failures.get(&key).await {
             return self.stale_or(&key, error).await;
         }

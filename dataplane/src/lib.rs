@@ -5,6 +5,7 @@ pub mod authn;
 pub mod config_client;
 pub mod credentials;
 pub mod http_client;
+pub mod metrics;
 pub mod outcome;
 pub mod persist;
 pub mod policy;

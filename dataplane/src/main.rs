@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
+use fhirgw_dataplane::metrics::Metrics;
 use fhirgw_dataplane::persist::SnapshotDir;
 use fhirgw_dataplane::policy::paging::PageSigner;
 use fhirgw_dataplane::proxy::{Proxy, PublicConfig};
@@ -26,7 +27,7 @@ struct Args {
     /// FHIR listen address.
     #[arg(long, env = "FHIRGW_DP_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Admin listen address (/healthz, /readyz, /config).
+    /// Admin listen address (/healthz, /readyz, /config, /metrics).
     #[arg(long, env = "FHIRGW_DP_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
     admin_listen: SocketAddr,
     /// Control plane gRPC URL.
@@ -110,12 +111,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    let metrics = Metrics::new(state.clone());
     let client = ConfigClient {
         endpoint: args.control_plane.clone(),
         token: token.trim().to_owned(),
         node: push::Node { id: node_id.clone(), build_version: env!("CARGO_PKG_VERSION").to_owned(), hostname: host },
         state: state.clone(),
         persist,
+        metrics: metrics.clone(),
     };
     tokio::spawn(client.run());
 
@@ -150,12 +153,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let proxy = Arc::new(Proxy {
         state: state.clone(),
-        upstreams: UpstreamClient::new(),
-        authn: Authenticator::new(),
+        upstreams: UpstreamClient::new(metrics.clone()),
+        authn: Authenticator::with_metrics(metrics.cache("jwks"), metrics.cache("verified_token")),
         pages: PageSigner::new(&paging_key),
         grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
         public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
         capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
+        metrics: metrics.clone(),
     });
     let grace = Duration::from_secs(args.drain_secs);
     let fhir_server =
@@ -163,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
     let admin_state = state.clone();
     let admin_server = server::serve(
         admin,
-        move |req, _peer| admin_http::handle(admin_state.clone(), req),
+        move |req, _peer| admin_http::handle(admin_state.clone(), metrics.clone(), req),
         stopped(stop_rx),
         grace,
         "admin",

@@ -18,6 +18,7 @@ use moka::future::Cache;
 
 use crate::credentials::{self, TokenSource};
 use crate::http_client::{self, Connector};
+use crate::metrics::{CacheCounter, Metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -50,23 +51,21 @@ pub struct UpstreamClient {
     pools: DashMap<String, Pool>,
     /// Credentials read from files, per file.
     credentials: Cache<String, Arc<str>>,
+    credential_lookups: CacheCounter,
     /// Credentials fetched from a token endpoint or a metadata server, per (upstream, source).
     tokens: TokenSource,
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        Self {
-            pools: DashMap::new(),
-            credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build(),
-            tokens: TokenSource::default(),
-        }
-    }
+    metrics: Arc<Metrics>,
 }
 
 impl UpstreamClient {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            pools: DashMap::new(),
+            credentials: Cache::builder().max_capacity(1024).time_to_live(FILE_CREDENTIAL_TTL).build(),
+            credential_lookups: metrics.cache("credential_file"),
+            tokens: TokenSource::default().with_lookups(metrics.cache("upstream_token")),
+            metrics,
+        })
     }
 
     fn client_for(&self, upstream: &Arc<Upstream>) -> Client<Connector, Body> {
@@ -89,10 +88,17 @@ impl UpstreamClient {
             UpstreamAuth::StaticToken { token_file } => {
                 let key = format!("file:{token_file}");
                 let path = token_file.clone();
-                self.credentials
-                    .try_get_with(key, async move { read_token_file(&path).await.map(Arc::from) })
+                let mut read = false;
+                let token = self
+                    .credentials
+                    .try_get_with(key, async {
+                        read = true;
+                        read_token_file(&path).await.map(Arc::from)
+                    })
                     .await
-                    .map_err(|e| fail(e.to_string()))?
+                    .map_err(|e| fail(e.to_string()));
+                self.credential_lookups.record(!read);
+                token?
             }
             UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
                 self.tokens.token(&upstream.name, &upstream.auth).await.map_err(|e| fail(e.to_string()))?
@@ -126,13 +132,16 @@ impl UpstreamClient {
         let client = self.client_for(upstream);
         let span = tracing::info_span!("upstream", upstream = %upstream.name, method = %request.method(), status = tracing::field::Empty);
         fhirgw_telemetry::inject_into_headers(&span, request.headers_mut());
+        let started = std::time::Instant::now();
         let sent = tracing::Instrument::instrument(
             tokio::time::timeout(upstream.first_byte_timeout, client.request(request)),
             span.clone(),
         )
         .await;
-        if let Ok(Ok(response)) = &sent {
-            span.record("status", response.status().as_u16());
+        let status = sent.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
+        self.metrics.upstream(&upstream.name, status, started.elapsed());
+        if let Some(status) = status {
+            span.record("status", status.as_u16());
         }
         match sent {
             Ok(Ok(response)) => Ok(response),

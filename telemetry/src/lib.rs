@@ -2,15 +2,20 @@
 //!
 //! Logs go to stderr, human-readable or JSON. Traces are exported over OTLP/gRPC only when an endpoint is
 //! configured through the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`;
-//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and the batch-processor variables are honoured by the SDK): no
-//! endpoint, no exporter and no OpenTelemetry layer at all. W3C trace context is the propagation format.
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` and the batch-processor variables are honoured by the SDK). JSON
+//! logs carry `trace_id`/`span_id` (see [`json`]); without an endpoint they still get ids from a tracer provider that
+//! exports nothing and samples only what the caller sampled. Text logs without an endpoint: no OpenTelemetry layer
+//! at all. W3C trace context is the propagation format.
+
+pub mod json;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -40,21 +45,33 @@ fn otlp_configured() -> bool {
 pub fn init(service: &'static str, json_logs: bool, default_filter: &str) -> Result<Guard, Box<dyn std::error::Error>> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let dispatch = Arc::new(OnceLock::new());
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json_logs { fmt.json().with_current_span(true).boxed() } else { fmt.boxed() };
-    let mut provider = None;
-    let otel = if otlp_configured() {
+    let fmt = if json_logs {
+        fmt.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(json::WithTraceIds::new(
+                tracing_subscriber::fmt::format().json().with_current_span(true),
+                dispatch.clone(),
+            ))
+            .boxed()
+    } else {
+        fmt.boxed()
+    };
+    let provider = if otlp_configured() {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
-        let p = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
-        let tracer = p.tracer(service);
-        provider = Some(p);
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+    } else if json_logs {
+        // Ids for the log lines only: nothing is exported, and a span is recorded only when the caller sampled it.
+        Some(SdkTracerProvider::builder().with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))).build())
     } else {
         None
     };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    // The subscriber is installed: the JSON formatter can now find the OpenTelemetry context of a span.
+    let _ = dispatch.set(tracing::dispatcher::get_default(tracing::Dispatch::downgrade));
     Ok(Guard { provider })
 }
 

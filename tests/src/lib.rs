@@ -230,6 +230,8 @@ impl World {
         command
             .arg("--listen")
             .arg(listen)
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
             .arg("--store")
             .arg(self.path(store))
             .arg("--operator-token-file")

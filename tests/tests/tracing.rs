@@ -167,6 +167,47 @@ async fn a_request_and_a_grant_change_are_traced_end_to_end() {
         }
     })
     .await;
+
+    // An operator's call with a `traceparent`: the control plane's server span continues it, the write and the
+    // data plane's apply join the operator's trace.
+    let operator_trace = "5c2f8b3e9a1d4f6e8b7a6c5d4e3f2a1b";
+    let operator_span = "a1b2c3d4e5f60718";
+    let mut request = tonic::Request::new(api::PutGrantRequest {
+        grant: Some(grant("tenant-a", "traced")),
+        expected_version: String::new(),
+    });
+    let traceparent = format!("00-{operator_trace}-{operator_span}-01");
+    request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    admin.put_grant(request).await.unwrap();
+    let want = hex(operator_trace);
+    let server = eventually("the PutGrant server span in the operator's trace", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        let want = want.clone();
+        async move {
+            receiver.named("fhirgw.admin.v1.Admin/PutGrant").into_iter().map(|(_, s)| s).find(|s| s.trace_id == want)
+        }
+    })
+    .await;
+    assert_eq!(server.parent_span_id, hex(operator_span), "the server span is a child of the operator's span");
+    let put = eventually("admin.put in the operator's trace", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        let want = want.clone();
+        async move { receiver.named("admin.put").into_iter().map(|(_, s)| s).find(|s| s.trace_id == want) }
+    })
+    .await;
+    assert_eq!(put.parent_span_id, server.span_id);
+    eventually("a data plane apply linked to the operator's trace", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        let want = want.clone();
+        async move {
+            receiver
+                .named("config_apply")
+                .into_iter()
+                .find(|(_, s)| s.links.iter().any(|l| l.trace_id == want))
+                .map(|_| ())
+        }
+    })
+    .await;
 }
 
 fn hex(s: &str) -> Vec<u8> {

@@ -34,6 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::http_client::{self, Connector};
+use crate::metrics::CacheCounter;
 use scopes::Scopes;
 
 pub const LEEWAY_SECS: u64 = 30;
@@ -75,6 +76,8 @@ pub struct Authenticator {
     /// each kept until its own `exp` and never longer than `VERIFIED_MAX_AGE`.
     verified: Cache<[u8; 32], Arc<Verified>>,
     http: Client<Connector, Full<Bytes>>,
+    jwks_lookups: CacheCounter,
+    verified_lookups: CacheCounter,
 }
 
 /// The outcome of verifying one token, reusable until `exp` while its identity provider's settings are unchanged.
@@ -107,6 +110,8 @@ impl Default for Authenticator {
             last_forced: DashMap::new(),
             verified: Cache::builder().max_capacity(VERIFIED_CAPACITY).expire_after(VerifiedExpiry).build(),
             http: Client::builder(TokioExecutor::new()).build(http_client::connector(JWKS_TIMEOUT)),
+            jwks_lookups: CacheCounter::default(),
+            verified_lookups: CacheCounter::default(),
         }
     }
 }
@@ -179,6 +184,11 @@ impl Authenticator {
         Arc::new(Self::default())
     }
 
+    /// Counts hits and misses of the JWKS cache and of the verified-token cache.
+    pub fn with_metrics(jwks_lookups: CacheCounter, verified_lookups: CacheCounter) -> Arc<Self> {
+        Arc::new(Self { jwks_lookups, verified_lookups, ..Self::default() })
+    }
+
     pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = bearer(headers)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -191,6 +201,7 @@ impl Authenticator {
             }
             None => None,
         };
+        self.verified_lookups.record(cached.is_some());
         let verified = match cached {
             Some(hit) => hit,
             None => {
@@ -292,9 +303,19 @@ impl Authenticator {
     async fn keys(&self, idp: &IdentityProvider) -> Result<Arc<Vec<Jwk>>, AuthError> {
         let uri = idp.jwks_uri.clone();
         let http = self.http.clone();
-        self.jwks.try_get_with(uri.clone(), async move { fetch_jwks(&http, &uri).await.map(Arc::new) }).await.map_err(
-            |e: Arc<String>| AuthError::IssuerUnavailable { issuer: idp.issuer.clone(), reason: e.to_string() },
-        )
+        let mut fetched = false;
+        let keys = self
+            .jwks
+            .try_get_with(uri.clone(), async {
+                fetched = true;
+                fetch_jwks(&http, &uri).await.map(Arc::new)
+            })
+            .await;
+        self.jwks_lookups.record(!fetched);
+        keys.map_err(|e: Arc<String>| AuthError::IssuerUnavailable {
+            issuer: idp.issuer.clone(),
+            reason: e.to_string(),
+        })
     }
 }
 

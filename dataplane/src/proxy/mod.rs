@@ -57,6 +57,7 @@ pub struct Proxy {
     pub public: PublicConfig,
     /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
     pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +265,9 @@ impl Proxy {
         );
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
         let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
-        let result = self.pipeline(request, peer).instrument(span.clone()).await;
+        // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
+        let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
+        let result = self.pipeline(request, peer, &mut route).instrument(span.clone()).await;
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -279,13 +282,14 @@ impl Proxy {
             }
         };
         span.record("status", response.status().as_u16());
-        Ok(response)
+        Ok(in_flight.finish(&method, route, response))
     }
 
     async fn pipeline(
         &self,
         request: Request<Incoming>,
         peer: std::net::SocketAddr,
+        route: &mut Option<String>,
     ) -> Result<Response<Body>, ProxyError> {
         let snapshot = self.state.load().ok_or(ProxyError::NotReady)?;
         let span = tracing::Span::current();
@@ -316,6 +320,7 @@ impl Proxy {
             return Err(if table.path_known(relative) { ProxyError::MethodNotAllowed } else { ProxyError::NotFound });
         };
         span.record("route", matched.route.id.as_str());
+        *route = Some(matched.route.id.clone());
         let limit = match matched.route.guard.max_url_bytes {
             0 => fhirgw_config::route::DEFAULT_MAX_URL_BYTES,
             n => n,

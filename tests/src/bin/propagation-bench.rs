@@ -76,6 +76,7 @@ async fn main() {
                 node: push::Node { id: format!("bench-{}", all_clients.len()), ..Default::default() },
                 state: state.clone(),
                 persist: None,
+                metrics: fhirgw_dataplane::metrics::Metrics::new(state.clone()),
             };
             tokio::spawn(client.run());
             all_clients.push(state);

@@ -1,0 +1,410 @@
+//! The data plane's Prometheus metrics, served as text on the admin port (`GET /metrics`).
+//!
+//! One [`Metrics`] per process, shared through an `Arc`; no global registry. Labels stay low-cardinality: route id,
+//! a known HTTP method or `OTHER`, status class, upstream name, cache name. Never paths, tenants or client input.
+//! The configuration gauges are computed at scrape time from [`ConfigState`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::state::{ConfigState, Source};
+use crate::upstream::{Body, BoxError};
+
+/// The `route` label of a request that matched no route (not ready, unknown path, SMART discovery).
+pub const NO_ROUTE: &str = "_none";
+
+/// Seconds; from a millisecond to the longest upstream timeouts.
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamResultLabels {
+    upstream: String,
+    /// `2xx` … `5xx`, or `error` when no response came (connect failure, timeout).
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    cache: &'static str,
+    result: &'static str,
+}
+
+type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    in_flight: Gauge,
+    request_duration: Histogram,
+    response_bytes: Family<RouteLabels, Counter>,
+    upstream_requests: Family<UpstreamResultLabels, Counter>,
+    upstream_duration: HistogramFamily<UpstreamLabels>,
+    cache_lookups: Family<CacheLabels, Counter>,
+    config_acks: Counter,
+    config_nacks: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new(state: Arc<ConfigState>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("fhirgw_dp");
+        let m = Metrics {
+            requests: Family::default(),
+            in_flight: Gauge::default(),
+            request_duration: latency_histogram(),
+            response_bytes: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            cache_lookups: Family::default(),
+            config_acks: Counter::default(),
+            config_nacks: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "FHIR requests answered, by route, method and status class (counted when the response head is sent)",
+            m.requests.clone(),
+        );
+        registry.register("requests_in_flight", "FHIR requests whose response has not finished", m.in_flight.clone());
+        registry.register(
+            "request_duration_seconds",
+            "FHIR request time, from arrival to the end of the response body",
+            m.request_duration.clone(),
+        );
+        registry.register("response_bytes", "FHIR response body bytes sent, by route", m.response_bytes.clone());
+        registry.register(
+            "upstream_requests",
+            "Requests sent to upstreams, by upstream and status class (`error`: no response)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream time to response head, by upstream",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Cache lookups by cache (upstream_token, credential_file, jwks, verified_token) and result (hit, miss)",
+            m.cache_lookups.clone(),
+        );
+        registry.register("config_acks", "Configuration responses accepted and ACKed", m.config_acks.clone());
+        registry.register("config_nacks", "Configuration responses rejected and NACKed", m.config_nacks.clone());
+        registry.register_collector(Box::new(ConfigCollector(state)));
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The exposition text: Prometheus 0.0.4, or OpenMetrics when `openmetrics`. Returns (content type, body).
+    pub fn encode(&self, openmetrics: bool) -> (&'static str, String) {
+        encode(&self.registry, openmetrics)
+    }
+
+    /// Counters for one named cache.
+    pub fn cache(&self, cache: &'static str) -> CacheCounter {
+        let counter = |result| self.cache_lookups.get_or_create_owned(&CacheLabels { cache, result });
+        CacheCounter { hits: counter("hit"), misses: counter("miss") }
+    }
+
+    pub fn config_replied(&self, ack: bool) {
+        if ack {
+            self.config_acks.inc()
+        } else {
+            self.config_nacks.inc()
+        };
+    }
+
+    /// A request to `upstream` finished its head (`Some(status)`) or failed (`None`) after `elapsed`.
+    pub fn upstream(&self, upstream: &str, status: Option<StatusCode>, elapsed: std::time::Duration) {
+        let status_class = status.map_or("error", status_class);
+        self.upstream_requests
+            .get_or_create(&UpstreamResultLabels { upstream: upstream.to_owned(), status_class })
+            .inc();
+        self.upstream_duration
+            .get_or_create(&UpstreamLabels { upstream: upstream.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Marks a request in flight until the returned guard is finished or dropped.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.inc();
+        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0 }
+    }
+}
+
+fn encode(registry: &Registry, openmetrics: bool) -> (&'static str, String) {
+    let mut out = String::new();
+    let result = if openmetrics {
+        prometheus_client::encoding::text::encode(&mut out, registry)
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+    };
+    (content_type, out)
+}
+
+/// Whether a scraper's `Accept` asks for OpenMetrics (Prometheus does; curl does not).
+pub fn wants_openmetrics(accept: Option<&http::HeaderValue>) -> bool {
+    accept.and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/openmetrics-text"))
+}
+
+/// `2xx` and friends.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The method as a label: the standard ones by name, anything a client invents as `OTHER`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Hits and misses of one cache.
+#[derive(Clone, Debug, Default)]
+pub struct CacheCounter {
+    hits: Counter,
+    misses: Counter,
+}
+
+impl CacheCounter {
+    pub fn hit(&self) {
+        self.hits.inc();
+    }
+
+    pub fn miss(&self) {
+        self.misses.inc();
+    }
+
+    pub fn record(&self, hit: bool) {
+        if hit { self.hit() } else { self.miss() }
+    }
+}
+
+/// One request in flight. [`InFlight::finish`] counts the response and hands its body back wrapped, so the body's
+/// bytes and the request's whole duration are recorded when the body ends or is dropped.
+pub struct InFlight {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    route: Option<String>,
+    bytes: u64,
+}
+
+impl InFlight {
+    pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
+        let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                method: method_label(method),
+                status_class: status_class(response.status()),
+            })
+            .inc();
+        self.route = Some(route);
+        response.map(|inner| Counted { inner, guard: self }.boxed_unsync())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
+        if let Some(route) = self.route.take()
+            && self.bytes > 0
+        {
+            self.metrics.response_bytes.get_or_create(&RouteLabels { route }).inc_by(self.bytes);
+        }
+    }
+}
+
+/// A response body that counts what passes through it.
+struct Counted {
+    inner: Body,
+    guard: InFlight,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.guard.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The configuration gauges, read from [`ConfigState`] at each scrape.
+struct ConfigCollector(Arc<ConfigState>);
+
+impl std::fmt::Debug for ConfigCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigCollector")
+    }
+}
+
+impl Collector for ConfigCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let loaded = self.0.load();
+        let ready = ConstGauge::new(i64::from(loaded.is_some()));
+        ready.encode(encoder.encode_descriptor(
+            "config_loaded",
+            "1 once a configuration is loaded (ready), else 0.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let Some(snapshot) = loaded else {
+            return Ok(());
+        };
+        let revision = ConstGauge::new(i64::try_from(snapshot.system_version).unwrap_or(i64::MAX));
+        revision.encode(encoder.encode_descriptor(
+            "config_revision",
+            "Control plane store revision of the configuration served.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let source = match self.0.applied().map(|a| a.source) {
+            Some(Source::Disk) => "disk",
+            _ => "control_plane",
+        };
+        let info =
+            Info::new(vec![("version".to_owned(), snapshot.digest.clone()), ("source".to_owned(), source.to_owned())]);
+        info.encode(encoder.encode_descriptor(
+            "config",
+            "The configuration version (content digest) served and where it came from.",
+            None,
+            MetricType::Info,
+        )?)?;
+        if let Some(age) = self.0.confirmed_at().and_then(|at| SystemTime::now().duration_since(at).ok()) {
+            ConstGauge::new(age.as_secs_f64()).encode(encoder.encode_descriptor(
+                "config_seconds_since_confirmed",
+                "Seconds since the control plane last confirmed the configuration (a push or a heartbeat).",
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        let cases = [
+            (Method::GET, "GET"),
+            (Method::DELETE, "DELETE"),
+            (Method::from_bytes(b"BREW").unwrap_or(Method::GET), "OTHER"),
+            (Method::CONNECT, "OTHER"),
+        ];
+        for (method, want) in cases {
+            assert_eq!(method_label(&method), want, "{method}");
+        }
+        let classes =
+            [(100, "1xx"), (200, "2xx"), (204, "2xx"), (304, "3xx"), (404, "4xx"), (503, "5xx"), (599, "5xx")];
+        for (code, want) in classes {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
+            assert_eq!(status_class(status), want, "{code}");
+        }
+    }
+
+    #[test]
+    fn exposition_names() {
+        let metrics = Metrics::new(ConfigState::new());
+        let guard = metrics.request_started();
+        drop(guard.finish(&Method::GET, Some("instance".into()), Response::new(Body::default())));
+        metrics.cache("jwks").hit();
+        metrics.config_replied(false);
+        let (content_type, text) = metrics.encode(false);
+        assert!(content_type.starts_with("text/plain; version=0.0.4"));
+        for line in [
+            "fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"} 1",
+            "fhirgw_dp_requests_in_flight 0",
+            "fhirgw_dp_request_duration_seconds_count 1",
+            "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"hit\"} 1",
+            "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
+            "fhirgw_dp_config_nacks_total 1",
+            "fhirgw_dp_config_loaded 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        let (content_type, text) = metrics.encode(true);
+        assert!(content_type.starts_with("application/openmetrics-text"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

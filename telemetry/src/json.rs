@@ -1,0 +1,134 @@
+//! JSON log lines that name their trace: every event inside a span with a valid OpenTelemetry context gets
+//! `trace_id` and `span_id` (W3C hex), so a log search by the id in a caller's `traceparent` or a response's
+//! `x-trace-id` finds the lines. The line itself is tracing-subscriber's JSON; the ids are appended to it.
+
+use std::sync::{Arc, OnceLock};
+
+use opentelemetry::trace::TraceContextExt;
+use tracing::dispatcher::WeakDispatch;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// Wraps a JSON event formatter. The dispatch is set once the subscriber is installed (it contains this formatter,
+/// so it cannot be known at construction); it is held weakly to avoid a cycle.
+pub struct WithTraceIds<F> {
+    inner: F,
+    dispatch: Arc<OnceLock<WeakDispatch>>,
+}
+
+impl<F> WithTraceIds<F> {
+    pub fn new(inner: F, dispatch: Arc<OnceLock<WeakDispatch>>) -> Self {
+        Self { inner, dispatch }
+    }
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let mut line = String::new();
+        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        // The event's own span (an explicit `parent:` included), not the thread's current one.
+        let leaf = ctx.event_scope().and_then(|mut scope| scope.next()).map(|span| span.id());
+        let ids = leaf.zip(self.dispatch.get().and_then(WeakDispatch::upgrade)).and_then(|(id, dispatch)| {
+            // No extension lock is held here: get_otel_context takes the span's extensions itself.
+            let cx = tracing_opentelemetry::get_otel_context(&id, &dispatch)?;
+            let span = cx.span();
+            let sc = span.span_context();
+            sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+        });
+        match (ids, line.strip_suffix("}\n")) {
+            (Some((trace_id, span_id)), Some(open)) => {
+                writer.write_str(open)?;
+                writeln!(writer, ",\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}")
+            }
+            _ => writer.write_str(&line),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Mutex;
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn lines_in_a_traced_span_carry_its_ids() {
+        let buffer = Buffer::default();
+        let cell = Arc::new(OnceLock::new());
+        // No exporter, and not sampled unless the caller's trace is: ids exist all the same.
+        let provider =
+            SdkTracerProvider::builder().with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))).build();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(buffer.clone())
+                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                    .event_format(WithTraceIds::new(
+                        tracing_subscriber::fmt::format().json().with_current_span(true),
+                        cell.clone(),
+                    )),
+            )
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let dispatch = tracing::Dispatch::new(subscriber);
+        cell.set(dispatch.downgrade()).unwrap();
+        let caller = "4bf92f3577b34da6a3ce929d0e0e4736";
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!("outside any span");
+            let span = tracing::info_span!("request");
+            let mut headers = http::HeaderMap::new();
+            headers.insert("traceparent", format!("00-{caller}-00f067aa0ba902b7-01").parse().unwrap());
+            crate::continue_from_headers(&span, &headers);
+            span.in_scope(|| tracing::info!(answer = 42, "inside"));
+            tracing::warn!(parent: &span, "explicit parent");
+            let own = tracing::info_span!("unsampled");
+            own.in_scope(|| tracing::info!("new trace"));
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].get("trace_id").is_none(), "{}", lines[0]);
+        for line in &lines[1..3] {
+            assert_eq!(line["trace_id"], caller, "{line}");
+            assert_eq!(line["span_id"].as_str().map(str::len), Some(16), "{line}");
+            assert_ne!(line["span_id"], "00f067aa0ba902b7", "the gateway's own span, not the caller's");
+        }
+        assert_eq!(lines[1]["fields"]["answer"], 42);
+        assert_eq!(lines[1]["span"]["name"], "request");
+        let fresh = lines[3]["trace_id"].as_str().unwrap();
+        assert!(fresh.len() == 32 && fresh != caller && fresh != "0".repeat(32), "{}", lines[3]);
+    }
+}
