@@ -6,6 +6,7 @@ pub mod classify;
 pub mod compartment;
 pub mod paging;
 pub mod query;
+pub mod raw;
 pub mod stream;
 pub mod verify;
 pub mod write;

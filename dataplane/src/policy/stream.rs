@@ -22,8 +22,24 @@
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
+/// What [`EntryPolicy::entry_raw`] decided about an entry from its bytes.
+#[derive(Debug)]
+pub enum RawVerdict<'a> {
+    /// Keep these bytes as the entry (the input itself, or the input with a splice).
+    Keep(std::borrow::Cow<'a, [u8]>),
+    Drop,
+    /// Only the parsed path ([`EntryPolicy::entry`]) can decide.
+    Undecided,
+}
+
 /// Decides the entries and links of one Bundle.
 pub trait EntryPolicy {
+    /// Decides one entry from its raw bytes when that is enough (the fast path). The bytes were delimited by the
+    /// lexer but not validated: a verdict other than `Undecided` must only be given for bytes the policy has
+    /// validated as one complete JSON value. The default leaves every entry to [`EntryPolicy::entry`].
+    fn entry_raw<'a>(&mut self, _raw: &'a [u8]) -> RawVerdict<'a> {
+        RawVerdict::Undecided
+    }
     /// Decide one entry (the whole `entry` array element, parsed). Return `Some` (possibly modified, e.g. `fullUrl`
     /// rewritten) to keep it, `None` to drop it.
     fn entry(&mut self, entry: Value) -> Option<Value>;
@@ -575,6 +591,28 @@ impl<P: EntryPolicy> BundleFilter<P> {
 
     /// A complete `entry` element is in `buf`.
     fn write_entry(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
+        match self.policy.entry_raw(&self.buf) {
+            RawVerdict::Drop => {
+                self.stats.dropped += 1;
+                return Ok(());
+            }
+            RawVerdict::Keep(bytes) => {
+                if self.stats.kept == 0 {
+                    // As `member_prefix`, on fields disjoint from the borrowed `buf`.
+                    if self.written > 0 {
+                        out.push(b',');
+                    }
+                    self.written += 1;
+                    out.extend_from_slice(b"\"entry\":[");
+                } else {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&bytes);
+                self.stats.kept += 1;
+                return Ok(());
+            }
+            RawVerdict::Undecided => {}
+        }
         let entry: Value = self.parse_buf()?;
         let Some(entry) = self.policy.entry(entry) else {
             self.stats.dropped += 1;

@@ -424,6 +424,7 @@ impl Ctx<'_> {
                 path: path.clone(),
                 self_url,
                 now,
+                origin: bundle_stream::Rules::origin_finder(&self.upstream),
             };
             Response::new(bundle_stream::filtered(
                 response.into_body(),

@@ -4,6 +4,7 @@
 //! so a URL split across upstream chunks is rewritten like any other), and `total` never reveals an unfiltered
 //! count.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,14 +13,16 @@ use fhirgw_config::upstream::Upstream;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
+use memchr::memmem;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use super::links::{PageContext, rewrite_links, rewrite_references};
+use super::links::{PageContext, rewrite_links, rewrite_references, rewrite_url};
 use crate::authn::scopes::{Allowed, Permission, Scopes};
 use crate::policy::compartment;
 use crate::policy::paging::PageSigner;
-use crate::policy::stream::{BundleFilter, EntryPolicy, Options};
+use crate::policy::raw;
+use crate::policy::stream::{BundleFilter, EntryPolicy, Options, RawVerdict};
 use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
 use crate::upstream::{Body, BoxError};
 
@@ -37,9 +40,66 @@ pub(super) struct Rules {
     pub path: String,
     pub self_url: String,
     pub now: SystemTime,
+    /// Finds the upstream's origin, lowercased, in lowercased entry bytes (see `entry_raw`).
+    pub origin: memmem::Finder<'static>,
+}
+
+impl Rules {
+    /// The finder for [`Rules::origin`].
+    pub fn origin_finder(upstream: &Upstream) -> memmem::Finder<'static> {
+        memmem::Finder::new(upstream.origin.to_ascii_lowercase().as_bytes()).into_owned()
+    }
 }
 
 impl EntryPolicy for Rules {
+    /// The fast path: an entry whose light view (`policy::raw`) decides it is dropped, or kept byte for byte when the
+    /// upstream's origin appears nowhere in it, or only in its `fullUrl` (spliced to the public base). Anything else
+    /// (a `patient/`-scoped type, an absolute reference to rewrite, an unusual encoding) takes the parsed path.
+    fn entry_raw<'a>(&mut self, raw: &'a [u8]) -> RawVerdict<'a> {
+        let Some(view) = raw::view(raw) else { return RawVerdict::Undecided };
+        let Some(resource) = &view.resource else { return RawVerdict::Drop };
+        let ty = match resource.resource_type.as_deref() {
+            None | Some("OperationOutcome" | "Bundle") => return RawVerdict::Drop,
+            Some(ty) => ty,
+        };
+        match self.scopes.allows(ty, Permission::Read) {
+            Allowed::No => return RawVerdict::Drop,
+            Allowed::PatientOnly => return RawVerdict::Undecided,
+            Allowed::Tenant => {}
+        }
+        if !resource.covered_by(&self.grants) {
+            return RawVerdict::Drop;
+        }
+        let lower = raw.to_ascii_lowercase();
+        let mut found = self.origin.find_iter(&lower);
+        match (found.next(), found.next()) {
+            (None, _) => RawVerdict::Keep(Cow::Borrowed(raw)),
+            (Some(_), None) => {
+                // The one mention may be the fullUrl: splice the public URL in place of its literal bytes.
+                let Some(full) = view.full_url.as_deref() else { return RawVerdict::Undecided };
+                let Some(public) = rewrite_url(&self.upstream, &self.public, full) else {
+                    return RawVerdict::Undecided;
+                };
+                let Some(at) = memmem::find(raw, full.as_bytes()) else { return RawVerdict::Undecided };
+                let end = at + full.len();
+                if at == 0
+                    || raw[at - 1] != b'"'
+                    || raw.get(end) != Some(&b'"')
+                    || self.origin.find(&lower[at..end]).is_none()
+                {
+                    return RawVerdict::Undecided;
+                }
+                let Ok(encoded) = serde_json::to_string(&public) else { return RawVerdict::Undecided };
+                let mut spliced = Vec::with_capacity(raw.len() + encoded.len());
+                spliced.extend_from_slice(&raw[..at - 1]);
+                spliced.extend_from_slice(encoded.as_bytes());
+                spliced.extend_from_slice(&raw[end + 1..]);
+                RawVerdict::Keep(Cow::Owned(spliced))
+            }
+            (Some(_), Some(_)) => RawVerdict::Undecided,
+        }
+    }
+
     fn entry(&mut self, mut entry: Value) -> Option<Value> {
         let scopes = &self.scopes;
         let allowed = |ty: &str| scopes.allows(ty, Permission::Read) != Allowed::No;
@@ -152,6 +212,7 @@ mod tests {
             path: "Observation".into(),
             self_url: format!("{PUBLIC}/Observation"),
             now: SystemTime::now(),
+            origin: memmem::Finder::new(b"http://upstream:8090").into_owned(),
         }
     }
 
@@ -188,6 +249,80 @@ mod tests {
             assert_eq!(entry["resource"]["focus"][0]["reference"], format!("{PUBLIC}/Group/g1"), "split at {split}");
             assert_eq!(entry["resource"]["encounter"]["reference"], "Encounter/e1", "split at {split}");
             assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(1), "split at {split}");
+        }
+    }
+
+    /// The same policy without the fast path: every entry parsed, decided and re-serialised.
+    struct Parsed(Rules);
+
+    impl EntryPolicy for Parsed {
+        fn entry(&mut self, entry: Value) -> Option<Value> {
+            self.0.entry(entry)
+        }
+
+        fn links(&mut self, links: Value) -> Value {
+            self.0.links(links)
+        }
+    }
+
+    fn synthetic(entries: usize) -> Vec<u8> {
+        let mut body = format!(r#"{{"resourceType":"Bundle","type":"searchset","link":[{{"relation":"self","url":"{UP}/Observation"}}],"entry":["#).into_bytes();
+        for i in 0..entries {
+            if i > 0 {
+                body.push(b',');
+            }
+            let code = if i % 3 == 0 { "tenant-b" } else { "tenant-a" };
+            // Every fourth entry refers to the upstream by absolute URL (the parsed path's job); one in ten has a
+            // \u escape; the rest are what a FHIR server usually sends: fullUrl on its base, relative references,
+            // a narrative with escaped quotes.
+            let subject = if i % 4 == 0 { format!("{UP}/Patient/p{i}") } else { format!("Patient/p{i}") };
+            let family = if i % 10 == 0 { "Gr\\u00fcn" } else { "Green" };
+            body.extend_from_slice(format!(
+                r#"{{"fullUrl":"{UP}/Observation/o{i}","resource":{{"resourceType":"Observation","id":"o{i}","meta":{{"versionId":"1","lastUpdated":"2026-01-01T00:00:00Z","tag":[{{"system":"https://fhirgw.dev/dataset","code":"{code}"}}]}},"text":{{"status":"generated","div":"<div xmlns=\"http://www.w3.org/1999/xhtml\">Glucose {family}</div>"}},"status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"2339-0","display":"Glucose"}}]}},"subject":{{"reference":"{subject}"}},"valueQuantity":{{"value":{i}.5,"unit":"mg/dL","system":"http://unitsofmeasure.org","code":"mg/dL"}}}},"search":{{"mode":"match"}}}}"#
+            ).as_bytes());
+        }
+        body.extend_from_slice(b"],\"total\":0}");
+        body
+    }
+
+    fn filter_all<P: EntryPolicy>(policy: P, body: &[u8]) -> Vec<u8> {
+        let mut filter = BundleFilter::new(policy, Options::default());
+        let mut out = Vec::new();
+        for chunk in body.chunks(64 << 10) {
+            filter.push(chunk, &mut out).unwrap_or_else(|e| panic!("{e}"));
+        }
+        filter.finish(&mut out).unwrap_or_else(|e| panic!("{e}"));
+        out
+    }
+
+    /// The fast path decides exactly as the parsed path: the same entries, the same URLs, the same document.
+    #[test]
+    fn fast_path_matches_the_parsed_path() {
+        let body = synthetic(400);
+        let fast = filter_all(rules(), &body);
+        let parsed = filter_all(Parsed(rules()), &body);
+        let fast: Value = serde_json::from_slice(&fast).unwrap_or_default();
+        let parsed: Value = serde_json::from_slice(&parsed).unwrap_or_default();
+        assert_eq!(fast["entry"].as_array().map(Vec::len), Some(266));
+        assert_eq!(fast, parsed);
+        assert!(!fast.to_string().contains("upstream:8090"));
+    }
+
+    /// `cargo test -p fhirgw-dataplane --lib --release proxy::bundle_stream::tests::throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn throughput() {
+        let body = synthetic(300_000);
+        let mb = body.len() as f64 / 1e6;
+        for (name, fast) in [("fast path", true), ("parsed path", false)] {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                let out = if fast { filter_all(rules(), &body) } else { filter_all(Parsed(rules()), &body) };
+                std::hint::black_box(out);
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+            eprintln!("{name}: {mb:.0} MB at {:.0} MB/s", mb / best);
         }
     }
 }

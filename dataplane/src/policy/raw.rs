@@ -1,0 +1,116 @@
+//! A light look at one Bundle entry, for the streaming filter's fast path: most entries can be decided, and kept
+//! byte for byte, without building a `serde_json::Value` tree and serialising it again.
+//!
+//! [`view`] deserialises only what the decision needs (`fullUrl`, `resource.resourceType`, `resource.meta.tag`)
+//! and skips the rest with serde's `IgnoredAny`, which still checks the JSON syntax of everything it skips. It
+//! answers `None` (so the caller takes the full path) for anything unusual: invalid UTF-8 (which the skipping does
+//! not check), a duplicate of a field that matters (serde refuses it), a type other than expected, and any `\u` or
+//! `\/` escape, so that every string that could spell an upstream URL appears literally in the bytes.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::verify::Grants;
+
+#[derive(Debug, Deserialize)]
+pub struct EntryView<'a> {
+    #[serde(rename = "fullUrl", borrow, default)]
+    pub full_url: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub resource: Option<ResourceView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResourceView<'a> {
+    #[serde(rename = "resourceType", borrow, default)]
+    pub resource_type: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    meta: Option<MetaView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MetaView<'a> {
+    #[serde(borrow, default)]
+    tag: Option<Vec<TagView<'a>>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TagView<'a> {
+    #[serde(borrow, default)]
+    system: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+}
+
+impl ResourceView<'_> {
+    /// The same rule as `Grants::covers`: some `meta.tag` with a string system and code the grants hold.
+    pub fn covered_by(&self, grants: &Grants) -> bool {
+        self.meta.as_ref().and_then(|m| m.tag.as_ref()).is_some_and(|tags| {
+            tags.iter().any(|t| matches!((&t.system, &t.code), (Some(s), Some(c)) if grants.contains(s, c)))
+        })
+    }
+}
+
+/// The light view of one entry, or `None` when only the full path can decide it.
+pub fn view(raw: &[u8]) -> Option<EntryView<'_>> {
+    let text = std::str::from_utf8(raw).ok()?;
+    if text.contains("\\u") || text.contains("\\/") {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use fhirgw_config::tenant::Tag;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::policy::verify::entry_visible;
+
+    const DS: &str = "https://fhirgw.dev/dataset";
+
+    /// Whatever the light view decides agrees with the full rule (`entry_visible` on the parsed entry).
+    #[test]
+    fn agrees_with_the_full_rule() {
+        let a = Tag { system: DS.into(), code: "a".into() };
+        let grants = Grants::new([&a]);
+        let tag = |code: &str| json!({"system": DS, "code": code});
+        let cases: Vec<(&str, String, Option<bool>)> = vec![
+            ("own", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [tag("a")]}}}).to_string(), Some(true)),
+            ("other", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [tag("b")]}}}).to_string(), Some(false)),
+            ("untagged", json!({"resource": {"resourceType": "Patient"}}).to_string(), Some(false)),
+            ("no resource", json!({"request": {"url": "Patient/1"}}).to_string(), Some(false)),
+            ("tag without code", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [{"system": DS}]}}}).to_string(), Some(false)),
+            ("one of several", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [tag("b"), tag("a")]}}}).to_string(), Some(true)),
+            ("escaped quotes kept", json!({"resource": {"resourceType": "Patient", "text": {"div": "<div a=\"1\">"}, "meta": {"tag": [tag("a")]}}}).to_string(), Some(true)),
+            (
+                "duplicate meta",
+                format!(r#"{{"resource":{{"resourceType":"Patient","meta":{{"tag":[{}]}},"meta":{{"tag":[{}]}}}}}}"#, tag("b"), tag("a")),
+                None,
+            ),
+            (
+                "duplicate code",
+                format!(r#"{{"resource":{{"resourceType":"Patient","meta":{{"tag":[{{"system":"{DS}","code":"b","code":"a"}}]}}}}}}"#),
+                None,
+            ),
+            ("duplicate resource", format!(r#"{{"resource":{{"resourceType":"Patient"}},"resource":{{"resourceType":"Patient","meta":{{"tag":[{}]}}}}}}"#, tag("a")), None),
+            ("unicode escape", r#"{"resource":{"resourceType":"Pati\u0065nt","meta":{"tag":[]}}}"#.into(), None),
+            ("escaped slash", r#"{"fullUrl":"http:\/\/x","resource":{"resourceType":"Patient"}}"#.into(), None),
+            ("tag is not an array", json!({"resource": {"resourceType": "Patient", "meta": {"tag": tag("a")}}}).to_string(), None),
+            ("code is a number", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [{"system": DS, "code": 1}]}}}).to_string(), None),
+            ("resourceType is a number", json!({"resource": {"resourceType": 1}}).to_string(), None),
+            ("not JSON", r#"{"resource":{"resourceType":"Patient",}}"#.into(), None),
+        ];
+        for (what, raw, want) in cases {
+            let decided = view(raw.as_bytes())
+                .map(|v| v.resource.as_ref().is_some_and(|r| r.resource_type.is_some() && r.covered_by(&grants)));
+            assert_eq!(decided, want, "{what}");
+            if let (Some(decided), Ok(parsed)) = (decided, serde_json::from_str::<Value>(&raw)) {
+                assert_eq!(decided, entry_visible(&parsed, &grants, &|_| true), "{what} disagrees with entry_visible");
+            }
+        }
+        assert!(view(b"{\"resource\":{\"resourceType\":\"\xff\"}}").is_none(), "invalid UTF-8");
+    }
+}
