@@ -100,7 +100,7 @@ impl LineFilter {
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        let kept = serde_json::from_slice::<Value>(line).ok().and_then(|value| keep(value));
+        let kept = serde_json::from_slice::<Value>(line).ok().and_then(keep);
         match kept.and_then(|value| serde_json::to_vec(&value).ok()) {
             Some(bytes) => {
                 out.extend_from_slice(&bytes);
