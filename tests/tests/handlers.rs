@@ -342,6 +342,8 @@ async fn export_kick_offs_that_are_refused() {
     let no_prefer = s.get("/fhir/$export?_type=Patient", &s.a).await;
     assert_eq!(no_prefer.status, 400, "{}", no_prefer.text());
     assert!(no_prefer.text().contains("respond-async"), "{}", no_prefer.text());
+    // Checked before the Group is even looked up.
+    assert_eq!(s.get("/fhir/Group/a-grp-1/$export?_type=Patient", &s.a).await.status, 400);
     let observations_only = s.issuer.token("tenant-a", "user/Observation.read");
     let cases: Vec<(&str, &str, &str, u16)> = vec![
         ("no _type with a wildcard scope", "/fhir/$export", &s.a, 400),

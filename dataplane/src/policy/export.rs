@@ -8,7 +8,8 @@
 //!   a token signed under a context of its own (a page token is never an export link, nor the reverse), bound to
 //!   the tenant, the upstream and the kind of link, valid for 24 hours.
 //! - The manifest keeps only what can be verified: file URLs on the upstream's base become signed links, per-file
-//!   counts (which could count other tenants' resources) are dropped, `requiresAccessToken` is true.
+//!   counts (which could count other tenants' resources) are dropped, `requiresAccessToken` is true. For the same
+//!   reason a progress text with digits in it is not relayed.
 //! - Every line of every file is verified on the way back (`line_visible`), so an upstream that ignores
 //!   `_typeFilter` still hands out nothing outside the grants.
 
@@ -289,6 +290,21 @@ pub fn rewrite_manifest(
     }))
 }
 
+/// The `X-Progress` shown while a job runs: the upstream's text if it is short, printable and free of digits;
+/// otherwise `in progress`. A number could count other tenants' resources when the upstream did not narrow.
+pub fn progress(upstream: Option<&str>) -> String {
+    match upstream {
+        Some(text)
+            if !text.is_empty()
+                && text.len() <= 100
+                && text.chars().all(|c| c == ' ' || (c.is_ascii_graphic() && !c.is_ascii_digit())) =>
+        {
+            text.to_owned()
+        }
+        _ => "in progress".to_owned(),
+    }
+}
+
 /// One NDJSON line of an export file: a resource of the file's declared type, of a type the scopes allow, covered
 /// by the grants. OperationOutcomes (upstream diagnostics) and Bundles are never shown.
 pub fn line_visible(
@@ -499,6 +515,24 @@ mod tests {
         for m in refused {
             assert!(rewrite_manifest(&m, String::new(), &target, &mut link).is_err(), "{m}");
         }
+    }
+
+    #[test]
+    fn progress_never_carries_numbers() {
+        let cases = [
+            (Some("in progress"), "in progress"),
+            (Some("Building files, please wait"), "Building files, please wait"),
+            (Some("exported 5000 of 120000 resources"), "in progress"),
+            (Some("50%"), "in progress"),
+            (Some("line\nbreak"), "in progress"),
+            (Some("tab\there"), "in progress"),
+            (Some(""), "in progress"),
+            (None, "in progress"),
+        ];
+        for (upstream, want) in cases {
+            assert_eq!(progress(upstream), want, "{upstream:?}");
+        }
+        assert_eq!(progress(Some(&"x".repeat(101))), "in progress");
     }
 
     #[test]

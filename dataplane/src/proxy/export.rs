@@ -4,7 +4,8 @@
 //!   parameters are narrowed to the tenant (`policy::export::kickoff`), a Group must be visible to the caller (else
 //!   the same 404 as a missing one), and the upstream's `202 Content-Location` is handed out as
 //!   `[base]/$export-poll-status?_token=…`, a link signed and bound to the tenant and upstream.
-//! - Status (`GET` on that link): `202` passes through with `X-Progress` and `Retry-After`; the `200` manifest is
+//! - Status (`GET` on that link): `202` passes through with `Retry-After` and `X-Progress` (`policy::export::progress`:
+//!   never with digits); the `200` manifest is
 //!   rewritten (`policy::export::rewrite_manifest`): each file becomes `[base]/$export-file?_token=…`.
 //!   `DELETE` on it cancels the job upstream.
 //! - File (`GET [base]/$export-file?_token=…`): the upstream's NDJSON streams back with every line verified.
@@ -54,7 +55,7 @@ fn respond_async(headers: &HeaderMap) -> bool {
         .any(|p| p.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async")))
 }
 
-/// A short, printable header value from the upstream (`X-Progress`, `Retry-After`), or nothing.
+/// A short, printable header value from the upstream (`Retry-After`), or nothing.
 fn printable(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     let value = headers.get(name)?;
     let text = value.to_str().ok()?;
@@ -74,10 +75,11 @@ impl Ctx<'_> {
             (&Method::GET, [STATUS_OP]) => self.export_status(&request, now).await,
             (&Method::DELETE, [STATUS_OP]) => self.export_cancel(&request, now).await,
             (&Method::GET, [FILE_OP]) => self.export_file(&request, grants, now).await,
-            (&Method::GET, ["$export"] | ["Patient", "$export"]) => self.export_kickoff(&request, tags, now).await,
+            (&Method::GET, ["$export"] | ["Patient", "$export"]) => {
+                self.export_kickoff(&request, tags, None, now).await
+            }
             (&Method::GET, ["Group", id, "$export"]) if Class::Id.accepts(id) => {
-                self.visible("Group", id, grants).await?;
-                self.export_kickoff(&request, tags, now).await
+                self.export_kickoff(&request, tags, Some((id, grants)), now).await
             }
             // A route that sends anything else to this handler.
             _ => Err(ProxyError::NotFound),
@@ -137,10 +139,12 @@ impl Ctx<'_> {
         })
     }
 
+    /// `group`: the Group of a group-level export, which must be visible to the caller.
     async fn export_kickoff(
         &self,
         request: &Request<Incoming>,
         tags: &[&Tag],
+        group: Option<(&str, &Grants)>,
         now: SystemTime,
     ) -> Result<Response<Body>, ProxyError> {
         if !respond_async(request.headers()) {
@@ -155,6 +159,9 @@ impl Ctx<'_> {
             return Err(ProxyError::Forbidden(
                 "Bulk export is not fully routed on this gateway (its status and file endpoints are missing).".into(),
             ));
+        }
+        if let Some((id, grants)) = group {
+            self.visible("Group", id, grants).await?;
         }
         let target =
             format!("{}?{}", join_encoded(&self.upstream.base_path, self.relative), query::encode(&upstream_params));
@@ -192,10 +199,12 @@ impl Ctx<'_> {
             StatusCode::ACCEPTED => {
                 // In progress: only the progress hints pass, never the upstream's body.
                 let mut out = empty(StatusCode::ACCEPTED);
-                for name in [HeaderName::from_static("x-progress"), header::RETRY_AFTER] {
-                    if let Some(value) = printable(&headers, &name) {
-                        out.headers_mut().insert(name, value);
-                    }
+                let text = headers.get("x-progress").and_then(|v| v.to_str().ok());
+                if let Ok(progress) = HeaderValue::try_from(export::progress(text)) {
+                    out.headers_mut().insert(HeaderName::from_static("x-progress"), progress);
+                }
+                if let Some(value) = printable(&headers, &header::RETRY_AFTER) {
+                    out.headers_mut().insert(header::RETRY_AFTER, value);
                 }
                 Ok(out)
             }
