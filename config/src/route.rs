@@ -307,6 +307,9 @@ mod tests {
             route("export", "/Patient/$export", &["GET"]),
             route("poll", "/$export-poll-status", &["GET", "DELETE"]),
             route("docref", "/DocumentReference/$docref", &["GET", "POST"]),
+            route("compartment", "/{type}/{id}/*", &["GET"]),
+            route("group-export", "/Group/{id}/$export", &["GET"]),
+            route("file", "/$export-file", &["GET"]),
         ];
         let cases: &[(&str, &str, &str)] = &[
             ("GET", "/Patient/$export", "export"),
@@ -319,6 +322,11 @@ mod tests {
             ("GET", "/Observation/$lastn", "type-op"),
             ("GET", "/Patient", "patient-catch-all"),
             ("GET", "/metadata", "catch-all"),
+            ("GET", "/Group/g1/$export", "group-export"),
+            ("GET", "/Group/g1/Patient", "compartment"),
+            ("GET", "/Patient/p1/$export", "compartment"),
+            ("DELETE", "/$export-poll-status", "poll"),
+            ("GET", "/$export-file", "file"),
         ];
         for order in [routes.clone(), routes.iter().rev().cloned().collect()] {
             let t = RouteTable::try_from(&table(order)).unwrap_or_else(|e| panic!("{e}"));

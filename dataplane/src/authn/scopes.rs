@@ -126,6 +126,21 @@ impl Scopes {
         self.scopes.is_empty()
     }
 
+    /// The resource types named by `user/` or `system/` scopes granting `permission`, in order; `None` when a
+    /// wildcard (`*`) grants it for every type, so no list can be given.
+    pub fn named_types(&self, permission: Permission) -> Option<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for scope in self.scopes.iter().filter(|s| s.context != Context::Patient && s.permissions.contains(&permission))
+        {
+            match &scope.resource_type {
+                None => return None,
+                Some(ty) if !out.contains(ty) => out.push(ty.clone()),
+                Some(_) => {}
+            }
+        }
+        Some(out)
+    }
+
     pub fn allows(&self, resource_type: &str, permission: Permission) -> Allowed {
         let mut patient = false;
         for scope in self.scopes.iter().filter(|s| s.covers(resource_type, permission)) {
@@ -191,5 +206,20 @@ mod tests {
             assert_eq!(s.allows(ty, p), want, "{ty} {p:?}");
         }
         assert!(Scopes::parse("openid profile").is_empty());
+    }
+
+    #[test]
+    fn named_types_table() {
+        let cases: &[(&str, Option<&[&str]>)] = &[
+            ("user/Observation.rs system/Patient.read user/Observation.r", Some(&["Observation", "Patient"])),
+            ("user/Observation.c patient/Condition.read", Some(&[])),
+            ("user/Observation.read user/*.rs", None),
+            ("patient/*.read user/Encounter.r", Some(&["Encounter"])),
+            ("openid", Some(&[])),
+        ];
+        for (claim, want) in cases {
+            let want = want.map(|w| w.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>());
+            assert_eq!(Scopes::parse(claim).named_types(Read), want, "{claim}");
+        }
     }
 }

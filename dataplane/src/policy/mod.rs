@@ -1,9 +1,13 @@
 //! Access-control policy: the pure parts (classification, query checks and narrowing, response verification,
-//! page tokens). The proxy applies them; everything here is table-tested.
+//! page tokens, the `$docref` translation, bulk export narrowing and links, NDJSON lines). The proxy applies them;
+//! everything here is table-tested.
 
 pub mod batch;
 pub mod classify;
 pub mod compartment;
+pub mod docref;
+pub mod export;
+pub mod ndjson;
 pub mod paging;
 pub mod query;
 pub mod raw;

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::{Hmac, Mac};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -51,7 +52,10 @@ pub struct PageSigner {
     key: Vec<u8>,
 }
 
-fn unix(at: SystemTime) -> u64 {
+/// Page tokens are signed without a context (as they always were).
+const PAGE_CONTEXT: &[u8] = b"";
+
+pub fn unix(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -62,17 +66,39 @@ impl PageSigner {
         PageSigner { key: key.to_vec() }
     }
 
-    fn mac(&self) -> HmacSha256 {
+    /// The MAC over `context` then the payload. Payloads are base64url text, which never holds a NUL, so contexts
+    /// ending in NUL (and the empty context of page tokens) separate the kinds of token: one kind never verifies as
+    /// another.
+    fn mac(&self, context: &[u8]) -> HmacSha256 {
         // HMAC accepts keys of any length.
-        <HmacSha256 as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(context);
+        mac
     }
 
-    pub fn sign(&self, claims: &PageClaims) -> String {
+    /// Signs any claims under `context` (see [`PageSigner::mac`]).
+    pub fn seal<T: Serialize>(&self, context: &[u8], claims: &T) -> String {
         let payload = B64.encode(serde_json::to_vec(claims).unwrap_or_default());
-        let mut mac = self.mac();
+        let mut mac = self.mac(context);
         mac.update(payload.as_bytes());
         let tag = B64.encode(mac.finalize().into_bytes());
         format!("{payload}.{tag}")
+    }
+
+    /// The claims of a token sealed under `context`, if its signature holds. Expiry is the caller's to check.
+    pub fn open<T: DeserializeOwned>(&self, context: &[u8], token: &str) -> Result<T, PageError> {
+        let (payload, tag) = token.split_once('.').ok_or(PageError::Malformed)?;
+        let tag = B64.decode(tag).map_err(|_| PageError::Malformed)?;
+        let mut mac = self.mac(context);
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&tag).map_err(|_| PageError::BadSignature)?;
+        let bytes = B64.decode(payload).map_err(|_| PageError::Malformed)?;
+        serde_json::from_slice(&bytes).map_err(|_| PageError::Malformed)
+    }
+
+    pub fn sign(&self, claims: &PageClaims) -> String {
+        self.seal(PAGE_CONTEXT, claims)
     }
 
     pub fn claims(tenant: &str, path: &str, upstream: &str, target: &str, now: SystemTime) -> PageClaims {
@@ -86,13 +112,7 @@ impl PageSigner {
     }
 
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<PageClaims, PageError> {
-        let (payload, tag) = token.split_once('.').ok_or(PageError::Malformed)?;
-        let tag = B64.decode(tag).map_err(|_| PageError::Malformed)?;
-        let mut mac = self.mac();
-        mac.update(payload.as_bytes());
-        mac.verify_slice(&tag).map_err(|_| PageError::BadSignature)?;
-        let bytes = B64.decode(payload).map_err(|_| PageError::Malformed)?;
-        let claims: PageClaims = serde_json::from_slice(&bytes).map_err(|_| PageError::Malformed)?;
+        let claims: PageClaims = self.open(PAGE_CONTEXT, token)?;
         if unix(now) >= claims.expires {
             return Err(PageError::Expired);
         }

@@ -156,6 +156,17 @@ pub fn check(u: Use, params: &[(String, String)], guard: &QueryGuard) -> Result<
     Ok(())
 }
 
+/// A FHIR date, dateTime or instant as a search value: `YYYY`, `YYYY-MM-DD`, `YYYY-MM-DDThh:mm:ss.sss+zz:zz` and
+/// the forms between. Only the shape is checked (the upstream checks the calendar); nothing else can reach a
+/// search through it, such as a prefix (`ge`) or a second value.
+pub fn is_date_time(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    bytes.len() >= 4
+        && bytes.len() <= 40
+        && bytes[..4].iter().all(u8::is_ascii_digit)
+        && bytes.iter().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b':' | b'T' | b'Z' | b'+' | b'.'))
+}
+
 /// Adds the tenant's tags as one more `_tag` parameter (OR across the tags). The caller's own `_tag` parameters stay:
 /// they constrain further, never replace. `None` when the tenant holds no tag, so the search can only be empty.
 pub fn narrow(params: &[(String, String)], tags: &[&Tag]) -> Option<Params> {
@@ -271,6 +282,16 @@ mod tests {
             "_tag=https%3A%2F%2Fevil%7Cx&name=smith&_tag=https%3A%2F%2Ffhirgw.dev%2Fdataset%7Ca%2Chttps%3A%2F%2Ffhirgw.dev%2Fdataset%7Cb"
         );
         assert_eq!(narrow(&p("name=x"), &[]), None);
+    }
+
+    #[test]
+    fn date_times() {
+        for ok in ["2024", "2024-01", "2024-01-31", "2024-01-31T10:00:00Z", "2024-01-31T10:00:00.123+01:00"] {
+            assert!(is_date_time(ok), "{ok}");
+        }
+        for bad in ["", "24", "ge2024", "2024-01-01,2025", "2024 01", "2024-01-01&_tag=x", "abcd", &"1".repeat(41)] {
+            assert!(!is_date_time(bad), "{bad}");
+        }
     }
 
     #[test]

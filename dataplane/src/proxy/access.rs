@@ -2,8 +2,9 @@
 //!
 //! Supported through the gateway today: read, vread, type-level search (GET and `POST _search`), instance and type
 //! history, `Patient/[id]/$everything`, paging through signed page links, writes (`write.rs`) and batches and
-//! transactions checked entry by entry (`batch.rs`). Every other interaction is refused with 403 until it has its
-//! own checks: the gateway never forwards what it cannot verify.
+//! transactions checked entry by entry (`batch.rs`), and the dedicated handlers `$docref` (`docref.rs`) and bulk
+//! `$export` (`export.rs`). Every other interaction is refused with 403 until it has its own checks: the gateway
+//! never forwards what it cannot verify.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use fhirgw_config::Snapshot;
 use fhirgw_config::path::join_encoded;
 use fhirgw_config::pattern::Class;
-use fhirgw_config::route::QueryGuard;
+use fhirgw_config::route::{Handler, QueryGuard};
 use fhirgw_config::tenant::Tag;
 use fhirgw_config::upstream::Upstream;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -55,13 +56,11 @@ fn wants_xml_only(headers: &HeaderMap) -> bool {
     })
 }
 
-impl Ctx<'_> {
-    pub async fn serve(
-        &self,
-        interaction: Interaction,
-        request: Request<Incoming>,
-    ) -> Result<Response<Body>, ProxyError> {
-        if wants_xml_only(request.headers()) {
+impl<'a> Ctx<'a> {
+    /// What every interaction starts with: JSON only, grants confirmed recently enough, and the tenant's tags active
+    /// at one instant, `now`, used for the whole request.
+    fn grants_now(&self, headers: &HeaderMap) -> Result<(SystemTime, Vec<&'a Tag>, Grants), ProxyError> {
+        if wants_xml_only(headers) {
             return Err(QueryError::NotAcceptable { format: "XML".into() }.into());
         }
         let now = SystemTime::now();
@@ -70,9 +69,30 @@ impl Ctx<'_> {
         if confirmed.is_none_or(|age| age > self.proxy.grant_ttl) {
             return Err(ProxyError::GrantsStale);
         }
-        let tags: Vec<&Tag> =
-            self.snapshot.tenants.get(&self.caller.tenant).map(|t| t.active_tags(now).collect()).unwrap_or_default();
+        let snapshot: &'a Snapshot = self.snapshot;
+        let tags: Vec<&'a Tag> =
+            snapshot.tenants.get(&self.caller.tenant).map(|t| t.active_tags(now).collect()).unwrap_or_default();
         let grants = Grants::new(tags.iter().copied());
+        Ok((now, tags, grants))
+    }
+
+    /// A dedicated handler's request (`docref.rs`, `export.rs`), with the same start as every interaction.
+    pub async fn handler(&self, handler: Handler, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        let (now, tags, grants) = self.grants_now(request.headers())?;
+        match handler {
+            Handler::DocRef => self.docref(request, &tags, &grants, now).await,
+            Handler::Export => self.export(request, &tags, &grants, now).await,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    pub async fn serve(
+        &self,
+        interaction: Interaction,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let (now, tags, grants) = self.grants_now(request.headers())?;
         let head = request.method() == Method::HEAD;
         match interaction {
             Interaction::Read { ty, id } | Interaction::VRead { ty, id, .. } => {
@@ -278,6 +298,12 @@ impl Ctx<'_> {
     /// resource that does not exist: the focal resource is read and verified first.
     async fn focal(&self, ty: &str, id: &str, grants: &Grants) -> Result<(), ProxyError> {
         let reach = self.require_read(ty, Permission::Read)?;
+        self.visible(ty, id, grants, &reach).await
+    }
+
+    /// Whether `ty/id` exists, is inside the grants and within `reach`, as one answer: a 404 either way. Nothing of
+    /// it is returned, so no scope is needed for `ty` (handlers check the resource a request is about this way).
+    pub(super) async fn visible(&self, ty: &str, id: &str, grants: &Grants, reach: &Reach) -> Result<(), ProxyError> {
         if grants.is_empty() {
             return Err(ProxyError::ResourceNotFound);
         }
@@ -398,6 +424,25 @@ impl Ctx<'_> {
         if grants.is_empty() {
             return Ok(empty_bundle(usage, public, &path, &params, head));
         }
+        let self_url = if params.is_empty() {
+            format!("{public}/{path}")
+        } else {
+            format!("{public}/{path}?{}", query::encode(&params))
+        };
+        self.stream_bundle(Prepared { target, path, self_url, narrowed }, grants, now, head).await
+    }
+
+    /// GETs a prepared search or read of many (already checked and narrowed) and streams the Bundle back, every
+    /// entry verified against `grants` and the scopes.
+    pub(super) async fn stream_bundle(
+        &self,
+        prepared: Prepared,
+        grants: &Grants,
+        now: SystemTime,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let Prepared { target, path, self_url, narrowed } = prepared;
+        let public = self.public.as_str();
         let response = self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, HeaderMap::new()).await?;
         // The status is known before anything is sent to the client.
         match response.status() {
@@ -405,11 +450,6 @@ impl Ctx<'_> {
             StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
             other => return Err(ProxyError::UpstreamStatus(other)),
         }
-        let self_url = if params.is_empty() {
-            format!("{public}/{path}")
-        } else {
-            format!("{public}/{path}?{}", query::encode(&params))
-        };
         let mut out = if head {
             Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync())
         } else {
@@ -437,6 +477,18 @@ impl Ctx<'_> {
         out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::outcome::FHIR_JSON));
         Ok(out)
     }
+}
+
+/// A Bundle request ready for the upstream.
+pub(super) struct Prepared {
+    /// Path and query on the upstream.
+    pub target: String,
+    /// The gateway path (relative to the base) its page links continue, e.g. `DocumentReference`.
+    pub path: String,
+    /// The public URL of the request, for `self`.
+    pub self_url: String,
+    /// Narrowed upstream with the tenant's tags (so the upstream's `total` may be kept).
+    pub narrowed: bool,
 }
 
 fn empty_bundle(usage: Use, public: &str, path: &str, params: &Params, head: bool) -> Response<Body> {

@@ -1,9 +1,10 @@
 //! What a SMART on FHIR app discovers: `.well-known/smart-configuration` from the pushed identity settings, and
 //! the upstream's CapabilityStatement rewritten to the public base, with the SMART security extension and only the
-//! interactions and operations the gateway actually lets through.
+//! interactions and operations the gateway actually lets through, plus those its own handlers serve (`$docref`,
+//! bulk `$export`).
 
 use fhirgw_config::Snapshot;
-use fhirgw_config::route::{Action, RouteTable};
+use fhirgw_config::route::{Action, Handler, RouteTable};
 use http::Method;
 use serde_json::{Value, json};
 
@@ -49,6 +50,40 @@ fn proxied(table: &RouteTable, method: &Method, path: &[&str]) -> bool {
     table.route(method, &segments).is_some_and(|m| matches!(m.route.action, Action::Proxy { .. }))
 }
 
+fn handled(table: &RouteTable, method: &Method, path: &[&str], handler: Handler) -> bool {
+    let segments: Vec<String> = path.iter().map(|s| (*s).to_owned()).collect();
+    table
+        .route(method, &segments)
+        .is_some_and(|m| matches!(m.route.action, Action::Handler { handler: h, .. } if h == handler))
+}
+
+const BULK: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition";
+
+/// The operations the gateway's own handlers serve on `ty` (`None`: at the system level), as CapabilityStatement
+/// entries. Bulk export counts only with its status endpoint routed too.
+fn handler_operations(table: &RouteTable, ty: Option<&str>) -> Vec<Value> {
+    let get = Method::GET;
+    let export = |path: &[&str]| {
+        handled(table, &get, path, Handler::Export)
+            && handled(table, &get, &[crate::policy::export::STATUS_OP], Handler::Export)
+    };
+    let mut ops = Vec::new();
+    match ty {
+        None if export(&["$export"]) => ops.push(json!({"name": "export", "definition": format!("{BULK}/export")})),
+        Some("Patient") if export(&["Patient", "$export"]) => {
+            ops.push(json!({"name": "export", "definition": format!("{BULK}/patient-export")}));
+        }
+        Some("Group") if export(&["Group", "x", "$export"]) => {
+            ops.push(json!({"name": "export", "definition": format!("{BULK}/group-export")}));
+        }
+        Some("DocumentReference") if handled(table, &get, &["DocumentReference", "$docref"], Handler::DocRef) => {
+            ops.push(json!({"name": "docref", "definition": "http://hl7.org/fhir/us/core/OperationDefinition/docref"}));
+        }
+        _ => {}
+    }
+    ops
+}
+
 /// Instance-level interactions the gateway serves, with a request that exercises each.
 const INTERACTIONS: &[(&str, &str, &[&str])] = &[
     ("read", "GET", &["{type}", "x"]),
@@ -84,6 +119,10 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
             rest.remove("interaction");
         }
         rest.remove("operation");
+        let system_ops = handler_operations(table, None);
+        if !system_ops.is_empty() {
+            rest.insert("operation".into(), Value::Array(system_ops));
+        }
         if let Some(idp) = idp {
             let mut uris = Vec::new();
             for (name, value) in [
@@ -126,6 +165,13 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
             let everything = ty == "Patient" && proxied(table, &Method::GET, &["Patient", "x", "$everything"]);
             if let Some(ops) = r.get_mut("operation").and_then(Value::as_array_mut) {
                 ops.retain(|o| everything && o.get("name").and_then(Value::as_str) == Some("everything"));
+            }
+            let own = handler_operations(table, Some(&ty));
+            if !own.is_empty() {
+                let ops = r.entry("operation").or_insert_with(|| json!([]));
+                if let Some(ops) = ops.as_array_mut() {
+                    ops.extend(own);
+                }
             }
             !allowed.is_empty()
         });

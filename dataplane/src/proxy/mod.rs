@@ -7,7 +7,7 @@
 //!       └ classify the interaction (read, search, history, …; Unknown is denied)
 //!         └ authenticate (every interaction except `metadata`): tenant from the token (401)
 //!           └ route: the most specific route (404 / 405)
-//!             └ action: deny │ handler │ proxy
+//!             └ action: deny │ handler (docref.rs, export.rs) │ proxy
 //!               └ authorize and rewrite (access.rs): scopes, query checks, narrowing, page tokens
 //!                 └ upstream (UpstreamClient::send injects the credential)
 //!                   └ verify the response: resource or every Bundle entry against the grants; links signed
@@ -17,8 +17,11 @@ mod access;
 mod batch;
 mod bundle_stream;
 mod discovery;
+mod docref;
+mod export;
 mod headers;
 mod links;
+mod ndjson_stream;
 mod public;
 mod write;
 
@@ -72,8 +75,6 @@ enum ProxyError {
     MethodNotAllowed,
     #[error("denied by route `{route}`")]
     Denied { route: String, status: StatusCode, message: String },
-    #[error("handler not available")]
-    HandlerUnavailable,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("route refers to unknown upstream `{0}`")]
@@ -91,6 +92,8 @@ enum ProxyError {
     BadRequest(String),
     #[error(transparent)]
     Page(#[from] PageError),
+    #[error(transparent)]
+    ExportLink(crate::policy::export::LinkError),
     #[error("upstream answered {0}")]
     UpstreamStatus(StatusCode),
     #[error("upstream response cannot be verified: {0}")]
@@ -147,9 +150,6 @@ impl ProxyError {
                 let text = if message.is_empty() { "Access to this endpoint is denied." } else { message };
                 Outcome::new(*status, "forbidden", text)
             }
-            HandlerUnavailable => {
-                Outcome::new(StatusCode::NOT_IMPLEMENTED, "not-supported", "This operation is not available yet.")
-            }
             Upstream(UpstreamError::Credential { .. }) => Outcome::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
@@ -186,6 +186,7 @@ impl ProxyError {
             }
             BadRequest(message) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", message.clone()),
             Page(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", format!("{e}; run the search again")),
+            ExportLink(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", format!("{e}; start the export again")),
             UpstreamStatus(StatusCode::TOO_MANY_REQUESTS) => {
                 Outcome::new(StatusCode::TOO_MANY_REQUESTS, "throttled", "The upstream server is busy; retry later.")
                     .retry_after(5)
@@ -332,7 +333,22 @@ impl Proxy {
             Action::Deny { status, message } => {
                 Err(ProxyError::Denied { route: matched.route.id.clone(), status: *status, message: message.clone() })
             }
-            Action::Handler { .. } => Err(ProxyError::HandlerUnavailable),
+            Action::Handler { handler, upstream } => {
+                // Handlers serve callers only (`metadata` is never a handler's).
+                let caller = caller.ok_or(ProxyError::Auth(AuthError::Missing))?;
+                let ctx = access::Ctx {
+                    proxy: self,
+                    snapshot: &snapshot,
+                    caller: &caller,
+                    upstream: upstream_of(&snapshot, upstream)?,
+                    public,
+                    relative,
+                    guard: &matched.route.guard,
+                    table,
+                };
+                let policy = tracing::info_span!("policy", handler = ?handler);
+                ctx.handler(*handler, request).instrument(policy).await
+            }
             Action::Proxy { upstream } => {
                 let upstream = upstream_of(&snapshot, upstream)?;
                 match caller {
