@@ -12,6 +12,10 @@ pub const MAX_ROUTES: usize = 1000;
 pub const DEFAULT_MAX_COUNT: u32 = 1000;
 /// Default cap on the request target length when a guard sets none.
 pub const DEFAULT_MAX_URL_BYTES: u32 = 8192;
+/// Default cap on the total size of a request's header fields when a guard sets none.
+pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
+/// The data plane reads at most this much of a request head: a guard cannot allow more.
+pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handler {
@@ -54,6 +58,7 @@ pub struct QueryGuard {
     pub denied_modifiers: Vec<String>,
     pub max_count: u32,
     pub max_url_bytes: u32,
+    pub max_header_bytes: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,12 +223,19 @@ fn parse_route(msg: &pb::Route) -> Result<Route, TableError> {
                     return Err(err(format!("query guard entry `{p}` is not a parameter name")));
                 }
             }
+            if g.max_header_bytes > MAX_HEADER_BYTES {
+                return Err(err(format!(
+                    "query guard max_header_bytes {} exceeds the data plane's {MAX_HEADER_BYTES}-byte header buffer",
+                    g.max_header_bytes
+                )));
+            }
             QueryGuard {
                 allowed_params: g.allowed_params.clone(),
                 denied_params: g.denied_params.clone(),
                 denied_modifiers: g.denied_modifiers.clone(),
                 max_count: g.max_count,
                 max_url_bytes: g.max_url_bytes,
+                max_header_bytes: g.max_header_bytes,
             }
         }
     };

@@ -1,4 +1,4 @@
-//! Data plane lifecycle and request limits, end to end: draining on SIGTERM, over-long request targets.
+//! Data plane lifecycle and request limits, end to end: draining on SIGTERM, over-long request targets and header blocks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure};
 use fhirgw_e2e::{UPSTREAM_TOKEN, World, admin, eventually, grpc_url, http};
+use fhirgw_proto::admin::v1 as api;
+use fhirgw_proto::config::v1 as pb;
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits() {
@@ -49,7 +51,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
 }
 
 #[tokio::test]
-async fn over_long_request_targets_are_refused_with_414() {
+async fn over_long_request_targets_and_headers_are_refused() {
     let world = World::new();
     let fhir = world.fhir_server().await;
     let issuer = fixtures::issuer().await;
@@ -69,4 +71,33 @@ async fn over_long_request_targets_are_refused_with_414() {
     assert_eq!(r.status(), 414);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["resourceType"], "OperationOutcome");
+
+    // Header fields: 16 KiB in all by default, less on a route whose guard says so (431 OperationOutcome).
+    let get = |path: &str, header_bytes: usize| {
+        http()
+            .get(format!("http://{}/fhir/{path}", dp.addr("fhir")))
+            .bearer_auth(&token)
+            .header("x-padding", "p".repeat(header_bytes))
+            .send()
+    };
+    assert_eq!(get("Patient/a-pat-1", 3000).await.unwrap().status(), 200);
+    let r = get("Patient/a-pat-1", 17_000).await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["resourceType"], "OperationOutcome");
+    let mut table = fixtures::route_table();
+    for route in &mut table.routes {
+        if route.id == "instance" {
+            route.query_guard = Some(pb::QueryGuard { max_header_bytes: 2048, ..Default::default() });
+        }
+    }
+    let put = api::PutRouteTableRequest { route_table: Some(table.clone()), expected_version: String::new() };
+    let revision: u64 = admin.put_route_table(put).await.unwrap().into_inner().meta.unwrap().version.parse().unwrap();
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    assert_eq!(get("Patient/a-pat-1", 3000).await.unwrap().status(), 431, "the instance route's own limit");
+    assert_eq!(get("Patient?name=x", 3000).await.unwrap().status(), 200, "other routes keep the default");
+    // A guard cannot allow more than the data plane reads.
+    table.routes[0].query_guard = Some(pb::QueryGuard { max_header_bytes: 1 << 20, ..Default::default() });
+    let put = api::PutRouteTableRequest { route_table: Some(table), expected_version: String::new() };
+    let refused = admin.put_route_table(put).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }

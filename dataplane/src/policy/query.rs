@@ -256,6 +256,7 @@ mod tests {
             denied_modifiers: vec!["missing".into()],
             max_count: 50,
             max_url_bytes: 0,
+            max_header_bytes: 0,
         };
         assert!(check(Use::Search, &p("name=x&_count=50"), &g).is_ok());
         assert!(check(Use::Search, &p("_count=51"), &g).is_err());

@@ -108,6 +108,8 @@ enum ProxyError {
     PreconditionFailed,
     #[error(transparent)]
     Write(#[from] crate::policy::write::WriteError),
+    #[error("request header fields larger than {limit} bytes")]
+    HeadersTooLarge { limit: u32 },
     #[error("a conditional write matches several resources")]
     MultipleMatches,
     /// An entry of a batch or transaction was refused.
@@ -231,6 +233,11 @@ impl ProxyError {
                 "The gateway cannot confirm access grants right now.",
             )
             .retry_after(10),
+            HeadersTooLarge { limit } => Outcome::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too-long",
+                format!("The request's header fields are larger than {limit} bytes in all."),
+            ),
             MultipleMatches => Outcome::new(
                 StatusCode::PRECONDITION_FAILED,
                 "multiple-matches",
@@ -328,6 +335,13 @@ impl Proxy {
         };
         if request.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > limit as usize {
             return Err(ProxyError::TooLong { limit });
+        }
+        let header_limit = match matched.route.guard.max_header_bytes {
+            0 => fhirgw_config::route::DEFAULT_MAX_HEADER_BYTES,
+            n => n,
+        };
+        if headers::total_size(request.headers()) > header_limit as usize {
+            return Err(ProxyError::HeadersTooLarge { limit: header_limit });
         }
         match &matched.route.action {
             Action::Deny { status, message } => {
