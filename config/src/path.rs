@@ -4,7 +4,7 @@
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use thiserror::Error;
 
-/// Longest path accepted, in bytes before decoding.
+/// Longest path accepted, in bytes, both as received and in the canonical form sent upstream.
 pub const MAX_PATH_BYTES: usize = 4096;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -55,6 +55,13 @@ impl NormalPath {
                 return Err(PathError::EncodedSeparator);
             }
             segments.push(decoded.into_owned());
+        }
+        // The limit holds for what the upstream receives too: the canonical form can be longer than the request's
+        // (`!` is sent as `%21`), and is what gets forwarded.
+        let canonical: usize =
+            segments.iter().map(|s| 1 + utf8_percent_encode(s, SEGMENT).map(str::len).sum::<usize>()).sum();
+        if canonical > MAX_PATH_BYTES {
+            return Err(PathError::TooLong);
         }
         Ok(Self { segments })
     }
@@ -151,6 +158,10 @@ mod tests {
             assert_eq!(NormalPath::parse(raw).as_ref().err(), Some(want), "{raw}");
         }
         assert_eq!(NormalPath::parse(&format!("/{}", "a".repeat(MAX_PATH_BYTES))), Err(PathError::TooLong));
+        // Short as received, too long once re-encoded for the upstream (found by the `path` fuzz target).
+        let bangs = format!("/{}", "!".repeat(MAX_PATH_BYTES / 2));
+        assert_eq!(NormalPath::parse(&bangs), Err(PathError::TooLong));
+        assert!(NormalPath::parse(&format!("/{}", "!".repeat(MAX_PATH_BYTES / 3 - 1))).is_ok());
     }
 
     #[test]

@@ -144,6 +144,28 @@ async function patientEverything(req, repository) {
 router.add('GET', 'Patient/:id/$everything', patientEverything);
 router.add('POST', 'Patient/:id/$everything', patientEverything);
 
+// $meta-add / $meta-delete (R4 Resource operations, as HAPI has them): add or remove meta.tag codings on the
+// current version (making a new version), answering Parameters { return: Meta }.
+async function metaChange(req, repository, add) {
+  const { resourceType, id } = req.params;
+  const resource = await repository.readResource(resourceType, id);
+  const meta = (req.body?.parameter ?? []).find((p) => p.name === 'meta')?.valueMeta;
+  if (!meta) return [badRequest('a meta parameter (valueMeta) is required')];
+  const same = (a, b) => a.system === b.system && a.code === b.code;
+  let tag = [...(resource.meta?.tag ?? [])];
+  for (const t of meta.tag ?? []) {
+    if (add) {
+      if (!tag.some((x) => same(x, t))) tag.push(t);
+    } else {
+      tag = tag.filter((x) => !same(x, t));
+    }
+  }
+  const updated = await repository.updateResource({ ...resource, meta: { ...resource.meta, tag } });
+  return [allOk, { resourceType: 'Parameters', parameter: [{ name: 'return', valueMeta: updated.meta }] }];
+}
+router.add('POST', ':resourceType/:id/$meta-add', (req, repository) => metaChange(req, repository, true));
+router.add('POST', ':resourceType/:id/$meta-delete', (req, repository) => metaChange(req, repository, false));
+
 // ---------------------------------------------------------------------------------------------
 // Bulk Data $export (Bulk Data Access IG v2), minimal: kick-off with GET [base]/$export, Patient/$export or
 // Group/ID/$export and `Prefer: respond-async`; `_type`, `_since`, `_typeFilter` (each `Type?query` matched with the

@@ -67,6 +67,7 @@ pub fn route_table() -> pb::RouteTable {
             proxy("vread", "/{type}/{id}/_history/{vid}", &["GET"]),
             proxy("everything", "/Patient/{id}/$everything", &["GET"]),
             proxy("compartment", "/{type}/{id}/*", &["GET"]),
+            proxy("instance-operations", "/{type}/{id}/{op}", &["POST"]),
             proxy("operations", "/{type}/{op}", &["GET", "POST"]),
             // The gateway's own handlers: exact paths, more specific than the routes above.
             handler("docref", "/DocumentReference/$docref", &["GET", "POST"], "docref"),

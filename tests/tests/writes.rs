@@ -440,3 +440,58 @@ async fn conditional_writes_match_only_the_callers_resources() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(s.upstream("/Patient/a-pat-3").await["id"], "a-pat-3");
 }
+
+/// Case 5: `$meta-add` and `$meta-delete` change tags directly, so they get the write rules: the resource must be
+/// visible, only the caller's own dataset tags may be added or removed, and the last one cannot be removed.
+#[tokio::test]
+async fn meta_operations_keep_resources_in_the_tenant() {
+    let s = stack().await;
+    let a = s.issuer.token("tenant-a", WRITE);
+    let meta_op = |path: &str, tags: Value| {
+        let body = json!({"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": tags}}]});
+        s.send(http().post(s.url(&format!("/fhir/{path}"))).bearer_auth(&a).json(&body))
+    };
+    let workflow = json!([{"system": "http://example.org/workflow", "code": "reviewed"}]);
+
+    // Another system's tag: added and removed freely on one's own resource.
+    let r = meta_op("Patient/a-pat-3/$meta-add", workflow.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["resourceType"], "Parameters");
+    assert!(tags(&s.upstream("/Patient/a-pat-3").await).contains(&"http://example.org/workflow|reviewed".to_owned()));
+    let r = meta_op("Patient/a-pat-3/$meta-delete", workflow.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tags(&s.upstream("/Patient/a-pat-3").await), vec![format!("{DS}|tenant-a")]);
+
+    // Sharing into another tenant's dataset, or taking away the last own dataset tag: refused, nothing changed.
+    let r = meta_op("Patient/a-pat-3/$meta-add", json!([{"system": DS, "code": "tenant-b"}])).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = meta_op("Patient/a-pat-3/$meta-delete", json!([{"system": DS, "code": "tenant-a"}])).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(tags(&s.upstream("/Patient/a-pat-3").await), vec![format!("{DS}|tenant-a")]);
+
+    // Another tenant's resource looks missing, whatever the tags named.
+    let b_before = s.upstream("/Patient/b-pat-1").await;
+    let foreign = meta_op("Patient/b-pat-1/$meta-add", workflow.clone()).await;
+    let missing = meta_op("Patient/nope/$meta-add", workflow.clone()).await;
+    assert_eq!((foreign.status, missing.status), (404, 404), "{}", foreign.text());
+    assert_eq!(foreign.json()["issue"], missing.json()["issue"]);
+    let r = meta_op("Patient/b-pat-1/$meta-delete", json!([{"system": DS, "code": "tenant-b"}])).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(s.upstream("/Patient/b-pat-1").await, b_before);
+
+    // Read-only scopes: refused; a malformed request: 400.
+    let r = s
+        .send(http().post(s.url("/fhir/Patient/a-pat-3/$meta-add")).bearer_auth(&s.a).json(&json!({
+            "resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": workflow}}]})))
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = s
+        .send(
+            http()
+                .post(s.url("/fhir/Patient/a-pat-3/$meta-add"))
+                .bearer_auth(&a)
+                .json(&json!({"resourceType": "Parameters"})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+}

@@ -25,6 +25,35 @@ pub enum WriteError {
     ForbiddenPatch(usize),
     #[error("the patch is not a JSON Patch document")]
     BadPatch,
+    #[error("the resource must keep at least one of your datasets' tags")]
+    WouldOrphan,
+}
+
+/// `$meta-add` (`add`) or `$meta-delete` of `tags` on a stored resource the caller may see: every dataset tag named
+/// must be one the caller holds (nothing is moved into, or taken out of, another tenant's dataset), and after a
+/// delete the resource must still carry one of the caller's dataset tags. Tags of other systems are free.
+pub fn check_meta_change(
+    stored: &Value,
+    tags: &[Value],
+    add: bool,
+    grants: &Grants,
+    systems: &HashSet<String>,
+) -> Result<(), WriteError> {
+    let mut removed = Vec::new();
+    for tag in tags {
+        let system = tag.get("system").map(|s| s.as_str().ok_or(WriteError::Malformed)).transpose()?;
+        let code = tag.get("code").map(|c| c.as_str().ok_or(WriteError::Malformed)).transpose()?;
+        let Some(system) = system.filter(|s| systems.contains(*s)) else { continue };
+        let code = code.unwrap_or_default();
+        if !grants.contains(system, code) {
+            return Err(WriteError::ForeignTag(format!("{system}|{code}")));
+        }
+        removed.push((system, code));
+    }
+    if !add && granted_tags(stored, grants).iter().all(|t| removed.contains(&(t.system.as_str(), t.code.as_str()))) {
+        return Err(WriteError::WouldOrphan);
+    }
+    Ok(())
 }
 
 /// Systems of every tag granted to any tenant, expired or not.
@@ -194,6 +223,43 @@ mod tests {
         let grants = Grants::new([&a]);
         let stored = json!({"meta": {"tag": [{"system": DS, "code": "a"}, {"system": DS, "code": "b"}, {"system": "http://x", "code": "a"}]}});
         assert_eq!(granted_tags(&stored, &grants), vec![tag("a")]);
+    }
+
+    #[test]
+    fn meta_change_table() {
+        let (a, b) = (tag("a"), tag("b"));
+        let grants = Grants::new([&a, &b]);
+        let t = |code: &str| json!({"system": DS, "code": code});
+        let stored = json!({"meta": {"tag": [t("a"), t("b"), {"system": "http://x", "code": "y"}]}});
+        let only_a = json!({"meta": {"tag": [t("a"), t("c")]}});
+        let cases: Vec<(&str, &Value, Value, bool, Result<(), WriteError>)> = vec![
+            ("add own", &only_a, json!([t("b")]), true, Ok(())),
+            ("add other system", &only_a, json!([{"system": "http://x", "code": "z"}]), true, Ok(())),
+            ("add foreign", &only_a, json!([t("c")]), true, Err(WriteError::ForeignTag(format!("{DS}|c")))),
+            (
+                "add foreign among own",
+                &stored,
+                json!([t("a"), t("z")]),
+                true,
+                Err(WriteError::ForeignTag(format!("{DS}|z"))),
+            ),
+            ("delete one of two own", &stored, json!([t("b")]), false, Ok(())),
+            ("delete both own", &stored, json!([t("a"), t("b")]), false, Err(WriteError::WouldOrphan)),
+            ("delete the only own", &only_a, json!([t("a")]), false, Err(WriteError::WouldOrphan)),
+            (
+                "delete another tenant's",
+                &only_a,
+                json!([t("c")]),
+                false,
+                Err(WriteError::ForeignTag(format!("{DS}|c"))),
+            ),
+            ("delete other system", &stored, json!([{"system": "http://x", "code": "y"}]), false, Ok(())),
+            ("malformed system", &stored, json!([{"system": 1, "code": "a"}]), true, Err(WriteError::Malformed)),
+        ];
+        for (what, stored, tags, add, want) in cases {
+            let tags = tags.as_array().cloned().unwrap_or_default();
+            assert_eq!(check_meta_change(stored, &tags, add, &grants, &systems()), want, "{what}");
+        }
     }
 
     #[test]

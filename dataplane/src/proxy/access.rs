@@ -130,6 +130,11 @@ impl Ctx<'_> {
                 params.push((name, value));
                 self.bundle(&target, Use::Search, params, &tags, &grants, now, head).await
             }
+            Interaction::Operation { ty: Some(ty), id: Some(id), name }
+                if matches!(name.as_str(), "$meta-add" | "$meta-delete") && request.method() == Method::POST =>
+            {
+                self.meta_change(&ty, &id, &name, request, &grants).await
+            }
             Interaction::Create { ty } => self.create(&ty, request, &grants, &tags).await,
             Interaction::Conditional { ty, method } => self.conditional(&ty, method, request, &grants, &tags).await,
             Interaction::Update { ty, id } => self.update(&ty, &id, request, &grants).await,

@@ -223,7 +223,8 @@ impl ProxyError {
                 "The resource has changed; read it again and retry with its current version.",
             ),
             Write(e @ crate::policy::write::WriteError::ForeignTag(_))
-            | Write(e @ crate::policy::write::WriteError::ForbiddenPatch(_)) => {
+            | Write(e @ crate::policy::write::WriteError::ForbiddenPatch(_))
+            | Write(e @ crate::policy::write::WriteError::WouldOrphan) => {
                 Outcome::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
             Write(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),

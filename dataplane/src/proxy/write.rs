@@ -20,7 +20,7 @@ use super::{ProxyError, json_response, validators};
 use crate::authn::scopes::Permission;
 use crate::policy::query::{self, PAGE_PARAM, Use};
 use crate::policy::verify::{Grants, resource_visible};
-use crate::policy::write::{check_json_patch, check_tags, dataset_systems, granted_tags};
+use crate::policy::write::{check_json_patch, check_meta_change, check_tags, dataset_systems, granted_tags};
 use crate::upstream::Body;
 
 /// Largest resource or patch accepted for a write.
@@ -170,6 +170,66 @@ impl Ctx<'_> {
             ([_], _) => Err(ProxyError::MethodNotAllowed),
             _ => Err(ProxyError::MultipleMatches),
         }
+    }
+
+    /// `$meta-add` / `$meta-delete` on `ty/id`: the stored resource is read and verified first (out of grant looks
+    /// missing), the tags named are checked (`check_meta_change`), and only the `meta` parameter is forwarded.
+    pub(super) async fn meta_change(
+        &self,
+        ty: &str,
+        id: &str,
+        operation: &str,
+        request: Request<Incoming>,
+        grants: &Grants,
+    ) -> Result<Response<Body>, ProxyError> {
+        self.require(ty, Permission::Update)?;
+        let (headers, parameters) = json_body(request, "Parameters").await?;
+        let metas: Vec<&Value> = parameters
+            .get("parameter")
+            .and_then(Value::as_array)
+            .map(|list| list.iter().filter(|p| p.get("name").and_then(Value::as_str) == Some("meta")).collect())
+            .unwrap_or_default();
+        let [meta] = metas.as_slice() else {
+            return Err(ProxyError::BadRequest(format!("{operation} takes exactly one `meta` parameter")));
+        };
+        let value_meta = meta
+            .get("valueMeta")
+            .filter(|m| m.is_object())
+            .ok_or_else(|| ProxyError::BadRequest("the `meta` parameter needs a valueMeta".into()))?;
+        let tags = match value_meta.get("tag") {
+            None => Vec::new(),
+            Some(Value::Array(tags)) => tags.clone(),
+            Some(_) => return Err(ProxyError::BadRequest("valueMeta.tag must be a list".into())),
+        };
+        let (stored, version) = self.stored(ty, id, grants, &headers).await?;
+        check_meta_change(&stored, &tags, operation == "$meta-add", grants, &dataset_systems(self.snapshot))?;
+        let body = serde_json::json!({
+            "resourceType": "Parameters",
+            "parameter": [{ "name": "meta", "valueMeta": value_meta }],
+        });
+        let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned(), operation.to_owned()]);
+        let (status, _, response) = self
+            .exchange_with(
+                Method::POST,
+                &target,
+                &HeaderMap::new(),
+                Some((FHIR_JSON, Bytes::from(body.to_string()))),
+                Some(&version),
+                None,
+            )
+            .await?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => return Err(ProxyError::PreconditionFailed),
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+            other => return Err(ProxyError::UpstreamStatus(other)),
+        }
+        // The answer is the resource's new `meta`: passed on only as a Parameters resource, re-serialised.
+        let answer: Value = serde_json::from_slice(&response)
+            .ok()
+            .filter(|v: &Value| v.get("resourceType").and_then(Value::as_str) == Some("Parameters"))
+            .ok_or_else(|| ProxyError::Unverifiable(format!("{operation} did not answer with Parameters")))?;
+        Ok(json_response(StatusCode::OK, &answer, &HeaderMap::new(), false))
     }
 
     /// Ids of the caller's resources of type `ty` matching `params` (at most two: enough to tell one from several).
