@@ -232,7 +232,8 @@ mod tests {
         let t = |code: &str| json!({"system": DS, "code": code});
         let stored = json!({"meta": {"tag": [t("a"), t("b"), {"system": "http://x", "code": "y"}]}});
         let only_a = json!({"meta": {"tag": [t("a"), t("c")]}});
-        let cases: Vec<(&str, &Value, Value, bool, Result<(), WriteError>)> = vec![
+        type Case<'a> = (&'a str, &'a Value, Value, bool, Result<(), WriteError>);
+        let cases: Vec<Case> = vec![
             ("add own", &only_a, json!([t("b")]), true, Ok(())),
             ("add other system", &only_a, json!([{"system": "http://x", "code": "z"}]), true, Ok(())),
             ("add foreign", &only_a, json!([t("c")]), true, Err(WriteError::ForeignTag(format!("{DS}|c")))),
