@@ -26,6 +26,8 @@ pub struct ResourceView<'a> {
     #[serde(rename = "resourceType", borrow, default)]
     pub resource_type: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     meta: Option<MetaView<'a>>,
 }
 
@@ -54,11 +56,18 @@ impl ResourceView<'_> {
 
 /// The light view of one entry, or `None` when only the full path can decide it.
 pub fn view(raw: &[u8]) -> Option<EntryView<'_>> {
+    serde_json::from_str(plain(raw)?).ok()
+}
+
+/// The light view of one resource (a read's body), or `None` when only the full path can decide it.
+pub fn resource_view(raw: &[u8]) -> Option<ResourceView<'_>> {
+    serde_json::from_str(plain(raw)?).ok()
+}
+
+/// `raw` as text when every string in it is spelled literally (valid UTF-8, no `\u` or `\/` escape).
+fn plain(raw: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(raw).ok()?;
-    if text.contains("\\u") || text.contains("\\/") {
-        return None;
-    }
-    serde_json::from_str(text).ok()
+    (!text.contains("\\u") && !text.contains("\\/")).then_some(text)
 }
 
 #[cfg(test)]
@@ -112,5 +121,27 @@ mod tests {
             }
         }
         assert!(view(b"{\"resource\":{\"resourceType\":\"\xff\"}}").is_none(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn resource_views() {
+        let a = Tag { system: DS.into(), code: "a".into() };
+        let grants = Grants::new([&a]);
+        let ok = |raw: &str| {
+            resource_view(raw.as_bytes()).map(|v| {
+                let covered = v.covered_by(&grants);
+                (v.resource_type.map(Cow::into_owned), v.id.map(Cow::into_owned), covered)
+            })
+        };
+        let own =
+            format!(r#"{{"resourceType":"Patient","id":"p1","meta":{{"tag":[{{"system":"{DS}","code":"a"}}]}}}}"#);
+        assert_eq!(ok(&own), Some((Some("Patient".into()), Some("p1".into()), true)));
+        assert_eq!(ok(&format!("{own} x")), None, "trailing data");
+        assert_eq!(ok(&own.replace(r#""id":"p1""#, r#""id":"p1","id":"p2""#)), None, "duplicate id");
+        assert_eq!(ok(r#"{"resourceType":"Patient","id":"p\u0031"}"#), None, "escape");
+        assert_eq!(
+            ok(r#"{"resourceType":"Patient","id":"p1"}"#),
+            Some((Some("Patient".into()), Some("p1".into()), false))
+        );
     }
 }

@@ -485,8 +485,15 @@ async fn capabilities(
 
 /// A FHIR JSON response from bytes the gateway produced.
 fn bytes_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    bytes_response_with(status, body, HeaderMap::new(), false)
+}
+
+/// A FHIR JSON response from verified bytes, with the headers in `keep` (validators) and no body for HEAD.
+pub(super) fn bytes_response_with(status: StatusCode, body: Bytes, keep: HeaderMap, head: bool) -> Response<Body> {
+    let body = if head { Bytes::new() } else { body };
     let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = status;
+    *response.headers_mut() = keep;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     response
 }
