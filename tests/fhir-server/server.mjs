@@ -92,6 +92,21 @@ indexSearchParameterBundle(readJson('fhir/r4/search-parameters.json'));
 const patientCompartment = readJson('fhir/r4/compartmentdefinition-patient.json');
 
 class Repository extends MemoryRepository {
+  // System-level search (`GET [base]?_type=A,B`): MemoryRepository searches one type at a time, so each type is
+  // searched with the same filters and the matches merged; `_count`/`_offset` then apply to the merged list (no
+  // cross-type sort, no includes: enough for the gateway's tests).
+  async search(request) {
+    if (request.resourceType !== 'MultipleTypes') return super.search(request);
+    const all = [];
+    for (const resourceType of request.types ?? []) {
+      const bundle = await super.search({ ...request, resourceType, types: undefined, count: 10000, offset: 0 });
+      all.push(...(bundle.entry ?? []));
+    }
+    const offset = request.offset ?? 0;
+    const count = request.count ?? all.length;
+    return { resourceType: 'Bundle', type: 'searchset', total: all.length, entry: all.slice(offset, offset + count) };
+  }
+
   // MemoryRepository.readHistory reverses its stored version list in place; undo that so that
   // every call returns newest-first.
   async readHistory(resourceType, id) {

@@ -62,6 +62,7 @@ pub fn route_table() -> pb::RouteTable {
             // PUT, PATCH and DELETE on a type are conditional writes.
             proxy("type", "/{type}", &["GET", "POST", "PUT", "PATCH", "DELETE"]),
             proxy("search", "/{type}/_search", &["POST"]),
+            proxy("system-search", "/_search", &["POST"]),
             proxy("instance", "/{type}/{id}", &["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
             proxy("history", "/{type}/{id}/_history", &["GET"]),
             proxy("vread", "/{type}/{id}/_history/{vid}", &["GET"]),

@@ -261,6 +261,51 @@ async fn patient_scopes_confine_to_the_compartment() {
     assert_eq!(r.status, 403, "{}", r.text());
 }
 
+/// Case 4: a system-level search is narrowed like a type search: `_type` is required and scope-checked, the tenant's
+/// `_tag` is added, every entry verified, and its pages are signed and bound to the tenant.
+#[tokio::test]
+async fn system_searches_are_narrowed() {
+    let s = stack().await;
+    let r = s.get("/fhir?_type=Patient,Observation&_count=50", &s.a).await;
+    assert_only_tenant(&r, "a-");
+    let ids = r.ids();
+    assert!(
+        ids.iter().any(|id| id.starts_with("Patient/")) && ids.iter().any(|id| id.starts_with("Observation/")),
+        "{ids:?}"
+    );
+    assert!(!ids.contains(&"Observation/b-obs-cross".to_owned()));
+    // POST [base]/_search, the same.
+    let r = s
+        .send(http().post(s.url("/fhir/_search")).bearer_auth(&s.b).form(&[("_type", "Patient"), ("_count", "50")]))
+        .await;
+    assert_only_tenant(&r, "b-");
+    assert!(!r.ids().is_empty());
+    // Asking for the other tenant's tag narrows to nothing.
+    let r = s.get("/fhir?_type=Patient&_tag=https://fhirgw.dev/dataset|tenant-b", &s.a).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.ids().is_empty(), "{:?}", r.ids());
+    // Pages: signed, followed through the gateway, refused to the other tenant.
+    let r = s.get("/fhir?_type=Observation&_count=1", &s.a).await;
+    assert_only_tenant(&r, "a-");
+    let next = r.json()["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = next.split_once(&s.dp.addr("fhir")).unwrap().1.to_owned();
+    let page = s.get(&path, &s.a).await;
+    assert_only_tenant(&page, "a-");
+    assert_eq!(page.ids().len(), 1);
+    assert_ne!(page.ids(), r.ids());
+    assert_eq!(s.get(&path, &s.b).await.status, 400, "tenant-b replayed tenant-a's page");
+    // Without _type, with a bad type, or with a type the scopes do not cover: refused before the upstream.
+    let before = s.upstream_requests().await.len();
+    assert_eq!(s.get("/fhir?name=x", &s.a).await.status, 400);
+    assert_eq!(s.get("/fhir?_type=patient", &s.a).await.status, 400);
+    let observations_only = s.issuer.token("tenant-a", "user/Observation.rs");
+    assert_eq!(s.get("/fhir?_type=Observation,Patient", &observations_only).await.status, 403);
+    assert_eq!(s.upstream_requests().await.len(), before, "a refused system search reached the upstream");
+}
+
 /// Cases 1, 7, 10: reads and vreads are verified; out-of-grant is indistinguishable from missing.
 #[tokio::test]
 async fn reads_are_verified_and_out_of_grant_looks_missing() {
@@ -444,7 +489,7 @@ async fn searches_are_narrowed_and_joins_refused() {
             "compartment search outside the Patient compartment",
             http().get(s.url("/fhir/Group/g1/Observation")).bearer_auth(&s.a),
         ),
-        ("system search", http().get(s.url("/fhir?_type=Patient")).bearer_auth(&s.a)),
+        ("system history", http().get(s.url("/fhir/_history")).bearer_auth(&s.a)),
         (
             "transaction carrying a compartment search",
             http().post(s.url("/fhir")).bearer_auth(&s.a).json(

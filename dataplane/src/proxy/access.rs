@@ -103,6 +103,11 @@ impl Ctx<'_> {
                 let params = self.params(request, post).await?;
                 self.bundle(&ty, Use::Search, params, &tags, &grants, now, head).await
             }
+            Interaction::SearchSystem => {
+                let post = request.method() == Method::POST;
+                let params = self.params(request, post).await?;
+                self.system_search(params, &tags, &grants, now, head).await
+            }
             Interaction::HistoryType { ty } => {
                 let params = query::parse(request.uri().query());
                 self.bundle(&ty, Use::History, params, &tags, &grants, now, head).await
@@ -377,6 +382,63 @@ impl Ctx<'_> {
                 .is_none()
     }
 
+    /// A system-level search (`GET [base]?_type=…`, `POST [base]/_search`): `_type` is required and every type it
+    /// names needs a tenant-wide search scope; the rest is checked and narrowed like a type search, and every entry
+    /// is verified while it streams. Pages are signed for the base path.
+    async fn system_search(
+        &self,
+        params: Params,
+        tags: &[&Tag],
+        grants: &Grants,
+        now: SystemTime,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        let public = self.public.as_str();
+        let path = String::new();
+        let base = join_encoded(&self.upstream.base_path, &[]);
+        let (target, narrowed) = match params.as_slice() {
+            [(name, token)] if name == PAGE_PARAM => {
+                let claims = self.proxy.pages.verify(token, now)?;
+                let on_base = claims.target.starts_with(&format!("{base}?"));
+                if claims.tenant != self.caller.tenant
+                    || claims.path != path
+                    || claims.upstream != self.upstream.name
+                    || !on_base
+                {
+                    return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
+                }
+                (claims.target, false)
+            }
+            _ => {
+                let (types, rest): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(name, _)| name == "_type");
+                let types: Vec<String> =
+                    types.iter().flat_map(|(_, v)| v.split(',')).map(|t| t.trim().to_owned()).collect();
+                if types.is_empty() || types.iter().any(|t| t.is_empty()) {
+                    return Err(ProxyError::BadRequest(
+                        "a system-level search needs _type naming the resource types to search".into(),
+                    ));
+                }
+                for ty in &types {
+                    if !Class::Type.accepts(ty) {
+                        return Err(ProxyError::BadRequest(format!("_type: `{ty}` is not a resource type")));
+                    }
+                    self.require(ty, Permission::Search)?;
+                }
+                query::check(Use::Search, &rest, self.guard)?;
+                let Some(mut upstream_params) = query::narrow(&rest, tags).filter(|_| !grants.is_empty()) else {
+                    return Ok(empty_bundle(Use::Search, public, &path, &params, head));
+                };
+                upstream_params.push(("_type".into(), types.join(",")));
+                (format!("{base}?{}", query::encode(&upstream_params)), true)
+            }
+        };
+        if grants.is_empty() {
+            return Ok(empty_bundle(Use::Search, public, &path, &params, head));
+        }
+        let self_url = format!("{public}?{}", query::encode(&params));
+        self.stream_bundle(Prepared { target, path, self_url, narrowed }, grants, now, head).await
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn bundle(
         &self,
@@ -530,7 +592,6 @@ fn empty_bundle(usage: Use, public: &str, path: &str, params: &Params, head: boo
 
 pub(super) fn describe(interaction: &Interaction) -> String {
     match interaction {
-        Interaction::SearchSystem => "System-level search".into(),
         Interaction::Compartment { .. } => "Compartment search".into(),
         Interaction::HistorySystem => "System-level history".into(),
         Interaction::Conditional { .. } => "A conditional write".into(),

@@ -109,11 +109,16 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
     let Some(rests) = cs.get_mut("rest").and_then(Value::as_array_mut) else { return cs };
     for rest in rests.iter_mut() {
         let Some(rest) = rest.as_object_mut() else { continue };
-        // Of the system-level interactions only batch and transaction are served (entry by entry); system search
-        // and history, and system operations, are refused.
+        // Of the system-level interactions, batch and transaction (entry by entry) and search (narrowed) are
+        // served; system history and system operations are refused.
         let batch = proxied(table, &Method::POST, &[]);
+        let system_search = proxied(table, &Method::GET, &[]);
         if let Some(list) = rest.get_mut("interaction").and_then(Value::as_array_mut) {
-            list.retain(|i| batch && matches!(i.get("code").and_then(Value::as_str), Some("batch" | "transaction")));
+            list.retain(|i| match i.get("code").and_then(Value::as_str) {
+                Some("batch" | "transaction") => batch,
+                Some("search-system") => system_search,
+                _ => false,
+            });
         }
         if rest.get("interaction").and_then(Value::as_array).is_some_and(Vec::is_empty) {
             rest.remove("interaction");
