@@ -21,10 +21,6 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// mimalloc: the request path allocates many small, short-lived objects (headers, JSON values, buffers); glibc's
-/// allocator spent about 15% of the data plane's CPU on them (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "fhirgw data plane")]
