@@ -21,7 +21,6 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-
 #[derive(Parser, Debug)]
 #[command(version, about = "fhirgw data plane")]
 struct Args {
