@@ -382,6 +382,22 @@ impl Ctx<'_> {
                 .is_none()
     }
 
+    /// The upstream target a signed page token stands for, if it was made for this tenant, this gateway path
+    /// (relative to the base) and this upstream, and points inside the upstream's base.
+    fn page_target(&self, token: &str, path: &str, now: SystemTime) -> Result<String, ProxyError> {
+        let claims = self.proxy.pages.verify(token, now)?;
+        let base = self.upstream.base_path.trim_end_matches('/');
+        let on_base = claims.target.strip_prefix(base).is_some_and(|rest| rest.starts_with(['/', '?']));
+        if claims.tenant != self.caller.tenant
+            || claims.path != path
+            || claims.upstream != self.upstream.name
+            || !on_base
+        {
+            return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
+        }
+        Ok(claims.target)
+    }
+
     /// A system-level search (`GET [base]?_type=…`, `POST [base]/_search`): `_type` is required and every type it
     /// names needs a tenant-wide search scope; the rest is checked and narrowed like a type search, and every entry
     /// is verified while it streams. Pages are signed for the base path.
@@ -397,18 +413,7 @@ impl Ctx<'_> {
         let path = String::new();
         let base = join_encoded(&self.upstream.base_path, &[]);
         let (target, narrowed) = match params.as_slice() {
-            [(name, token)] if name == PAGE_PARAM => {
-                let claims = self.proxy.pages.verify(token, now)?;
-                let on_base = claims.target.starts_with(&format!("{base}?"));
-                if claims.tenant != self.caller.tenant
-                    || claims.path != path
-                    || claims.upstream != self.upstream.name
-                    || !on_base
-                {
-                    return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
-                }
-                (claims.target, false)
-            }
+            [(name, token)] if name == PAGE_PARAM => (self.page_target(token, &path, now)?, false),
             _ => {
                 let (types, rest): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(name, _)| name == "_type");
                 let types: Vec<String> =
@@ -461,20 +466,8 @@ impl Ctx<'_> {
             _ => None,
         };
         let (target, narrowed) = match &page_token {
-            Some(token) => {
-                let claims = self.proxy.pages.verify(token, now)?;
-                let on_base = claims.target.starts_with(&format!("{}/", self.upstream.base_path))
-                    || claims.target.starts_with(&format!("{}?", self.upstream.base_path));
-                if claims.tenant != self.caller.tenant
-                    || claims.path != path
-                    || claims.upstream != self.upstream.name
-                    || !on_base
-                {
-                    return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
-                }
-                // Tags may have changed since the token was made: entries are verified against today's grants.
-                (claims.target, false)
-            }
+            // Tags may have changed since the token was made: entries are verified against today's grants.
+            Some(token) => (self.page_target(token, &path, now)?, false),
             None => {
                 query::check(usage, &params, self.guard)?;
                 let upstream_params = if usage == Use::Search {
