@@ -8,15 +8,12 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use fhirgw_config::upstream::Upstream;
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use memchr::memmem;
 use serde_json::{Value, json};
-use tracing::{debug, warn};
 
+use super::filtered_body::Labels;
 use super::links::{PageContext, rewrite_links, rewrite_references, rewrite_url};
 use crate::authn::scopes::{Allowed, Permission, Scopes};
 use crate::policy::compartment;
@@ -24,7 +21,7 @@ use crate::policy::paging::PageSigner;
 use crate::policy::raw;
 use crate::policy::stream::{BundleFilter, EntryPolicy, Options, RawVerdict};
 use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
-use crate::upstream::{Body, BoxError};
+use crate::upstream::Body;
 
 /// Everything one Bundle's verification needs, owned: the body outlives the request handler.
 pub(super) struct Rules {
@@ -135,57 +132,25 @@ impl EntryPolicy for Rules {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("upstream body idle for more than {0:?}")]
-struct IdleTimeout(Duration);
+impl super::filtered_body::ChunkFilter for BundleFilter<Rules> {
+    type Error = crate::policy::stream::StreamError;
 
-/// The client body: the upstream's Bundle, filtered while it streams. Any error (upstream failure, idle timeout,
-/// malformed or non-Bundle JSON) ends the body with an error, so the client sees a reset, never a complete but
-/// unverified document.
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Self::Error> {
+        BundleFilter::push(self, chunk, out)
+    }
+
+    fn finish(self, out: &mut Vec<u8>) -> Result<(usize, usize), Self::Error> {
+        BundleFilter::finish(self, out).map(|stats| (stats.kept, stats.dropped))
+    }
+}
+
+/// The client body: the upstream's Bundle, filtered entry by entry while it streams (see `filtered_body`).
 pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Duration) -> Body {
     let filter = BundleFilter::new(rules, Options { keep_total: narrowed, ..Options::default() });
-    // Lives as long as the body streams: a child of the request's span, with what was dropped.
     let span =
         tracing::info_span!("filter", entries_kept = tracing::field::Empty, entries_dropped = tracing::field::Empty);
-    let stream = futures_util::stream::unfold(Some((body, filter, span)), move |state| async move {
-        let (mut body, mut filter, span) = state?;
-        loop {
-            let next = match tokio::time::timeout(idle, body.frame()).await {
-                Ok(next) => next,
-                Err(_) => return Some((Err(Box::new(IdleTimeout(idle)) as BoxError), None)),
-            };
-            match next {
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    let mut out = Vec::new();
-                    if let Err(e) = filter.push(&data, &mut out) {
-                        warn!(error = %e, "upstream Bundle rejected while streaming");
-                        return Some((Err(Box::new(e) as BoxError), None));
-                    }
-                    if !out.is_empty() {
-                        return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter, span))));
-                    }
-                }
-                Some(Err(e)) => return Some((Err(Box::new(e) as BoxError), None)),
-                None => {
-                    let mut out = Vec::new();
-                    return match filter.finish(&mut out) {
-                        Ok(stats) => {
-                            span.record("entries_kept", i64::try_from(stats.kept).unwrap_or(i64::MAX))
-                                .record("entries_dropped", i64::try_from(stats.dropped).unwrap_or(i64::MAX));
-                            debug!(parent: &span, kept = stats.kept, dropped = stats.dropped, "bundle verified");
-                            Some((Ok(Frame::data(Bytes::from(out))), None))
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "upstream Bundle rejected at its end");
-                            Some((Err(Box::new(e) as BoxError), None))
-                        }
-                    };
-                }
-            }
-        }
-    });
-    StreamBody::new(stream).boxed_unsync()
+    let labels = Labels { kept: "entries_kept", dropped: "entries_dropped", what: "Bundle" };
+    super::filtered_body::filtered(body, filter, idle, span, labels)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod bundle_stream;
 mod discovery;
 mod docref;
 mod export;
+mod filtered_body;
 mod headers;
 mod links;
 mod ndjson_stream;
