@@ -376,6 +376,19 @@ mint
 run_wrk direct_read "http://127.0.0.1:$static_port$read_path" "" "$auth"
 run_wrk nginx_read "http://127.0.0.1:$proxy_port$read_path" "$proxy_pid" "$auth"
 run_wrk dp_read "http://$dp_addr$read_path" "$dp_pid" "$auth"
+# The floor of the stack the data plane is built on: hyper + hyper-util + tokio with no logic (bare-proxy.rs), in the
+# data plane's runtime shape (two work-stealing workers) and one single-threaded runtime per core.
+bare_modes=()
+if [[ -x "$bin/bare-proxy" ]]; then
+  for mode in multi per-core; do
+    "$bin/bare-proxy" 127.0.0.1:0 "http://127.0.0.1:$static_port" "$work/upstream.token" "$mode" >"$work/bare-$mode.out" 2>&1 & bare_pid=$!; pids+=("$bare_pid")
+    bare_addr="$(wait_for_line "$work/bare-$mode.out")"
+    wait_http "http://$bare_addr$read_path" 200
+    run_wrk "bare_${mode//-/}_read" "http://$bare_addr$read_path" "$bare_pid" "$auth"
+    bare_modes+=("$mode")
+    kill -TERM "$bare_pid" 2>/dev/null || true
+  done
+fi
 after_wrk_rss_kb="$(proc_kb "$dp_pid" VmRSS)"
 after_wrk_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
 
@@ -512,7 +525,7 @@ echo
 echo "| path | request | req/s | p50 ms | p99 ms | vs direct | vs nginx-proxy | added p50 vs direct | CPU cores: wrk / upstream / proxy / softirq / other | proxy CPU µs/req | errors |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 row() { # key path-label request-label
-  local k="$1" kind="${1#*_}"
+  local k="$1" kind="${1##*_}"
   local d="direct_$kind" n="nginx_$kind"
   local vs_direct vs_nginx added
   vs_direct="$(ratio "${R[$k,rps]}" "${R[$d,rps]}")"
@@ -526,6 +539,9 @@ row dp_meta "(c) fhirgw data plane" "GET $meta ($meta_mode)"
 row direct_read "(a) direct static nginx" "GET $read_path + bearer"
 row nginx_read "(b) nginx reverse proxy" "GET $read_path + bearer"
 row dp_read "(c) fhirgw data plane" "GET $read_path + bearer (JWT, grant, verified body)"
+for mode in "${bare_modes[@]}"; do
+  row "bare_${mode//-/}_read" "(d) bare hyper proxy, $mode runtime" "GET $read_path + bearer (no checks: the stack's floor)"
+done
 echo
 echo "Goals (data plane ≥ 1.2× nginx-proxy req/s; added p50 ≤ nginx-proxy's added p50):"
 echo
