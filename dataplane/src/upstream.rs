@@ -49,8 +49,8 @@ struct Pool {
 
 pub struct UpstreamClient {
     pools: DashMap<String, Pool>,
-    /// Credentials read from files, per file.
-    credentials: Cache<String, Arc<str>>,
+    /// `Authorization` values made from credential files, per file.
+    credentials: Cache<String, HeaderValue>,
     credential_lookups: CacheCounter,
     /// Credentials fetched from a token endpoint or a metadata server, per (upstream, source).
     tokens: TokenSource,
@@ -86,28 +86,28 @@ impl UpstreamClient {
         let token = match &upstream.auth {
             UpstreamAuth::None => return Ok(None),
             UpstreamAuth::StaticToken { token_file } => {
-                let key = format!("file:{token_file}");
+                // The header value itself is cached: a hit costs one lookup, no formatting.
+                if let Some(value) = self.credentials.get(token_file.as_str()).await {
+                    self.credential_lookups.hit();
+                    return Ok(Some(value));
+                }
+                self.credential_lookups.miss();
                 let path = token_file.clone();
-                let mut read = false;
-                let token = self
+                let value = self
                     .credentials
-                    .try_get_with(key, async {
-                        read = true;
-                        read_token_file(&path).await.map(Arc::from)
+                    .try_get_with(token_file.clone(), async {
+                        let token = read_token_file(&path).await?;
+                        bearer_value(&token).ok_or_else(|| format!("{path}: the token is not a valid header value"))
                     })
                     .await
-                    .map_err(|e| fail(e.to_string()));
-                self.credential_lookups.record(!read);
-                token?
+                    .map_err(|e| fail(e.to_string()))?;
+                return Ok(Some(value));
             }
             UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {
                 self.tokens.token(&upstream.name, &upstream.auth).await.map_err(|e| fail(e.to_string()))?
             }
         };
-        let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| fail("token is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        Ok(Some(value))
+        bearer_value(&token).map(Some).ok_or_else(|| fail("token is not a valid header value".into()))
     }
 
     /// Sends a request to `upstream`, with its credential. The request's URI must be on the upstream's origin.
@@ -116,11 +116,9 @@ impl UpstreamClient {
         upstream: &Arc<Upstream>,
         mut request: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let on_origin = request
-            .uri()
-            .scheme_str()
-            .zip(request.uri().authority())
-            .is_some_and(|(scheme, authority)| format!("{scheme}://{authority}") == upstream.origin);
+        let on_origin = request.uri().scheme_str().zip(request.uri().authority()).is_some_and(|(scheme, authority)| {
+            upstream.origin.strip_prefix(scheme).and_then(|rest| rest.strip_prefix("://")) == Some(authority.as_str())
+        });
         if !on_origin {
             return Err(UpstreamError::Request(format!("{} is not on {}", request.uri(), upstream.origin)));
         }
@@ -151,6 +149,13 @@ impl UpstreamClient {
             }
         }
     }
+}
+
+/// `Bearer <token>`, marked sensitive (kept out of debug output and HPACK tables).
+fn bearer_value(token: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 async fn read_token_file(path: &str) -> Result<String, String> {

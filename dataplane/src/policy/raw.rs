@@ -67,7 +67,15 @@ pub fn resource_view(raw: &[u8]) -> Option<ResourceView<'_>> {
 /// `raw` as text when every string in it is spelled literally (valid UTF-8, no `\u` or `\/` escape).
 fn plain(raw: &[u8]) -> Option<&str> {
     let text = std::str::from_utf8(raw).ok()?;
-    (!text.contains("\\u") && !text.contains("\\/")).then_some(text)
+    // One pass over the backslashes; `\\` is skipped whole, so `\\u` (a backslash, then `u`) is no escape.
+    let mut rest = raw;
+    while let Some(at) = memchr::memchr(b'\\', rest) {
+        match rest.get(at + 1) {
+            Some(b'u' | b'/') => return None,
+            _ => rest = rest.get(at + 2..).unwrap_or_default(),
+        }
+    }
+    Some(text)
 }
 
 #[cfg(test)]
@@ -139,6 +147,16 @@ mod tests {
         assert_eq!(ok(&format!("{own} x")), None, "trailing data");
         assert_eq!(ok(&own.replace(r#""id":"p1""#, r#""id":"p1","id":"p2""#)), None, "duplicate id");
         assert_eq!(ok(r#"{"resourceType":"Patient","id":"p\u0031"}"#), None, "escape");
+        let p1 = Some((Some("Patient".into()), Some("p1".into()), false));
+        assert_eq!(ok(r#"{"resourceType":"Patient","id":"p1","text":"a\\u"}"#), p1, "an escaped backslash, then u");
+        assert_eq!(ok(r#"{"resourceType":"Patient","id":"p1","text":"\"q\""}"#), p1, "escaped quotes");
+        assert_eq!(
+            ok(r#"{"resourceType":"Patient","id":"p1","text":"a\\\/"}"#),
+            None,
+            "an escaped backslash, then an escaped slash"
+        );
+        assert_eq!(ok(r#"{"resourceType":"Patient","id":"p1","text":"a\/b"}"#), None, "escaped slash");
+        assert_eq!(ok("{\"resourceType\":\"\\"), None, "a trailing backslash");
         assert_eq!(
             ok(r#"{"resourceType":"Patient","id":"p1"}"#),
             Some((Some("Patient".into()), Some("p1".into()), false))

@@ -2,7 +2,7 @@
 //! tenant's active tags. A resource whose tags cannot be seen (no `meta`, `_elements` dropped it, not JSON) is
 //! outside the grants.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use fhirgw_config::tenant::Tag;
 use serde_json::Value;
@@ -10,12 +10,17 @@ use serde_json::Value;
 /// The tags a request may see, fixed for the request at its start.
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
-    tags: HashSet<(String, String)>,
+    /// Codes by system, so a lookup needs no allocation.
+    tags: HashMap<String, HashSet<String>>,
 }
 
 impl Grants {
     pub fn new<'a>(tags: impl IntoIterator<Item = &'a Tag>) -> Self {
-        Grants { tags: tags.into_iter().map(|t| (t.system.clone(), t.code.clone())).collect() }
+        let mut by_system: HashMap<String, HashSet<String>> = HashMap::new();
+        for tag in tags {
+            by_system.entry(tag.system.clone()).or_default().insert(tag.code.clone());
+        }
+        Grants { tags: by_system }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -23,7 +28,7 @@ impl Grants {
     }
 
     pub fn contains(&self, system: &str, code: &str) -> bool {
-        self.tags.contains(&(system.to_owned(), code.to_owned()))
+        self.tags.get(system).is_some_and(|codes| codes.contains(code))
     }
 
     pub fn covers(&self, resource: &Value) -> bool {
@@ -33,7 +38,7 @@ impl Grants {
         tags.iter().any(|tag| {
             let system = tag.get("system").and_then(Value::as_str);
             let code = tag.get("code").and_then(Value::as_str);
-            matches!((system, code), (Some(s), Some(c)) if self.tags.contains(&(s.to_owned(), c.to_owned())))
+            matches!((system, code), (Some(s), Some(c)) if self.contains(s, c))
         })
     }
 }

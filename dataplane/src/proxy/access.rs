@@ -378,8 +378,7 @@ impl Ctx<'_> {
         view.resource_type.as_deref() == Some(ty)
             && view.id.as_deref() == Some(id)
             && view.covered_by(grants)
-            && memchr::memmem::find(&body.to_ascii_lowercase(), self.upstream.origin.to_ascii_lowercase().as_bytes())
-                .is_none()
+            && !super::links::mentions_origin(body, &self.upstream)
     }
 
     /// The upstream target a signed page token stands for, if it was made for this tenant, this gateway path

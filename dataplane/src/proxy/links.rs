@@ -67,6 +67,19 @@ fn on_upstream_base<'u>(upstream: &Upstream, url: &'u str) -> Option<&'u str> {
     (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
 }
 
+/// Whether `text` spells the upstream's origin (`scheme://authority`) anywhere, scheme and host in any case. A
+/// longer authority that starts with it (`:80900` for `:8090`) counts too: this only decides whether text can pass
+/// without looking closer, so it errs towards yes. No copy of `text` is made.
+pub fn mentions_origin(text: &[u8], upstream: &Upstream) -> bool {
+    let Some((scheme, authority)) = upstream.origin.split_once("://") else { return true };
+    memchr::memmem::find_iter(text, b"://").any(|at| {
+        let before = at.checked_sub(scheme.len()).and_then(|start| text.get(start..at));
+        let after = text.get(at + 3..at + 3 + authority.len());
+        before.is_some_and(|s| s.eq_ignore_ascii_case(scheme.as_bytes()))
+            && after.is_some_and(|a| a.eq_ignore_ascii_case(authority.as_bytes()))
+    })
+}
+
 /// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
 pub fn rewrite_url(upstream: &Upstream, public_base: &str, url: &str) -> Option<String> {
     on_upstream_base(upstream, url).map(|rest| format!("{public_base}{rest}"))
@@ -141,6 +154,33 @@ mod tests {
         for (what, upstream, url, want) in cases {
             let got = rewrite_url(upstream, PUBLIC, url);
             assert_eq!(got, want.map(|rest| format!("{PUBLIC}{rest}")), "{what}: {url}");
+        }
+    }
+
+    #[test]
+    fn mentions_origin_table() {
+        let up = upstream("http://upstream:8090/fhir");
+        let cases: &[(&str, &str, bool)] = &[
+            ("reference", r#"{"reference":"http://upstream:8090/fhir/Patient/1"}"#, true),
+            ("in any case", r#"{"x":"HTTP://UPSTREAM:8090/fhir"}"#, true),
+            ("another base on the origin", r#"{"x":"http://upstream:8090/other"}"#, true),
+            ("longer port", r#"{"x":"http://upstream:80900/fhir"}"#, true),
+            ("at the very end", "http://upstream:8090", true),
+            ("after other URLs", r#"["http://hl7.org/fhir","https://upstream:8090","http://upstream:8090"]"#, true),
+            ("other scheme", r#"{"x":"https://upstream:8090/fhir"}"#, false),
+            ("other port", r#"{"x":"http://upstream:8091/fhir"}"#, false),
+            ("cut short", r#"{"x":"http://upstream:809"#, false),
+            ("no scheme before", "://upstream:8090", false),
+            ("scheme suffix only", r#"{"x":"ttp://upstream:8090"}"#, false),
+            (
+                "other hosts",
+                r#"{"system":"http://loinc.org","url":"http://hl7.org/fhir/StructureDefinition/x"}"#,
+                false,
+            ),
+            ("nothing", "", false),
+        ];
+        for (what, text, want) in cases {
+            assert_eq!(mentions_origin(text.as_bytes(), &up), *want, "{what}: {text}");
         }
     }
 
