@@ -72,9 +72,9 @@ pub fn route_table() -> pb::RouteTable {
             proxy("operations", "/{type}/{op}", &["GET", "POST"]),
             // The gateway's own handlers: exact paths, more specific than the routes above.
             handler("docref", "/DocumentReference/$docref", &["GET", "POST"], "docref"),
-            handler("export-system", "/$export", &["GET"], "export"),
-            handler("export-patient", "/Patient/$export", &["GET"], "export"),
-            handler("export-group", "/Group/{id}/$export", &["GET"], "export"),
+            handler("export-system", "/$export", &["GET", "POST"], "export"),
+            handler("export-patient", "/Patient/$export", &["GET", "POST"], "export"),
+            handler("export-group", "/Group/{id}/$export", &["GET", "POST"], "export"),
             handler("export-status", "/$export-poll-status", &["GET", "DELETE"], "export"),
             handler("export-file", "/$export-file", &["GET"], "export"),
         ],

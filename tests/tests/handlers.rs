@@ -72,6 +72,17 @@ impl Stack {
         self.send(http().get(self.url(path)).bearer_auth(token).header("prefer", "respond-async")).await
     }
 
+    /// A `POST` kick-off with a `Parameters` body.
+    async fn kick_off_post(&self, path: &str, token: &str, body: &Value) -> Reply {
+        let request = http()
+            .post(self.url(path))
+            .bearer_auth(token)
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string());
+        self.send(request).await
+    }
+
     /// The gateway path of a link the gateway handed out, which must be on its own public base.
     fn gateway_path(&self, url: &str) -> String {
         let base = self.url("");
@@ -377,6 +388,134 @@ async fn export_kick_offs_that_are_refused() {
     assert_eq!(k.status, 202, "{}", k.text());
     let manifest = s.manifest(&s.gateway_path(k.headers["content-location"].to_str().unwrap()), &s.a).await;
     assert_eq!(s.download(&manifest, &s.a).await, ["Observation/a-obs-3"]);
+}
+
+/// `POST` kick-offs: the `Parameters` body is checked and narrowed exactly like a query, and the upstream gets the
+/// same narrowed `GET` kick-off; anything the gateway cannot check is refused by name before the upstream sees it.
+#[tokio::test]
+async fn export_kick_off_by_post() {
+    // An upstream that honours `_typeFilter`, so the client's own filter shows in what comes back.
+    let s = stack_full(&[], &[], &[]).await;
+    seed_groups(&s).await;
+    let params = |p: Value| json!({"resourceType": "Parameters", "parameter": p});
+    let body = params(json!([
+        {"name": "_type", "valueString": "Observation"},
+        {"name": "_typeFilter", "valueString": "Observation?subject=Patient/a-pat-2"}
+    ]));
+    let k = s.kick_off_post("/fhir/$export", &s.a, &body).await;
+    assert_eq!(k.status, 202, "{}", k.text());
+    let log = s.upstream_requests().await;
+    let kick = log.iter().find(|r| r["path"].as_str().unwrap().starts_with("/fhir/$export?")).unwrap();
+    assert_eq!(kick["method"], "GET");
+    let pairs = query_pairs(kick["path"].as_str().unwrap());
+    assert_eq!(values(&pairs, "_type"), ["Observation"]);
+    let tag = format!("{DATASET}|tenant-a");
+    assert_eq!(
+        values(&pairs, "_typeFilter")
+            .iter()
+            .map(|f| {
+                let (ty, q) = f.split_once('?').unwrap();
+                let decoded: Vec<String> =
+                    query_pairs(&format!("/?{q}")).iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("{ty}?{}", decoded.join("&"))
+            })
+            .collect::<Vec<_>>(),
+        [format!("Observation?subject=Patient/a-pat-2&_tag={tag}")]
+    );
+    let manifest = s.manifest(&s.gateway_path(k.headers["content-location"].to_str().unwrap()), &s.a).await;
+    assert_eq!(s.download(&manifest, &s.a).await, ["Observation/a-obs-3"]);
+
+    // Group level by POST: the member from tenant B stays out; another tenant's group looks missing.
+    let types = params(json!([{"name": "_type", "valueString": "Patient"}]));
+    let k = s.kick_off_post("/fhir/Group/a-grp-1/$export", &s.a, &types).await;
+    assert_eq!(k.status, 202, "{}", k.text());
+    let manifest = s.manifest(&s.gateway_path(k.headers["content-location"].to_str().unwrap()), &s.a).await;
+    assert_eq!(sorted(s.download(&manifest, &s.a).await), ["Patient/a-pat-1", "Patient/a-pat-2"]);
+    let foreign = s.kick_off_post("/fhir/Group/b-grp-1/$export", &s.a, &types).await;
+    let missing = s.kick_off_post("/fhir/Group/no-such-group/$export", &s.a, &types).await;
+    assert_eq!((foreign.status, missing.status), (404, 404), "{}", foreign.text());
+    assert_eq!(foreign.body, missing.body);
+
+    let before = s.upstream_requests().await.len();
+    let observations_only = s.issuer.token("tenant-a", "user/Observation.read");
+    let cases: Vec<(&str, &str, &str, Value, u16, &str)> = vec![
+        (
+            "patient",
+            "/fhir/Patient/$export",
+            &s.a,
+            params(json!([{"name": "patient", "valueReference": {"reference": "Patient/a-pat-1"}}])),
+            400,
+            "patient",
+        ),
+        (
+            "unknown parameter",
+            "/fhir/$export",
+            &s.a,
+            params(json!([{"name": "_elements", "valueString": "id"}])),
+            400,
+            "_elements",
+        ),
+        (
+            "_typeFilter with _has",
+            "/fhir/$export",
+            &s.a,
+            params(json!([
+                {"name": "_type", "valueString": "Patient"},
+                {"name": "_typeFilter", "valueString": "Patient?_has:Observation:subject:code=1"}
+            ])),
+            400,
+            "_has",
+        ),
+        (
+            "wrong value type",
+            "/fhir/$export",
+            &s.a,
+            params(json!([{"name": "_type", "valueCode": "Patient"}])),
+            400,
+            "_type",
+        ),
+        ("not Parameters", "/fhir/$export", &s.a, json!({"resourceType": "Patient"}), 400, "Parameters"),
+        (
+            "a type outside the scopes",
+            "/fhir/$export",
+            &observations_only,
+            params(json!([{"name": "_type", "valueString": "Patient,Observation"}])),
+            403,
+            "Patient",
+        ),
+    ];
+    for (what, path, token, body, status, named) in cases {
+        let r = s.kick_off_post(path, token, &body).await;
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        assert_eq!(r.json()["resourceType"], "OperationOutcome", "{what}");
+        assert!(r.text().contains(named), "{what}: the outcome should name `{named}`: {}", r.text());
+    }
+    // Parameters in the query as well as the body; a body that is not FHIR JSON; no `Prefer: respond-async`.
+    let both = s.kick_off_post("/fhir/$export?_type=Patient", &s.a, &types).await;
+    assert_eq!(both.status, 400, "{}", both.text());
+    let form = s
+        .send(
+            http()
+                .post(s.url("/fhir/$export"))
+                .bearer_auth(&s.a)
+                .header("prefer", "respond-async")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("_type=Patient"),
+        )
+        .await;
+    assert_eq!(form.status, 415, "{}", form.text());
+    let sync = s
+        .send(
+            http()
+                .post(s.url("/fhir/$export"))
+                .bearer_auth(&s.a)
+                .header("content-type", "application/fhir+json")
+                .body(types.to_string()),
+        )
+        .await;
+    assert_eq!(sync.status, 400, "{}", sync.text());
+    assert!(sync.text().contains("respond-async"), "{}", sync.text());
+    assert_eq!(s.upstream_requests().await.len(), before, "a refused kick-off reached the upstream");
 }
 
 #[tokio::test]

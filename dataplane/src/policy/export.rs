@@ -149,6 +149,52 @@ fn refuse(param: &str, reason: &'static str) -> KickOffError {
     KickOffError::Query(QueryError::Refused { param: param.to_owned(), reason })
 }
 
+/// The parameters of a `POST` kick-off (a `Parameters` resource), in the form a `GET` kick-off's query carries them,
+/// for [`kickoff`] to check: `_type`, `_typeFilter` and `_outputFormat` as `valueString`, `_since` as `valueInstant`
+/// (or `valueString`). Any other parameter (`patient`, `includeAssociatedData`, …), a parameter with parts or a
+/// resource, or a value of another type is refused by name: nothing in the body is passed on unchecked.
+pub fn parameters(body: &Value) -> Result<Params, KickOffError> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(refuse("resourceType", "a POST kick-off takes a Parameters resource"));
+    }
+    let entries = match body.get("parameter") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(refuse("parameter", "must be an array")),
+    };
+    if entries.len() > MAX_PARAMS {
+        return Err(refuse("*", "too many parameters"));
+    }
+    let mut params = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Some(fields) = entry.as_object() else { return Err(refuse("parameter", "must be objects")) };
+        let Some(name) = fields.get("name").and_then(Value::as_str) else {
+            return Err(refuse("parameter", "each needs a name"));
+        };
+        let accepted: &[&str] = match name {
+            "_type" | "_typeFilter" | "_outputFormat" => &["valueString"],
+            "_since" => &["valueInstant", "valueString"],
+            _ => return Err(refuse(name, "is not supported by this gateway's bulk export")),
+        };
+        let mut value = None;
+        for (key, item) in fields {
+            match (key.as_str(), item.as_str()) {
+                ("name" | "id", _) => {}
+                (key, Some(text)) if accepted.contains(&key) && value.is_none() => value = Some(text),
+                _ => {
+                    return Err(refuse(
+                        name,
+                        "must have exactly one string value (valueString; valueInstant for _since)",
+                    ));
+                }
+            }
+        }
+        let Some(value) = value else { return Err(refuse(name, "has no value")) };
+        params.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(params)
+}
+
 /// Checks a kick-off's parameters and returns those sent upstream: `_type`, `_since`, `_outputFormat` and the
 /// narrowed `_typeFilter`s. Every other parameter is refused.
 pub fn kickoff(
@@ -338,6 +384,76 @@ mod tests {
         let (ty, q) = filter.split_once('?').unwrap_or_default();
         let pairs: Vec<String> = query::parse(Some(q)).iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("{ty}?{}", pairs.join("&"))
+    }
+
+    #[test]
+    fn post_parameters_become_query_parameters() {
+        type Case = (&'static str, Value, Result<Vec<(&'static str, &'static str)>, &'static str>);
+        let p = |parameter: Value| json!({"resourceType": "Parameters", "parameter": parameter});
+        let cases: Vec<Case> = vec![
+            ("empty", json!({"resourceType": "Parameters"}), Ok(vec![])),
+            (
+                "all four",
+                p(json!([
+                    {"name": "_type", "valueString": "Patient,Observation"},
+                    {"name": "_type", "valueString": "Condition"},
+                    {"name": "_since", "valueInstant": "2026-01-01T00:00:00Z"},
+                    {"name": "_outputFormat", "valueString": "application/fhir+ndjson"},
+                    {"name": "_typeFilter", "valueString": "Observation?code=1"}
+                ])),
+                Ok(vec![
+                    ("_type", "Patient,Observation"),
+                    ("_type", "Condition"),
+                    ("_since", "2026-01-01T00:00:00Z"),
+                    ("_outputFormat", "application/fhir+ndjson"),
+                    ("_typeFilter", "Observation?code=1"),
+                ]),
+            ),
+            (
+                "_since as a string",
+                p(json!([{"name": "_since", "valueString": "2026-01-01"}])),
+                Ok(vec![("_since", "2026-01-01")]),
+            ),
+            (
+                "with an id",
+                p(json!([{"id": "x", "name": "_type", "valueString": "Patient"}])),
+                Ok(vec![("_type", "Patient")]),
+            ),
+            ("not Parameters", json!({"resourceType": "Patient"}), Err("resourceType")),
+            ("not JSON object", json!(["_type"]), Err("resourceType")),
+            ("parameter not an array", json!({"resourceType": "Parameters", "parameter": {}}), Err("parameter")),
+            ("entry not an object", p(json!(["_type"])), Err("parameter")),
+            ("no name", p(json!([{"valueString": "Patient"}])), Err("parameter")),
+            ("patient", p(json!([{"name": "patient", "valueReference": {"reference": "Patient/1"}}])), Err("patient")),
+            (
+                "includeAssociatedData",
+                p(json!([{"name": "includeAssociatedData", "valueCode": "x"}])),
+                Err("includeAssociatedData"),
+            ),
+            ("unknown", p(json!([{"name": "_elements", "valueString": "id"}])), Err("_elements")),
+            ("no value", p(json!([{"name": "_type"}])), Err("_type")),
+            (
+                "two values",
+                p(json!([{"name": "_since", "valueInstant": "2026-01-01T00:00:00Z", "valueString": "x"}])),
+                Err("_since"),
+            ),
+            ("wrong value type", p(json!([{"name": "_type", "valueCode": "Patient"}])), Err("_type")),
+            ("value not a string", p(json!([{"name": "_type", "valueString": 1}])), Err("_type")),
+            ("parts", p(json!([{"name": "_type", "valueString": "Patient", "part": []}])), Err("_type")),
+            ("resource", p(json!([{"name": "_type", "resource": {"resourceType": "Patient"}}])), Err("_type")),
+        ];
+        for (what, body, want) in cases {
+            let got = parameters(&body).map_err(|e| match e {
+                KickOffError::Query(QueryError::Refused { param, .. }) => param,
+                other => panic!("{what}: {other}"),
+            });
+            let want = want
+                .map(|pairs| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>())
+                .map_err(str::to_owned);
+            assert_eq!(got, want, "{what}");
+        }
+        let many = p(Value::Array(vec![json!({"name": "_type", "valueString": "Patient"}); MAX_PARAMS + 1]));
+        assert!(parameters(&many).is_err(), "too many");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Bulk `$export` (Bulk Data Access IG v2): kick-off, status polling, cancellation and file download.
 //!
-//! - Kick-off (`GET [base]/$export`, `Patient/$export`, `Group/[id]/$export`, with `Prefer: respond-async`): the
-//!   parameters are narrowed to the tenant (`policy::export::kickoff`), a Group must be visible to the caller (else
-//!   the same 404 as a missing one), and the upstream's `202 Content-Location` is handed out as
+//! - Kick-off (`GET [base]/$export`, `Patient/$export`, `Group/[id]/$export`, with `Prefer: respond-async`; or
+//!   `POST` with the parameters in a `Parameters` body, sent upstream as the same narrowed `GET`): the parameters
+//!   are narrowed to the tenant (`policy::export::kickoff`), a Group must be visible to the caller (else the same 404
+//!   as a missing one), and the upstream's `202 Content-Location` is handed out as
 //!   `[base]/$export-poll-status?_token=…`, a link signed and bound to the tenant and upstream.
 //! - Status (`GET` on that link): `202` passes through with `Retry-After` and `X-Progress` (`policy::export::progress`:
 //!   never with digits); the `200` manifest is
@@ -55,6 +56,24 @@ fn respond_async(headers: &HeaderMap) -> bool {
         .any(|p| p.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async")))
 }
 
+/// A kick-off's headers and parameters: from the query of a `GET`, or from the `Parameters` body of a `POST` (which
+/// then must not have a query as well: one place for the parameters, so none can slip past the checks).
+async fn kickoff_params(request: Request<Incoming>, post: bool) -> Result<(HeaderMap, query::Params), ProxyError> {
+    if !post {
+        let params = query::parse(request.uri().query());
+        return Ok((request.into_parts().0.headers, params));
+    }
+    if request.uri().query().is_some_and(|q| !q.is_empty()) {
+        return Err(ProxyError::BadRequest("A POST kick-off takes its parameters in the Parameters body only.".into()));
+    }
+    let (headers, body) = super::write::json_body(request, "Parameters").await?;
+    let params = export::parameters(&body).map_err(|e| match e {
+        KickOffError::Query(e) => ProxyError::Query(e),
+        other => ProxyError::Forbidden(other.to_string()),
+    })?;
+    Ok((headers, params))
+}
+
 /// A short, printable header value from the upstream (`Retry-After`), or nothing.
 fn printable(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
     let value = headers.get(name)?;
@@ -75,11 +94,15 @@ impl Ctx<'_> {
             (&Method::GET, [STATUS_OP]) => self.export_status(&request, now).await,
             (&Method::DELETE, [STATUS_OP]) => self.export_cancel(&request, now).await,
             (&Method::GET, [FILE_OP]) => self.export_file(&request, grants, now).await,
-            (&Method::GET, ["$export"] | ["Patient", "$export"]) => {
-                self.export_kickoff(&request, tags, None, now).await
+            (method @ (&Method::GET | &Method::POST), ["$export"] | ["Patient", "$export"]) => {
+                let post = method == Method::POST;
+                let (headers, params) = kickoff_params(request, post).await?;
+                self.export_kickoff(&headers, params, tags, None, now).await
             }
-            (&Method::GET, ["Group", id, "$export"]) if Class::Id.accepts(id) => {
-                self.export_kickoff(&request, tags, Some((id, grants)), now).await
+            (method @ (&Method::GET | &Method::POST), ["Group", id, "$export"]) if Class::Id.accepts(id) => {
+                let post = method == Method::POST;
+                let (headers, params) = kickoff_params(request, post).await?;
+                self.export_kickoff(&headers, params, tags, Some((id, grants)), now).await
             }
             // A route that sends anything else to this handler.
             _ => Err(ProxyError::NotFound),
@@ -139,18 +162,20 @@ impl Ctx<'_> {
         })
     }
 
-    /// `group`: the Group of a group-level export, which must be visible to the caller.
+    /// `params`: the kick-off's, from the query or a `POST` body; `group`: the Group of a group-level export, which
+    /// must be visible to the caller. The upstream always gets a `GET` kick-off (which every Bulk Data server
+    /// supports) with the narrowed parameters.
     async fn export_kickoff(
         &self,
-        request: &Request<Incoming>,
+        headers: &HeaderMap,
+        params: query::Params,
         tags: &[&Tag],
         group: Option<(&str, &Grants)>,
         now: SystemTime,
     ) -> Result<Response<Body>, ProxyError> {
-        if !respond_async(request.headers()) {
+        if !respond_async(headers) {
             return Err(ProxyError::BadRequest("Bulk export needs the header `Prefer: respond-async`.".into()));
         }
-        let params = query::parse(request.uri().query());
         let upstream_params = export::kickoff(&params, tags, &self.caller.scopes, self.guard).map_err(|e| match e {
             KickOffError::Query(e) => ProxyError::Query(e),
             other => ProxyError::Forbidden(other.to_string()),
