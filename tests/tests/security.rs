@@ -508,16 +508,20 @@ async fn searches_are_narrowed_and_joins_refused() {
         ("create", http().post(s.url("/fhir/Patient")).bearer_auth(&s.a).json(&json!({"resourceType": "Patient"}))),
         ("delete", http().delete(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&s.a)),
         ("$meta-add", http().post(s.url("/fhir/Patient/$meta-add")).bearer_auth(&s.a)),
-        ("$export by POST", http().post(s.url("/fhir/Patient/$export")).bearer_auth(&s.a)),
     ];
     for (what, request) in denied {
         let r = s.send(request).await;
         assert!(r.status == 403 || r.status == 404 || r.status == 405, "{what}: {} {}", r.status, r.text());
         assert_eq!(r.json()["resourceType"], "OperationOutcome", "{what}");
     }
-    // Bulk export has its own handler (tests/tests/handlers.rs): without `Prefer: respond-async` it is refused too.
+    // Bulk export has its own handler (tests/tests/handlers.rs): without `Prefer: respond-async` it is refused too,
+    // and a POST kick-off without its `Parameters` body is refused before anything is sent.
     let r = s.get("/fhir/Patient/$export", &s.a).await;
     assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["resourceType"], "OperationOutcome");
+    let r =
+        s.send(http().post(s.url("/fhir/Patient/$export")).bearer_auth(&s.a).header("prefer", "respond-async")).await;
+    assert_eq!(r.status, 415, "{}", r.text());
     assert_eq!(r.json()["resourceType"], "OperationOutcome");
     assert_eq!(s.upstream_requests().await.len(), before, "a refused request reached the upstream");
 }
