@@ -182,8 +182,8 @@ router.add('POST', ':resourceType/:id/$meta-add', (req, repository) => metaChang
 router.add('POST', ':resourceType/:id/$meta-delete', (req, repository) => metaChange(req, repository, false));
 
 // ---------------------------------------------------------------------------------------------
-// Bulk Data $export (Bulk Data Access IG v2), minimal: kick-off with GET [base]/$export, Patient/$export or
-// Group/ID/$export and `Prefer: respond-async`; `_type`, `_since`, `_typeFilter` (each `Type?query` matched with the
+// Bulk Data $export (Bulk Data Access IG v2), minimal: kick-off with GET (or POST with a Parameters body, which may
+// also name `patient`s) [base]/$export, Patient/$export or Group/ID/$export and `Prefer: respond-async`; `_type`, `_since`, `_typeFilter` (each `Type?query` matched with the
 // router's search; several for one type are ORed) and `_outputFormat` (NDJSON only). The job's files are computed at
 // kick-off and kept in memory. The status URL answers 202 (X-Progress, Retry-After) until it has been polled once
 // and --export-delay-ms have passed, then the manifest; DELETE cancels. Files: [base]/$export-file/JOB/N.ndjson.
@@ -200,9 +200,30 @@ function inPatientCompartment(resource, refs) {
     matchesSearchRequest(resource, { resourceType: resource.resourceType, filters: [{ code, operator: Operator.EQUALS, value }] })));
 }
 
-async function exportKickOff(req, res, url, segments) {
+// A POST kick-off's Parameters body: the same parameters as a GET query, plus `patient` references.
+async function exportPostParameters(req) {
+  let body;
+  try {
+    body = JSON.parse(await readBody(req));
+  } catch {
+    throw fail('a POST kick-off needs a JSON Parameters body');
+  }
+  if (body?.resourceType !== 'Parameters') throw fail('a POST kick-off needs a Parameters body');
+  const params = new URLSearchParams();
+  const patients = [];
+  for (const p of body.parameter ?? []) {
+    if (p.name === 'patient') {
+      if (!String(p.valueReference?.reference ?? '').startsWith('Patient/')) throw fail('patient must reference a Patient');
+      patients.push(p.valueReference.reference);
+    } else {
+      params.append(p.name, p.valueString ?? p.valueInstant ?? '');
+    }
+  }
+  return { params, patients };
+}
+
+async function exportKickOff(req, res, url, segments, params = url.searchParams, patients = []) {
   if (!/(^|[\s,])respond-async($|[\s,;])/i.test(String(req.headers.prefer ?? ''))) throw fail('$export needs Prefer: respond-async');
-  const params = url.searchParams;
   for (const name of params.keys()) if (!EXPORT_PARAMS.has(name)) throw fail(`$export parameter ${name} is not supported`);
   const format = params.get('_outputFormat');
   if (format !== null && !NDJSON_FORMATS.has(format)) throw fail(`_outputFormat ${format} is not supported`);
@@ -229,6 +250,10 @@ async function exportKickOff(req, res, url, segments) {
   } else if (segments[0] === 'Group') {
     const group = await repo.readResource('Group', segments[1]);
     refs = new Set((group.member ?? []).map((m) => m.entity?.reference).filter((r) => r?.startsWith('Patient/')));
+  }
+  if (patients.length) {
+    if (refs === undefined) throw fail('patient is not applicable to a system-level export');
+    refs = new Set(patients.filter((r) => refs.has(r)));
   }
   const requested = params.getAll('_type').flatMap((t) => t.split(',')).map((t) => t.trim()).filter(Boolean);
   for (const type of requested) if (!isResourceType(type)) throw fail(`_type ${type} is not a resource type`);
@@ -279,6 +304,10 @@ async function handleExport(req, res, url, segments) {
     || (segments.length === 2 && first === 'Patient' && second === '$export')
     || (segments.length === 3 && first === 'Group' && third === '$export');
   if (get && kickOff) await exportKickOff(req, res, url, segments);
+  else if (req.method === 'POST' && kickOff) {
+    const { params, patients } = await exportPostParameters(req);
+    await exportKickOff(req, res, url, segments, params, patients);
+  }
   else if ((get || req.method === 'DELETE') && segments.length === 1 && first === '$export-poll-status') exportStatus(req, res, url);
   else if (get && segments.length === 3 && first === '$export-file') exportFile(res, segments);
   else return false;

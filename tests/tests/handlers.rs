@@ -436,14 +436,47 @@ async fn export_kick_off_by_post() {
     assert_eq!((foreign.status, missing.status), (404, 404), "{}", foreign.text());
     assert_eq!(foreign.body, missing.body);
 
+    // Named patients: each must be visible (another tenant's looks missing), and the upstream gets them in a POST
+    // with the narrowed parameters. b-obs-cross (tenant B's, about a-pat-1) stays out.
+    let patient = |id: &str| json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}});
+    let body = params(json!([{"name": "_type", "valueString": "Observation"}, patient("a-pat-1")]));
+    let k = s.kick_off_post("/fhir/Patient/$export", &s.a, &body).await;
+    assert_eq!(k.status, 202, "{}", k.text());
+    let log = s.upstream_requests().await;
+    let kick = log.iter().rev().find(|r| r["path"] == "/fhir/Patient/$export").unwrap();
+    assert_eq!(kick["method"], "POST");
+    assert_eq!(kick["headers"]["authorization"], format!("Bearer {UPSTREAM_TOKEN}"));
+    let manifest = s.manifest(&s.gateway_path(k.headers["content-location"].to_str().unwrap()), &s.a).await;
+    assert_eq!(sorted(s.download(&manifest, &s.a).await), ["Observation/a-obs-1", "Observation/a-obs-2"]);
+    let before = s.upstream_requests().await.len();
+    let foreign = s
+        .kick_off_post(
+            "/fhir/Patient/$export",
+            &s.a,
+            &params(json!([{"name": "_type", "valueString": "Observation"}, patient("a-pat-1"), patient("b-pat-1")])),
+        )
+        .await;
+    let missing = s
+        .kick_off_post(
+            "/fhir/Patient/$export",
+            &s.a,
+            &params(json!([{"name": "_type", "valueString": "Observation"}, patient("a-pat-1"), patient("nobody")])),
+        )
+        .await;
+    assert_eq!((foreign.status, missing.status), (404, 404), "{}", foreign.text());
+    assert_eq!(foreign.body, missing.body);
+    let kick_offs = |log: Vec<Value>| log.iter().filter(|r| r["path"] == "/fhir/Patient/$export").count();
+    assert_eq!(kick_offs(s.upstream_requests().await[before..].to_vec()), 0, "a refused kick-off reached the upstream");
+
     let before = s.upstream_requests().await.len();
     let observations_only = s.issuer.token("tenant-a", "user/Observation.read");
     let cases: Vec<(&str, &str, &str, Value, u16, &str)> = vec![
+        ("patient at system level", "/fhir/$export", &s.a, params(json!([patient("a-pat-1")])), 400, "patient"),
         (
-            "patient",
+            "patient not a Patient reference",
             "/fhir/Patient/$export",
             &s.a,
-            params(json!([{"name": "patient", "valueReference": {"reference": "Patient/a-pat-1"}}])),
+            params(json!([{"name": "patient", "valueReference": {"reference": "Group/a-grp-1"}}])),
             400,
             "patient",
         ),

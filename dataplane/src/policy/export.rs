@@ -151,21 +151,23 @@ fn refuse(param: &str, reason: &'static str) -> KickOffError {
 
 /// The parameters of a `POST` kick-off (a `Parameters` resource), in the form a `GET` kick-off's query carries them,
 /// for [`kickoff`] to check: `_type`, `_typeFilter` and `_outputFormat` as `valueString`, `_since` as `valueInstant`
-/// (or `valueString`). Any other parameter (`patient`, `includeAssociatedData`, …), a parameter with parts or a
-/// resource, or a value of another type is refused by name: nothing in the body is passed on unchecked.
-pub fn parameters(body: &Value) -> Result<Params, KickOffError> {
+/// (or `valueString`); and the ids of the `patient` references (`valueReference` to `Patient/<id>`), which the caller
+/// must show to be visible before they go upstream. Any other parameter (`includeAssociatedData`, …), a parameter
+/// with parts or a resource, or a value of another type is refused by name: nothing in the body is passed on
+/// unchecked.
+pub fn parameters(body: &Value) -> Result<(Params, Vec<String>), KickOffError> {
     if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(refuse("resourceType", "a POST kick-off takes a Parameters resource"));
     }
     let entries = match body.get("parameter") {
-        None => return Ok(Vec::new()),
+        None => return Ok((Vec::new(), Vec::new())),
         Some(Value::Array(entries)) => entries,
         Some(_) => return Err(refuse("parameter", "must be an array")),
     };
     if entries.len() > MAX_PARAMS {
         return Err(refuse("*", "too many parameters"));
     }
-    let mut params = Vec::with_capacity(entries.len());
+    let (mut params, mut patients) = (Vec::with_capacity(entries.len()), Vec::new());
     for entry in entries {
         let Some(fields) = entry.as_object() else { return Err(refuse("parameter", "must be objects")) };
         let Some(name) = fields.get("name").and_then(Value::as_str) else {
@@ -174,25 +176,49 @@ pub fn parameters(body: &Value) -> Result<Params, KickOffError> {
         let accepted: &[&str] = match name {
             "_type" | "_typeFilter" | "_outputFormat" => &["valueString"],
             "_since" => &["valueInstant", "valueString"],
+            "patient" => &["valueReference"],
             _ => return Err(refuse(name, "is not supported by this gateway's bulk export")),
         };
         let mut value = None;
         for (key, item) in fields {
-            match (key.as_str(), item.as_str()) {
-                ("name" | "id", _) => {}
-                (key, Some(text)) if accepted.contains(&key) && value.is_none() => value = Some(text),
+            match key.as_str() {
+                "name" | "id" => {}
+                key if accepted.contains(&key) && value.is_none() => value = Some(item),
                 _ => {
-                    return Err(refuse(
-                        name,
-                        "must have exactly one string value (valueString; valueInstant for _since)",
-                    ));
+                    return Err(refuse(name, "must have exactly one value (valueString; valueInstant for _since)"));
                 }
             }
         }
         let Some(value) = value else { return Err(refuse(name, "has no value")) };
-        params.push((name.to_owned(), value.to_owned()));
+        if name == "patient" {
+            let reference = value.as_object().filter(|r| r.len() == 1).and_then(|r| r.get("reference"));
+            let id = reference.and_then(Value::as_str).and_then(|r| r.strip_prefix("Patient/"));
+            match id {
+                Some(id) if Class::Id.accepts(id) => patients.push(id.to_owned()),
+                _ => return Err(refuse(name, "must be a reference to Patient/<id> and nothing else")),
+            }
+        } else {
+            let Some(text) = value.as_str() else { return Err(refuse(name, "must be a string")) };
+            params.push((name.to_owned(), text.to_owned()));
+        }
     }
-    Ok(params)
+    Ok((params, patients))
+}
+
+/// The `Parameters` body of a kick-off sent upstream by `POST` (when it names patients): the narrowed parameters
+/// from [`kickoff`] and the patients, each already shown visible.
+pub fn upstream_parameters(params: &[(String, String)], patients: &[String]) -> Value {
+    let mut parameter: Vec<Value> = params
+        .iter()
+        .map(|(name, value)| match name.as_str() {
+            "_since" => json!({"name": name, "valueInstant": value}),
+            _ => json!({"name": name, "valueString": value}),
+        })
+        .collect();
+    parameter.extend(
+        patients.iter().map(|id| json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}})),
+    );
+    json!({"resourceType": "Parameters", "parameter": parameter})
 }
 
 /// Checks a kick-off's parameters and returns those sent upstream: `_type`, `_since`, `_outputFormat` and the
@@ -389,6 +415,7 @@ mod tests {
     #[test]
     fn post_parameters_become_query_parameters() {
         type Case = (&'static str, Value, Result<Vec<(&'static str, &'static str)>, &'static str>);
+        // Patients come back separately; here they are listed as ("patient", id).
         let p = |parameter: Value| json!({"resourceType": "Parameters", "parameter": parameter});
         let cases: Vec<Case> = vec![
             ("empty", json!({"resourceType": "Parameters"}), Ok(vec![])),
@@ -424,7 +451,38 @@ mod tests {
             ("parameter not an array", json!({"resourceType": "Parameters", "parameter": {}}), Err("parameter")),
             ("entry not an object", p(json!(["_type"])), Err("parameter")),
             ("no name", p(json!([{"valueString": "Patient"}])), Err("parameter")),
-            ("patient", p(json!([{"name": "patient", "valueReference": {"reference": "Patient/1"}}])), Err("patient")),
+            (
+                "patients",
+                p(json!([
+                    {"name": "patient", "valueReference": {"reference": "Patient/1"}},
+                    {"name": "_type", "valueString": "Observation"},
+                    {"name": "patient", "valueReference": {"reference": "Patient/a-2"}}
+                ])),
+                Ok(vec![("_type", "Observation"), ("patient", "1"), ("patient", "a-2")]),
+            ),
+            (
+                "patient of another type",
+                p(json!([{"name": "patient", "valueReference": {"reference": "Group/1"}}])),
+                Err("patient"),
+            ),
+            (
+                "absolute patient",
+                p(json!([{"name": "patient", "valueReference": {"reference": "http://x/fhir/Patient/1"}}])),
+                Err("patient"),
+            ),
+            (
+                "patient with a bad id",
+                p(json!([{"name": "patient", "valueReference": {"reference": "Patient/a/b"}}])),
+                Err("patient"),
+            ),
+            (
+                "patient with more than a reference",
+                p(
+                    json!([{"name": "patient", "valueReference": {"reference": "Patient/1", "identifier": {"value": "x"}}}]),
+                ),
+                Err("patient"),
+            ),
+            ("patient as a string", p(json!([{"name": "patient", "valueString": "Patient/1"}])), Err("patient")),
             (
                 "includeAssociatedData",
                 p(json!([{"name": "includeAssociatedData", "valueCode": "x"}])),
@@ -443,7 +501,11 @@ mod tests {
             ("resource", p(json!([{"name": "_type", "resource": {"resourceType": "Patient"}}])), Err("_type")),
         ];
         for (what, body, want) in cases {
-            let got = parameters(&body).map_err(|e| match e {
+            let got = parameters(&body).map(|(mut params, patients)| {
+                params.extend(patients.into_iter().map(|id| ("patient".to_owned(), id)));
+                params
+            });
+            let got = got.map_err(|e| match e {
                 KickOffError::Query(QueryError::Refused { param, .. }) => param,
                 other => panic!("{what}: {other}"),
             });
@@ -454,6 +516,27 @@ mod tests {
         }
         let many = p(Value::Array(vec![json!({"name": "_type", "valueString": "Patient"}); MAX_PARAMS + 1]));
         assert!(parameters(&many).is_err(), "too many");
+    }
+
+    #[test]
+    fn upstream_parameters_carry_the_narrowed_list_and_the_patients() {
+        let params = vec![
+            ("_type".to_owned(), "Observation".to_owned()),
+            ("_since".to_owned(), "2026-01-01T00:00:00Z".to_owned()),
+            ("_typeFilter".to_owned(), "Observation?_tag=s%7Ca".to_owned()),
+        ];
+        let body = upstream_parameters(&params, &["p1".to_owned()]);
+        assert_eq!(
+            body,
+            json!({"resourceType": "Parameters", "parameter": [
+                {"name": "_type", "valueString": "Observation"},
+                {"name": "_since", "valueInstant": "2026-01-01T00:00:00Z"},
+                {"name": "_typeFilter", "valueString": "Observation?_tag=s%7Ca"},
+                {"name": "patient", "valueReference": {"reference": "Patient/p1"}}
+            ]})
+        );
+        // Read back by the gateway's own parser, it is the same list (what a server gets is what was checked).
+        assert_eq!(parameters(&body).unwrap_or_else(|e| panic!("{e}")), (params, vec!["p1".to_owned()]));
     }
 
     #[test]

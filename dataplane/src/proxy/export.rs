@@ -1,10 +1,11 @@
 //! Bulk `$export` (Bulk Data Access IG v2): kick-off, status polling, cancellation and file download.
 //!
 //! - Kick-off (`GET [base]/$export`, `Patient/$export`, `Group/[id]/$export`, with `Prefer: respond-async`; or
-//!   `POST` with the parameters in a `Parameters` body, sent upstream as the same narrowed `GET`): the parameters
-//!   are narrowed to the tenant (`policy::export::kickoff`), a Group must be visible to the caller (else the same 404
-//!   as a missing one), and the upstream's `202 Content-Location` is handed out as
-//!   `[base]/$export-poll-status?_token=…`, a link signed and bound to the tenant and upstream.
+//!   `POST` with the parameters in a `Parameters` body): the parameters are narrowed to the tenant
+//!   (`policy::export::kickoff`), a Group and any `patient` a `POST` names must be visible to the caller (else the
+//!   same 404 as a missing one), the upstream gets the narrowed `GET` (a `POST` when patients are named), and its
+//!   `202 Content-Location` is handed out as `[base]/$export-poll-status?_token=…`, a link signed and bound to the
+//!   tenant and upstream.
 //! - Status (`GET` on that link): `202` passes through with `Retry-After` and `X-Progress` (`policy::export::progress`:
 //!   never with digits); the `200` manifest is
 //!   rewritten (`policy::export::rewrite_manifest`): each file becomes `[base]/$export-file?_token=…`.
@@ -56,22 +57,25 @@ fn respond_async(headers: &HeaderMap) -> bool {
         .any(|p| p.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async")))
 }
 
+/// What a kick-off asks for: its headers, its parameters and the patients it names (`POST` only).
+type KickOff = (HeaderMap, query::Params, Vec<String>);
+
 /// A kick-off's headers and parameters: from the query of a `GET`, or from the `Parameters` body of a `POST` (which
 /// then must not have a query as well: one place for the parameters, so none can slip past the checks).
-async fn kickoff_params(request: Request<Incoming>, post: bool) -> Result<(HeaderMap, query::Params), ProxyError> {
+async fn kickoff_params(request: Request<Incoming>, post: bool) -> Result<KickOff, ProxyError> {
     if !post {
         let params = query::parse(request.uri().query());
-        return Ok((request.into_parts().0.headers, params));
+        return Ok((request.into_parts().0.headers, params, Vec::new()));
     }
     if request.uri().query().is_some_and(|q| !q.is_empty()) {
         return Err(ProxyError::BadRequest("A POST kick-off takes its parameters in the Parameters body only.".into()));
     }
     let (headers, body) = super::write::json_body(request, "Parameters").await?;
-    let params = export::parameters(&body).map_err(|e| match e {
+    let (params, patients) = export::parameters(&body).map_err(|e| match e {
         KickOffError::Query(e) => ProxyError::Query(e),
         other => ProxyError::Forbidden(other.to_string()),
     })?;
-    Ok((headers, params))
+    Ok((headers, params, patients))
 }
 
 /// A short, printable header value from the upstream (`Retry-After`), or nothing.
@@ -94,15 +98,25 @@ impl Ctx<'_> {
             (&Method::GET, [STATUS_OP]) => self.export_status(&request, now).await,
             (&Method::DELETE, [STATUS_OP]) => self.export_cancel(&request, now).await,
             (&Method::GET, [FILE_OP]) => self.export_file(&request, grants, now).await,
-            (method @ (&Method::GET | &Method::POST), ["$export"] | ["Patient", "$export"]) => {
+            (method @ (&Method::GET | &Method::POST), ["$export"]) => {
                 let post = method == Method::POST;
-                let (headers, params) = kickoff_params(request, post).await?;
-                self.export_kickoff(&headers, params, tags, None, now).await
+                let (headers, params, patients) = kickoff_params(request, post).await?;
+                if !patients.is_empty() {
+                    return Err(ProxyError::BadRequest(
+                        "`patient` applies to Patient- and Group-level exports only.".into(),
+                    ));
+                }
+                self.export_kickoff(&headers, params, &[], tags, None, now).await
+            }
+            (method @ (&Method::GET | &Method::POST), ["Patient", "$export"]) => {
+                let post = method == Method::POST;
+                let (headers, params, patients) = kickoff_params(request, post).await?;
+                self.export_kickoff(&headers, params, &patients, tags, Some((None, grants)), now).await
             }
             (method @ (&Method::GET | &Method::POST), ["Group", id, "$export"]) if Class::Id.accepts(id) => {
                 let post = method == Method::POST;
-                let (headers, params) = kickoff_params(request, post).await?;
-                self.export_kickoff(&headers, params, tags, Some((id, grants)), now).await
+                let (headers, params, patients) = kickoff_params(request, post).await?;
+                self.export_kickoff(&headers, params, &patients, tags, Some((Some(id), grants)), now).await
             }
             // A route that sends anything else to this handler.
             _ => Err(ProxyError::NotFound),
@@ -162,15 +176,17 @@ impl Ctx<'_> {
         })
     }
 
-    /// `params`: the kick-off's, from the query or a `POST` body; `group`: the Group of a group-level export, which
-    /// must be visible to the caller. The upstream always gets a `GET` kick-off (which every Bulk Data server
-    /// supports) with the narrowed parameters.
+    /// `params`: the kick-off's, from the query or a `POST` body; `patients`: those a `POST` names; `level`: set for a
+    /// Patient- or Group-level export (with the Group's id). The Group and every named patient must be visible
+    /// to the caller (else the same 404 as a missing one). The upstream gets the narrowed parameters as a `GET`
+    /// kick-off (which every Bulk Data server supports), or as a `POST` `Parameters` body when patients are named.
     async fn export_kickoff(
         &self,
         headers: &HeaderMap,
         params: query::Params,
+        patients: &[String],
         tags: &[&Tag],
-        group: Option<(&str, &Grants)>,
+        level: Option<(Option<&str>, &Grants)>,
         now: SystemTime,
     ) -> Result<Response<Body>, ProxyError> {
         if !respond_async(headers) {
@@ -185,14 +201,26 @@ impl Ctx<'_> {
                 "Bulk export is not fully routed on this gateway (its status and file endpoints are missing).".into(),
             ));
         }
-        if let Some((id, grants)) = group {
-            self.visible("Group", id, grants, &crate::policy::compartment::Reach::Tenant).await?;
+        if let Some((group, grants)) = level {
+            let reach = crate::policy::compartment::Reach::Tenant;
+            if let Some(id) = group {
+                self.visible("Group", id, grants, &reach).await?;
+            }
+            for id in patients {
+                self.visible("Patient", id, grants, &reach).await?;
+            }
         }
-        let target =
-            format!("{}?{}", join_encoded(&self.upstream.base_path, self.relative), query::encode(&upstream_params));
+        let path = join_encoded(&self.upstream.base_path, self.relative);
         let mut extra = HeaderMap::new();
         extra.insert("prefer", HeaderValue::from_static("respond-async"));
-        let response = self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, extra).await?;
+        let response = if patients.is_empty() {
+            let target = format!("{path}?{}", query::encode(&upstream_params));
+            self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, extra).await?
+        } else {
+            let body = export::upstream_parameters(&upstream_params, patients).to_string();
+            let body = Some((crate::outcome::FHIR_JSON, bytes::Bytes::from(body)));
+            self.send_upstream(Method::POST, &path, &HeaderMap::new(), body, extra).await?
+        };
         match response.status() {
             StatusCode::ACCEPTED => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
