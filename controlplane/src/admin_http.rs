@@ -27,11 +27,7 @@ pub fn handle(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<B
     match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/metrics" => {
-            let openmetrics = request
-                .headers()
-                .get(ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let openmetrics = fhirgw_telemetry::metrics::wants_openmetrics(request.headers().get(ACCEPT));
             let (content_type, text) = metrics.encode(openmetrics);
             respond(StatusCode::OK, content_type, text)
         }

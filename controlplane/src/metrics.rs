@@ -83,21 +83,7 @@ impl Metrics {
 
     /// The exposition text: Prometheus 0.0.4, or OpenMetrics when `openmetrics`. Returns (content type, body).
     pub fn encode(&self, openmetrics: bool) -> (&'static str, String) {
-        let mut out = String::new();
-        let result = if openmetrics {
-            prometheus_client::encoding::text::encode(&mut out, &self.registry)
-        } else {
-            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        let content_type = if openmetrics {
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-        } else {
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE
-        };
-        (content_type, out)
+        fhirgw_telemetry::metrics::encode(&self.registry, openmetrics)
     }
 }
 

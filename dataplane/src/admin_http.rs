@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::state::{ConfigState, Source};
 use crate::upstream::Body;
 
@@ -34,8 +34,8 @@ pub async fn handle(
     Ok(match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
         "/metrics" => {
-            let (content_type, text) =
-                metrics.encode(metrics::wants_openmetrics(request.headers().get(http::header::ACCEPT)));
+            let (content_type, text) = metrics
+                .encode(fhirgw_telemetry::metrics::wants_openmetrics(request.headers().get(http::header::ACCEPT)));
             respond(StatusCode::OK, content_type, text)
         }
         "/readyz" => {

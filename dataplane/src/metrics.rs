@@ -137,7 +137,7 @@ impl Metrics {
 
     /// The exposition text: Prometheus 0.0.4, or OpenMetrics when `openmetrics`. Returns (content type, body).
     pub fn encode(&self, openmetrics: bool) -> (&'static str, String) {
-        encode(&self.registry, openmetrics)
+        fhirgw_telemetry::metrics::encode(&self.registry, openmetrics)
     }
 
     /// Counters for one named cache.
@@ -172,30 +172,6 @@ impl Metrics {
     }
 }
 
-fn encode(registry: &Registry, openmetrics: bool) -> (&'static str, String) {
-    let mut out = String::new();
-    let result = if openmetrics {
-        prometheus_client::encoding::text::encode(&mut out, registry)
-    } else {
-        prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "encoding metrics failed");
-    }
-    let content_type = if openmetrics {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    } else {
-        prometheus_client::encoding::prometheus_text::CONTENT_TYPE
-    };
-    (content_type, out)
-}
-
-/// Whether a scraper's `Accept` asks for OpenMetrics (Prometheus does; curl does not).
-pub fn wants_openmetrics(accept: Option<&http::HeaderValue>) -> bool {
-    accept.and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/openmetrics-text"))
-}
-
-/// `2xx` and friends.
 pub fn status_class(status: StatusCode) -> &'static str {
     match status.as_u16() {
         100..=199 => "1xx",

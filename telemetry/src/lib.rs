@@ -8,6 +8,7 @@
 //! at all. W3C trace context is the propagation format.
 
 pub mod json;
+pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
