@@ -77,32 +77,10 @@ head -c 48 /dev/urandom >"$work/paging.key"
 chmod 600 "$work"/*.token "$work/paging.key"
 upstream_token="$(cat "$work/upstream.token")"
 # Realistic small resources (~1.5 KB each).
-python3 - "$work/www" <<'PY'
+python3 - "$work/www" "$bench/patient-p1.json" <<'PY'
 import json, sys
 www = sys.argv[1]
-tag = {"system": "https://fhirgw.dev/dataset", "code": "bench"}
-patient = {
-    "resourceType": "Patient", "id": "p1",
-    "meta": {"versionId": "3", "lastUpdated": "2026-11-20T09:14:03.512+00:00", "tag": [tag],
-             "profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"]},
-    "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Amy V. Shaw, female, born 1987-02-20</div>"},
-    "identifier": [
-        {"use": "usual", "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR", "display": "Medical Record Number"}]},
-         "system": "http://hospital.example.org/mrn", "value": "1032702"},
-        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "999-47-5984"}],
-    "active": True,
-    "name": [{"use": "official", "family": "Shaw", "given": ["Amy", "V."], "period": {"start": "1987-02-20"}},
-             {"use": "maiden", "family": "Baxter", "given": ["Amy"]}],
-    "telecom": [{"system": "phone", "value": "555-555-5555", "use": "home"},
-                {"system": "email", "value": "amy.shaw@example.com"}],
-    "gender": "female", "birthDate": "1987-02-20",
-    "address": [{"use": "home", "type": "physical", "line": ["49 Meadow St"], "city": "Mounds", "state": "OK",
-                 "postalCode": "74047", "country": "US", "period": {"start": "2012-06-01"}}],
-    "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus", "code": "M", "display": "Married"}]},
-    "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US", "display": "English (United States)"}]}, "preferred": True}],
-    "generalPractitioner": [{"reference": "Practitioner/pr1", "display": "Dr. Ronald Bone"}],
-    "managingOrganization": {"reference": "Organization/o1", "display": "Acme Healthcare"},
-}
+patient = json.load(open(sys.argv[2]))  # bench/patient-p1.json, shared with bench/access.sh
 interactions = [{"code": c} for c in ("read", "vread", "search-type", "history-instance")]
 capability = {
     "resourceType": "CapabilityStatement", "id": "bench", "status": "active", "date": "2026-11-27",
