@@ -230,23 +230,11 @@ http {
     }
 }
 NGINX
-render() { # template -> config
-  sed -e "s|@DIR@|$work|g" -e "s|@STATIC_PORT@|$static_port|g" -e "s|@PROXY_PORT@|$proxy_port|g" \
-    -e "s|@PROXY_WORKERS@|$PROXY_WORKERS|g" -e "s|@UPSTREAM_TOKEN@|$upstream_token|g" "$1" >"$2"
-}
-render "$work/nginx-static.conf.tmpl" "$work/nginx-static.conf"
-render "$work/nginx-proxy.conf.tmpl" "$work/nginx-proxy.conf"
-log "starting nginx: static upstream on :$static_port, reverse proxy on :$proxy_port"
-nginx -t -q -c "$work/nginx-static.conf" -p "$work" -e "$work/nginx-static.error.log"
-nginx -t -q -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log"
-nginx -c "$work/nginx-static.conf" -p "$work" -e "$work/nginx-static.error.log" -g 'daemon off;' & static_pid=$!; pids+=("$static_pid")
-nginx -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log" -g 'daemon off;' & proxy_pid=$!; pids+=("$proxy_pid")
+start_nginx_pair "$work/nginx-static.conf.tmpl" "$work/nginx-proxy.conf.tmpl"
 
 log "starting the control plane, the data plane and the dev issuer (RUST_LOG=warn)"
 export RUST_LOG=warn
-"$bin/fhirgw-controlplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --store "$work/cp.db" --operator-token-file "$work/operator.token" \
-  --dataplane-token-file "$work/dataplane.token" >"$work/cp.out" 2>"$work/cp.log" & pids+=($!)
-cp_addr="$(wait_for_line "$work/cp.out" | json_get grpc)"
+start_control_plane
 start_dp() { # name -> sets dp_pid dp_addr dp_admin
   "$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
     --token-file "$work/dataplane.token" --state-dir "$work/$1" --paging-key-file "$work/paging.key" \

@@ -87,6 +87,28 @@ status_of() { curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@"; }
 # One operator API call (grpcurl, JSON request on stdin) to the control plane at `cp_addr`.
 g() { "$grpcurl" -plaintext -H "authorization: Bearer $(cat "$work/operator.token")" -d @ "$cp_addr" "fhirgw.admin.v1.Admin/$1" >/dev/null; }
 
+# The static nginx upstream and the nginx reverse proxy, from two templates (@DIR@, @STATIC_PORT@, @PROXY_PORT@,
+# @PROXY_WORKERS@, @UPSTREAM_TOKEN@ filled in); sets static_pid and proxy_pid.
+start_nginx_pair() { # static-template proxy-template
+  local name tmpl
+  for name in static proxy; do
+    [[ "$name" == static ]] && tmpl="$1" || tmpl="$2"
+    sed -e "s|@DIR@|$work|g" -e "s|@STATIC_PORT@|$static_port|g" -e "s|@PROXY_PORT@|$proxy_port|g" \
+      -e "s|@PROXY_WORKERS@|$PROXY_WORKERS|g" -e "s|@UPSTREAM_TOKEN@|$upstream_token|g" "$tmpl" >"$work/nginx-$name.conf"
+    nginx -t -q -c "$work/nginx-$name.conf" -p "$work" -e "$work/nginx-$name.error.log"
+  done
+  log "starting nginx: static upstream on :$static_port, reverse proxy on :$proxy_port"
+  nginx -c "$work/nginx-static.conf" -p "$work" -e "$work/nginx-static.error.log" -g 'daemon off;' & static_pid=$!; pids+=("$static_pid")
+  nginx -c "$work/nginx-proxy.conf" -p "$work" -e "$work/nginx-proxy.error.log" -g 'daemon off;' & proxy_pid=$!; pids+=("$proxy_pid")
+}
+
+start_control_plane() { # -> sets cp_addr (gRPC); its store, tokens and logs are in the work dir
+  "$bin/fhirgw-controlplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --store "$work/cp.db" \
+    --operator-token-file "$work/operator.token" --dataplane-token-file "$work/dataplane.token" \
+    >"$work/cp.out" 2>"$work/cp.log" & pids+=($!)
+  cp_addr="$(wait_for_line "$work/cp.out" | json_get grpc)"
+}
+
 # ---------------------------------------------------------------------------------------------------- measuring
 proc_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; } # pid field -> kB
 tree_pids() { echo "$1"; pgrep -P "$1" || true; }
