@@ -240,6 +240,7 @@ impl Session {
                 .map(|(kind, name)| push::ResourceRef { kind: kind.to_proto() as i32, name: name.clone() })
                 .collect(),
             trace_context: state.trace_context.clone(),
+            ..Default::default()
         };
         self.pending = Some(Pending { nonce, revision: state.revision, sent, removed });
         tx.send(Ok(response)).await.map_err(|_| "data plane went away".to_owned())?;

@@ -58,6 +58,7 @@ impl SnapshotDir {
             system_version: snapshot.system_version,
             saved_at: Some(system_to_timestamp(SystemTime::now())),
             confirmed_at: Some(system_to_timestamp(confirmed_at)),
+            ..Default::default()
         };
         let io = |path: &Path| {
             let path = path.to_owned();
