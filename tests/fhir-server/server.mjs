@@ -8,7 +8,8 @@
 //
 // Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
 //                        [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]
-//                        [--export-delay-ms N] [--export-ignores-typefilter]
+//                        [--export-delay-ms N] [--export-ignores-typefilter] [--paging offset|cursor]
+//                        [--transaction-reads fail|per-entry]
 // Needs Node >= 22 (see run.sh). Prints one JSON line to stdout once listening; logs to stderr.
 
 import { readFileSync, readdirSync } from 'node:fs';
@@ -33,7 +34,7 @@ const log = (...args) => console.error('[fhir-server]', ...args);
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always] [--export-delay-ms N] [--export-ignores-typefilter]';
+const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always] [--export-delay-ms N] [--export-ignores-typefilter] [--paging offset|cursor] [--transaction-reads fail|per-entry]';
 const parseCli = () => parseArgs({
   options: {
     listen: { type: 'string', default: '127.0.0.1:0' },
@@ -45,6 +46,8 @@ const parseCli = () => parseArgs({
     gzip: { type: 'string' },
     'export-delay-ms': { type: 'string', default: '0' },
     'export-ignores-typefilter': { type: 'boolean', default: false },
+    paging: { type: 'string', default: 'offset' },
+    'transaction-reads': { type: 'string', default: 'fail' },
   },
 });
 let opts;
@@ -71,6 +74,20 @@ const exportIgnoresTypeFilter = opts['export-ignores-typefilter'];
 const gzipMode = opts.gzip;
 if (gzipMode !== undefined && gzipMode !== 'negotiate' && gzipMode !== 'always') {
   log(`bad --gzip ${gzipMode}: expected negotiate or always`);
+  process.exit(2);
+}
+// Paging: `offset` links repeat the search with `_offset=N`; `cursor` links are opaque, HAPI-style
+// `[base]?_getpages=ID&_getpagesoffset=N&_count=C`, where ID names the search kept on the server.
+const pagingMode = opts.paging;
+if (pagingMode !== 'offset' && pagingMode !== 'cursor') {
+  log(`bad --paging ${pagingMode}: expected offset or cursor`);
+  process.exit(2);
+}
+// A read inside a transaction that finds nothing: `fail` fails the whole transaction (as HAPI does); `per-entry`
+// answers that entry 404 inside a successful transaction-response (as some servers do).
+const transactionReads = opts['transaction-reads'];
+if (transactionReads !== 'fail' && transactionReads !== 'per-entry') {
+  log(`bad --transaction-reads ${transactionReads}: expected fail or per-entry`);
   process.exit(2);
 }
 let requiredToken;
@@ -436,7 +453,17 @@ function decorateBundle(bundle, selfPath, searchParams) {
   if (bundle.type === 'searchset' && searchParams?.has('_count')) {
     const count = Number(searchParams.get('_count'));
     const offset = Number(searchParams.get('_offset') ?? 0);
+    let cursor;
     const page = (o) => {
+      if (pagingMode === 'cursor') {
+        if (cursor === undefined) {
+          cursor = crypto.randomUUID();
+          const kept = new URLSearchParams(searchParams);
+          kept.delete('_offset');
+          savedSearches.set(cursor, { path: selfPath, params: kept.toString() });
+        }
+        return `${baseUrl}?_getpages=${cursor}&_getpagesoffset=${o}&_count=${count}&_bundletype=searchset`;
+      }
       const p = new URLSearchParams(searchParams);
       p.set('_offset', String(o));
       return link(p);
@@ -446,6 +473,43 @@ function decorateBundle(bundle, selfPath, searchParams) {
   }
 }
 
+// Searches a cursor-style page link continues: id -> { path, params } (kept for the life of the process).
+const savedSearches = new Map();
+
+// A cursor page (`[base]?_getpages=ID&_getpagesoffset=N`) becomes its search again at that offset.
+function resolvePage(url) {
+  if (url.pathname.replace(/\/+$/, '') !== FHIR_PREFIX || !url.searchParams.has('_getpages')) return url;
+  const saved = savedSearches.get(url.searchParams.get('_getpages'));
+  if (!saved) throw new OperationOutcomeError(notFound);
+  const params = new URLSearchParams(saved.params);
+  params.set('_offset', url.searchParams.get('_getpagesoffset') ?? '0');
+  if (url.searchParams.has('_count')) params.set('_count', url.searchParams.get('_count'));
+  return new URL(`${FHIR_PREFIX}/${saved.path}?${params}`, url);
+}
+
+// A transaction whose reads find nothing, answered per entry (--transaction-reads per-entry): the missing reads
+// are left out of what the router runs, and answered 404 in their places.
+async function transactionWithMissingReads(body) {
+  const missing = new Set();
+  for (const [index, entry] of (body.entry ?? []).entries()) {
+    if (entry.request?.method !== 'GET') continue;
+    const [outcome] = await router.handleRequest({ method: 'GET', url: `/${entry.request.url}`, pathname: '', params: {}, query: {}, config: {} }, repo);
+    if (!isOk(outcome)) missing.add(index);
+  }
+  if (!missing.size) return undefined;
+  const rest = { ...body, entry: body.entry.filter((_, i) => !missing.has(i)) };
+  let answered = [];
+  if (rest.entry.length) {
+    const [outcome, result] = await router.handleRequest({ method: 'POST', url: '/', pathname: '', params: {}, query: {}, body: rest, config: { transactions: true } }, repo);
+    if (!result) return [outcome];
+    answered = result.entry ?? [];
+  }
+  const entry = body.entry.map((_, i) => (missing.has(i)
+    ? { response: { status: '404 Not Found', outcome: notFound } }
+    : answered.shift()));
+  return [allOk, { resourceType: 'Bundle', type: 'transaction-response', entry }];
+}
+
 async function handleFhir(req, res, url) {
   if (requiredToken !== undefined && req.headers.authorization !== `Bearer ${requiredToken}`) {
     return sendOutcome(res, unauthorized, { 'WWW-Authenticate': 'Bearer' });
@@ -453,6 +517,7 @@ async function handleFhir(req, res, url) {
   if (latencyMs > 0) await new Promise((r) => setTimeout(r, latencyMs));
 
   const method = req.method === 'HEAD' ? 'GET' : req.method;
+  if (method === 'GET') url = resolvePage(url);
   const segments = url.pathname.slice(FHIR_PREFIX.length).split('/').filter(Boolean).map(decodeURIComponent);
   const path = segments.join('/');
   const params = new URLSearchParams(url.searchParams);
@@ -502,7 +567,10 @@ async function handleFhir(req, res, url) {
     headers: req.headers,
     config: { transactions: true },
   };
-  const [outcome, resource] = await router.handleRequest(fhirReq, repo);
+  const perEntry = transactionReads === 'per-entry' && method === 'POST' && !path && body?.resourceType === 'Bundle' && body.type === 'transaction'
+    ? await transactionWithMissingReads(body)
+    : undefined;
+  const [outcome, resource] = perEntry ?? await router.handleRequest(fhirReq, repo);
   if (!resource) return sendOutcome(res, outcome);
 
   const headers = {};

@@ -35,6 +35,10 @@ pub struct PageClaims {
     /// Unix seconds.
     #[serde(rename = "e")]
     pub expires: u64,
+    /// The search was narrowed upstream with the tenant's tags, so its pages' `total` counts the tenant's matches
+    /// (see `verify::keeps_total`). Tokens without it (made before it existed) count as not narrowed.
+    #[serde(rename = "n", default, skip_serializing_if = "std::ops::Not::not")]
+    pub narrowed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +112,7 @@ impl PageSigner {
             upstream: upstream.to_owned(),
             target: target.to_owned(),
             expires: unix(now + PAGE_TTL),
+            narrowed: false,
         }
     }
 
@@ -131,6 +136,8 @@ mod tests {
         let claims = PageSigner::claims("tenant-a", "Observation", "fhir", "/fhir/Observation?_offset=20", now);
         let token = signer.sign(&claims);
         assert_eq!(signer.verify(&token, now), Ok(claims.clone()));
+        let narrowed = PageClaims { narrowed: true, ..claims.clone() };
+        assert_eq!(signer.verify(&signer.sign(&narrowed), now), Ok(narrowed));
         assert_eq!(signer.verify(&token, now + PAGE_TTL), Err(PageError::Expired));
         assert_eq!(PageSigner::new(b"key-two").verify(&token, now), Err(PageError::BadSignature));
 

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use super::verify::Grants;
+use super::verify::{EntryMode, Grants};
 
 #[derive(Debug, Deserialize)]
 pub struct EntryView<'a> {
@@ -19,6 +19,21 @@ pub struct EntryView<'a> {
     pub full_url: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub resource: Option<ResourceView<'a>>,
+    #[serde(borrow, default)]
+    search: Option<SearchView<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SearchView<'a> {
+    #[serde(borrow, default)]
+    mode: Option<Cow<'a, str>>,
+}
+
+impl EntryView<'_> {
+    /// `search.mode`, as the Bundle filter counts it.
+    pub fn mode(&self) -> EntryMode {
+        EntryMode::parse(self.search.as_ref().and_then(|s| s.mode.as_deref()))
+    }
 }
 
 #[derive(Debug, Deserialize)]

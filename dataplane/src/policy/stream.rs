@@ -13,21 +13,24 @@
 //! - `entry`: only kept entries, in order. When no entry is kept (or the upstream sent `[]`) the member is omitted,
 //!   as `verify::filter_bundle` does.
 //! - `link`: replaced, in place, by what [`EntryPolicy::links`] returns.
-//! - `total`: always moved to the last member, and only ever written if the upstream sent one. It is the upstream's
-//!   value when `keep_total` is set and no entry was dropped; otherwise the number of kept entries when the rewritten
-//!   links have no `next` relation; otherwise it is removed.
+//! - `total`: always moved to the last member, and only ever written if the upstream sent one: the upstream's value
+//!   when `keep_total` is set and no match entry was dropped (`verify::keeps_total`, the one rule for every page);
+//!   otherwise it is removed. Dropped `include` and `outcome` entries do not count.
 //! - A second `resourceType`, `entry`, `link` or `total` member (names compared after unescaping) is an error: a
 //!   client parser might pick the other one.
 
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
+use super::verify::{EntryMode, keeps_total};
+
 /// What [`EntryPolicy::entry_raw`] decided about an entry from its bytes.
 #[derive(Debug)]
 pub enum RawVerdict<'a> {
     /// Keep these bytes as the entry (the input itself, or the input with a splice).
     Keep(std::borrow::Cow<'a, [u8]>),
-    Drop,
+    /// Drop the entry, which had this `search.mode`.
+    Drop(EntryMode),
     /// Only the parsed path ([`EntryPolicy::entry`]) can decide.
     Undecided,
 }
@@ -53,8 +56,8 @@ pub struct Options {
     pub max_entry_bytes: usize,
     /// Largest accepted value (or name) of any other top-level member, `link` and `total` included.
     pub max_other_bytes: usize,
-    /// The upstream's `total` may be kept (the search was narrowed upstream). It still is replaced if an entry is
-    /// dropped, so it can never reveal an unfiltered count.
+    /// The upstream's `total` may be kept (the search was narrowed upstream with the tenant's tags). It is still
+    /// removed if a match entry is dropped, so it can never reveal an unfiltered count.
     pub keep_total: bool,
 }
 
@@ -68,6 +71,8 @@ impl Default for Options {
 pub struct Stats {
     pub kept: usize,
     pub dropped: usize,
+    /// Dropped entries that were matches (`EntryMode::Match`).
+    pub dropped_matches: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +273,6 @@ pub struct BundleFilter<P: EntryPolicy> {
     written: usize,
     seen: [bool; 4],
     total: Option<Value>,
-    has_next: bool,
     stats: Stats,
     failed: bool,
 }
@@ -287,7 +291,6 @@ impl<P: EntryPolicy> BundleFilter<P> {
             written: 0,
             seen: [false; 4],
             total: None,
-            has_next: false,
             stats: Stats::default(),
             failed: false,
         }
@@ -331,14 +334,11 @@ impl<P: EntryPolicy> BundleFilter<P> {
         if !self.seen[0] {
             return Err(StreamError::NotABundle);
         }
-        if let Some(total) = self.total.take() {
-            if self.options.keep_total && self.stats.dropped == 0 {
-                self.member_prefix(out, b"\"total\":");
-                serde_json::to_writer(&mut *out, &total).map_err(StreamError::Encode)?;
-            } else if !self.has_next {
-                self.member_prefix(out, b"\"total\":");
-                out.extend_from_slice(self.stats.kept.to_string().as_bytes());
-            }
+        if let Some(total) = self.total.take()
+            && keeps_total(self.options.keep_total, self.stats.dropped_matches)
+        {
+            self.member_prefix(out, b"\"total\":");
+            serde_json::to_writer(&mut *out, &total).map_err(StreamError::Encode)?;
         }
         out.push(b'}');
         Ok(self.stats)
@@ -548,9 +548,6 @@ impl<P: EntryPolicy> BundleFilter<P> {
                     return Err(StreamError::NotAnArray { member: "link", offset: self.value_start });
                 }
                 let links = self.policy.links(links);
-                self.has_next = links.as_array().is_some_and(|links| {
-                    links.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next"))
-                });
                 self.member_prefix(out, b"\"link\":");
                 serde_json::to_writer(&mut *out, &links).map_err(StreamError::Encode)?;
             }
@@ -574,11 +571,18 @@ impl<P: EntryPolicy> BundleFilter<P> {
         Ok(())
     }
 
+    fn count_dropped(&mut self, mode: EntryMode) {
+        self.stats.dropped += 1;
+        if mode == EntryMode::Match {
+            self.stats.dropped_matches += 1;
+        }
+    }
+
     /// A complete `entry` element is in `buf`.
     fn write_entry(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
         match self.policy.entry_raw(&self.buf) {
-            RawVerdict::Drop => {
-                self.stats.dropped += 1;
+            RawVerdict::Drop(mode) => {
+                self.count_dropped(mode);
                 return Ok(());
             }
             RawVerdict::Keep(bytes) => {
@@ -599,8 +603,9 @@ impl<P: EntryPolicy> BundleFilter<P> {
             RawVerdict::Undecided => {}
         }
         let entry: Value = self.parse_buf()?;
+        let mode = EntryMode::of(&entry);
         let Some(entry) = self.policy.entry(entry) else {
-            self.stats.dropped += 1;
+            self.count_dropped(mode);
             return Ok(());
         };
         if self.stats.kept == 0 {
@@ -728,9 +733,13 @@ mod tests {
             let mut kept = Vec::new();
             let Value::Array(entries) = entries else { return None };
             for entry in entries {
+                let mode = EntryMode::of(&entry);
                 match policy.entry(entry) {
                     Some(e) => kept.push(e),
-                    None => stats.dropped += 1,
+                    None => {
+                        stats.dropped += 1;
+                        stats.dropped_matches += usize::from(mode == EntryMode::Match);
+                    }
                 }
             }
             stats.kept = kept.len();
@@ -738,19 +747,15 @@ mod tests {
                 obj.insert("entry".into(), Value::Array(kept));
             }
         }
-        let mut has_next = false;
         if let Some(links) = obj.remove("link") {
             links.as_array()?;
             let links = policy.links(links);
-            has_next = links.as_array()?.iter().any(|l| l["relation"] == "next");
             obj.insert("link".into(), links);
         }
-        if let Some(total) = obj.remove("total") {
-            if options.keep_total && stats.dropped == 0 {
-                obj.insert("total".into(), total);
-            } else if !has_next {
-                obj.insert("total".into(), stats.kept.into());
-            }
+        if let Some(total) = obj.remove("total")
+            && keeps_total(options.keep_total, stats.dropped_matches)
+        {
+            obj.insert("total".into(), total);
         }
         Some((doc, stats))
     }
@@ -776,9 +781,21 @@ mod tests {
     fn k_out(id: &str) -> Value {
         entry_json(id, "a", PUB)
     }
-    /// Dropped entry.
+    /// Dropped entry (a match).
     fn d(id: &str) -> String {
         entry_json(id, "b", UP).to_string()
+    }
+    /// Dropped entry, included.
+    fn d_include(id: &str) -> String {
+        let mut e = entry_json(id, "b", UP);
+        e["search"]["mode"] = json!("include");
+        e.to_string()
+    }
+    /// Dropped entry without `search`.
+    fn d_no_mode(id: &str) -> String {
+        let mut e = entry_json(id, "b", UP);
+        e.as_object_mut().map(|o| o.remove("search"));
+        e.to_string()
     }
 
     fn table() -> Vec<(&'static str, String, bool, Value)> {
@@ -797,20 +814,20 @@ mod tests {
                     k("3")
                 ),
                 false,
-                json!({"resourceType": "Bundle", "type": "searchset", "total": 2, "entry": [k_out("1"), k_out("3")],
+                json!({"resourceType": "Bundle", "type": "searchset", "entry": [k_out("1"), k_out("3")],
                     "link": [self_out]}),
             ),
             (
                 "no entry member",
                 r#"{"resourceType":"Bundle","type":"searchset","total":0}"#.into(),
-                false,
+                true,
                 json!({"resourceType": "Bundle", "type": "searchset", "total": 0}),
             ),
             (
                 "empty entry array is omitted",
                 r#"{"resourceType":"Bundle","entry":[],"total":7}"#.into(),
                 false,
-                json!({"resourceType": "Bundle", "total": 0}),
+                json!({"resourceType": "Bundle"}),
             ),
             (
                 "all dropped, more pages: no entry, no total",
@@ -828,13 +845,13 @@ mod tests {
                 "next link off the upstream is dropped: this is the last page",
                 format!(r#"{{"resourceType":"Bundle","total":40,"entry":[{},{}],"link":[{foreign_next}]}}"#, k("1"), d("2")),
                 false,
-                json!({"resourceType": "Bundle", "total": 1, "entry": [k_out("1")], "link": []}),
+                json!({"resourceType": "Bundle", "entry": [k_out("1")], "link": []}),
             ),
             (
                 "resourceType last, total in the middle",
                 format!(r#"{{"entry":[{},{}],"total":5,"id":"x","resourceType":"Bundle"}}"#, k("1"), d("2")),
                 false,
-                json!({"resourceType": "Bundle", "id": "x", "total": 1, "entry": [k_out("1")]}),
+                json!({"resourceType": "Bundle", "id": "x", "entry": [k_out("1")]}),
             ),
             (
                 "keep_total and nothing dropped: the upstream's total",
@@ -843,10 +860,22 @@ mod tests {
                 json!({"resourceType": "Bundle", "total": 40, "entry": [k_out("1")], "link": [next_out]}),
             ),
             (
-                "keep_total but an entry dropped: the kept count",
+                "keep_total but a match dropped, last page: no total, never the kept count",
                 format!(r#"{{"resourceType":"Bundle","total":40,"entry":[{},{}]}}"#, k("1"), d("2")),
                 true,
-                json!({"resourceType": "Bundle", "total": 1, "entry": [k_out("1")]}),
+                json!({"resourceType": "Bundle", "entry": [k_out("1")]}),
+            ),
+            (
+                "keep_total, an include dropped: the upstream's total",
+                format!(r#"{{"resourceType":"Bundle","total":40,"entry":[{},{}],"link":[{next_link}]}}"#, k("1"), d_include("2")),
+                true,
+                json!({"resourceType": "Bundle", "total": 40, "entry": [k_out("1")], "link": [next_out]}),
+            ),
+            (
+                "keep_total, an entry without a mode dropped: taken for a match",
+                format!(r#"{{"resourceType":"Bundle","total":40,"entry":[{},{}]}}"#, k("1"), d_no_mode("2")),
+                true,
+                json!({"resourceType": "Bundle", "entry": [k_out("1")]}),
             ),
             (
                 "keep_total but an entry dropped and more pages: no total",
@@ -879,14 +908,14 @@ mod tests {
                     k("1"),
                     d("2")
                 ),
-                false,
-                json!({"resourceType": "Bundle", "total": 1, "entry": [k_out("1")], "id": "x", "n": -1.5e3}),
+                true,
+                json!({"resourceType": "Bundle", "entry": [k_out("1")], "id": "x", "n": -1.5e3}),
             ),
             (
                 "escaped member names are the same members",
-                format!(r#"{{"\u0072esourceType":"Bundle","\u0065ntry":[{},{}],"\u0074otal":2}}"#, d("1"), k("2")),
-                false,
-                json!({"resourceType": "Bundle", "entry": [k_out("2")], "total": 1}),
+                format!(r#"{{"\u0072esourceType":"Bundle","\u0065ntry":[{},{}],"\u0074otal":2}}"#, d_include("1"), k("2")),
+                true,
+                json!({"resourceType": "Bundle", "entry": [k_out("2")], "total": 2}),
             ),
             (
                 "entries that are not objects or have no resource are dropped",
@@ -929,7 +958,7 @@ mod tests {
         let input = br#"{"resourceType" : "Bundle", "x" : { "a" : 1.50 } ,"total":1,"entry":[]}"#;
         let (out, stats) = run(input, opts(true)).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"resourceType":"Bundle","x":{ "a" : 1.50 },"total":1}"#);
-        assert_eq!(stats, Stats { kept: 0, dropped: 0 });
+        assert_eq!(stats, Stats::default());
     }
 
     #[test]
@@ -1038,7 +1067,7 @@ mod tests {
         let mut out = Vec::new();
         filter.push(format!(r#"{{"resourceType":"Bundle","entry":[{}]}}"#, k("1")).as_bytes(), &mut out).unwrap();
         assert!(serde_json::from_slice::<Value>(&out).is_err(), "the closing brace is written by finish");
-        assert_eq!(filter.stats(), Stats { kept: 1, dropped: 0 });
+        assert_eq!(filter.stats(), Stats { kept: 1, ..Stats::default() });
         assert!(matches!(filter.push(b"x", &mut out), Err(StreamError::TrailingData { .. })));
         assert!(matches!(filter.push(b" ", &mut out), Err(StreamError::Failed)));
         assert!(matches!(filter.finish(&mut out), Err(StreamError::Failed)));
@@ -1365,8 +1394,9 @@ mod tests {
             meter.out_bytes >> 20,
         );
         let dropped = entries.div_ceil(3);
-        assert_eq!(stats, Stats { kept: entries - dropped, dropped });
-        assert_eq!(tail, format!(r#","total":{}}}"#, entries - dropped));
+        assert_eq!(stats, Stats { kept: entries - dropped, dropped, dropped_matches: dropped });
+        // Matches were dropped: no total, never the kept count.
+        assert_eq!(tail, "}");
         assert!(max_entry > 300_000);
         assert!(meter.max_capacity < 2 * max_entry, "{} vs largest entry {max_entry}", meter.max_capacity);
         assert!(meter.max_out < CHUNK + 2 * max_entry, "{}", meter.max_out);

@@ -69,17 +69,51 @@ pub fn rewrite_full_url(entry: &mut Value, upstream_base: &str, public_base: &st
     }
 }
 
+/// Why an entry is in a searchset (`entry.search.mode`). Only matches count towards `Bundle.total` (FHIR R4
+/// §3.1.1.5.1): an entry without a mode, or with one the gateway does not know, is taken for a match, so that an
+/// upstream that leaves modes out can only make the gateway omit `total`, never publish a partial count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryMode {
+    Match,
+    Include,
+    Outcome,
+}
+
+impl EntryMode {
+    pub fn parse(mode: Option<&str>) -> Self {
+        match mode {
+            Some("include") => EntryMode::Include,
+            Some("outcome") => EntryMode::Outcome,
+            _ => EntryMode::Match,
+        }
+    }
+
+    /// The mode of a parsed entry.
+    pub fn of(entry: &Value) -> Self {
+        Self::parse(entry.get("search").and_then(|s| s.get("mode")).and_then(Value::as_str))
+    }
+}
+
+/// The one rule for `Bundle.total`, on every page of every Bundle the gateway filters: the upstream's total is
+/// passed on only when it counts the tenant's own matches (the search was narrowed upstream with the tenant's tags)
+/// and no match had to be dropped (which would make it count something the caller cannot see). Otherwise there is
+/// no `total` at all: never a count of what one page kept, and never anything that depends on included resources,
+/// so an `_include` pointing into another tenant and one pointing at nothing give the same answer.
+pub fn keeps_total(narrowed: bool, dropped_matches: usize) -> bool {
+    narrowed && dropped_matches == 0
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Filtered {
     pub kept: usize,
     pub dropped: usize,
+    /// Dropped entries that were matches (see [`EntryMode`]).
+    pub dropped_matches: usize,
 }
 
 /// Keeps only entries whose resource is visible. Entries without a resource (history deletes), OperationOutcome
-/// entries (upstream diagnostics) and nested Bundles (their contents cannot be checked here) are dropped.
-///
-/// `total` is kept only when it can reveal nothing: the search was narrowed upstream and nothing was dropped.
-/// Otherwise it becomes the number of entries kept when this is the only page, and is removed when there are more.
+/// entries (upstream diagnostics) and nested Bundles (their contents cannot be checked here) are dropped. `total`
+/// follows [`keeps_total`].
 pub fn filter_bundle(
     bundle: &mut Value,
     grants: &Grants,
@@ -87,10 +121,6 @@ pub fn filter_bundle(
     type_allowed: &dyn Fn(&str) -> bool,
 ) -> Filtered {
     let mut stats = Filtered::default();
-    let has_next = bundle
-        .get("link")
-        .and_then(Value::as_array)
-        .is_some_and(|links| links.iter().any(|l| l.get("relation").and_then(Value::as_str) == Some("next")));
     if let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
         entries.retain(|entry| {
             let keep = entry_visible(entry, grants, type_allowed);
@@ -98,17 +128,16 @@ pub fn filter_bundle(
                 stats.kept += 1;
             } else {
                 stats.dropped += 1;
+                if EntryMode::of(entry) == EntryMode::Match {
+                    stats.dropped_matches += 1;
+                }
             }
             keep
         });
     }
     if let Some(obj) = bundle.as_object_mut() {
-        if !(narrowed && stats.dropped == 0) {
-            if has_next {
-                obj.remove("total");
-            } else if obj.contains_key("total") {
-                obj.insert("total".into(), Value::from(stats.kept));
-            }
+        if !keeps_total(narrowed, stats.dropped_matches) {
+            obj.remove("total");
         }
         if obj.get("entry").and_then(Value::as_array).is_some_and(Vec::is_empty) {
             obj.remove("entry");
@@ -196,8 +225,9 @@ mod tests {
             ]
         });
         let stats = filter_bundle(&mut b, &g, false, &|_| true);
-        assert_eq!(stats, Filtered { kept: 1, dropped: 5 });
-        assert_eq!(b["total"], 1);
+        // Dropped matches: the y Observation (no mode), the OperationOutcome and the Bundle (no mode), the delete.
+        assert_eq!(stats, Filtered { kept: 1, dropped: 5, dropped_matches: 4 });
+        assert!(b.get("total").is_none(), "never a per-page count: {b}");
         assert_eq!(b["entry"].as_array().map(Vec::len), Some(1));
         rewrite_full_urls(&mut b, "http://up/fhir", "https://gw.example/fhir");
         assert_eq!(b["entry"][0]["fullUrl"], "https://gw.example/fhir/Patient/1");
@@ -211,7 +241,7 @@ mod tests {
             {"resource": res("Observation", "2", Some("tenant-a"))}
         ]});
         let stats = filter_bundle(&mut b, &g, false, &|ty| ty == "Patient");
-        assert_eq!(stats, Filtered { kept: 1, dropped: 1 });
+        assert_eq!(stats, Filtered { kept: 1, dropped: 1, dropped_matches: 1 });
         assert_eq!(b["entry"][0]["resource"]["resourceType"], "Patient");
     }
 
@@ -229,6 +259,36 @@ mod tests {
         filter_bundle(&mut paged, &g, false, &|_| true);
         assert!(paged.get("total").is_none());
         assert!(paged.get("entry").is_none());
+    }
+
+    /// `total` counts matches: whatever happens to included entries, a narrowed search keeps the upstream's total;
+    /// a dropped match (or an entry of unknown mode) removes it; a search not narrowed upstream never has one.
+    #[test]
+    fn total_rule_table() {
+        let g = grants();
+        let entry = |code: &str, mode: Option<&str>| match mode {
+            Some(m) => json!({"resource": res("Observation", code, Some(code)), "search": {"mode": m}}),
+            None => json!({"resource": res("Observation", code, Some(code))}),
+        };
+        let a = "tenant-a";
+        let b = "tenant-b";
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Vec<Value>, bool, Option<u64>)> = vec![
+            ("narrowed, all kept", vec![entry(a, Some("match")), entry(a, Some("include"))], true, Some(37)),
+            ("narrowed, include of another tenant dropped", vec![entry(a, Some("match")), entry(b, Some("include"))], true, Some(37)),
+            ("narrowed, outcome dropped", vec![entry(a, Some("match")), json!({"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}})], true, Some(37)),
+            ("narrowed, match dropped", vec![entry(a, Some("match")), entry(b, Some("match"))], true, None),
+            ("narrowed, entry without a mode dropped", vec![entry(a, Some("match")), entry(b, None)], true, None),
+            ("narrowed, unknown mode dropped", vec![entry(b, Some("other"))], true, None),
+            ("narrowed, no entries", vec![], true, Some(37)),
+            ("not narrowed, all kept", vec![entry(a, Some("match"))], false, None),
+            ("not narrowed, no entries", vec![], false, None),
+        ];
+        for (name, entries, narrowed, want) in cases {
+            let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": 37, "entry": entries});
+            filter_bundle(&mut bundle, &g, narrowed, &|_| true);
+            assert_eq!(bundle.get("total").and_then(Value::as_u64), want, "{name}: {bundle}");
+        }
     }
 
     #[test]

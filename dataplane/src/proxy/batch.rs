@@ -7,10 +7,15 @@
 //! the stored resource and are pinned to its version with `ifMatch`. What has no check (conditional writes,
 //! operations, history, patches inside a Bundle) is refused.
 //!
-//! A transaction with one refused entry is refused whole, before anything reaches the upstream. In a batch, refused
-//! entries get their own error response in place and the rest are forwarded. The response is verified the same
-//! way: resources outside the grants become `404`, nested search results are filtered, locations are made public,
-//! and the upstream's per-entry diagnostics are dropped.
+//! A transaction is all or nothing, and so is what it can reveal. Its reads and vreads are checked before anything
+//! is sent (out of grant or missing: the whole transaction gets the same 404 a direct read would, whichever way the
+//! upstream treats a missing read inside a transaction), and then pinned to the version checked (`_history/v`), so
+//! the upstream only ever reads what the caller may see. One refused entry refuses the transaction whole, before
+//! anything reaches the upstream; and an upstream that answers a transaction with a failed or unverifiable entry
+//! inside a success gets a 502, never a half-successful transaction. In a batch, refused entries get their own
+//! error response in place and the rest are forwarded; responses are verified the same way: resources outside the
+//! grants become the same `404` entry as missing ones, nested search results are filtered, locations are made
+//! public, and the upstream's per-entry diagnostics are dropped.
 
 use bytes::Bytes;
 use fhirgw_config::path::join_encoded;
@@ -23,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::access::Ctx;
 use super::links::{rewrite_references, rewrite_url};
-use super::write::{json_body, stored_version};
+use super::write::{json_body, stored_version, update_error};
 use super::{ProxyError, json_response};
 use crate::authn::scopes::Permission;
 use crate::policy::batch::{self, Kind, entry_request, request_field};
@@ -34,6 +39,8 @@ use crate::policy::write::{check_tags, dataset_systems, granted_tags};
 
 /// Largest batch response the gateway verifies.
 const RESPONSE_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Largest single resource read to check a transaction's read.
+const RESOURCE_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// What the gateway must check in an entry's response.
 #[derive(Debug)]
@@ -73,7 +80,7 @@ impl Ctx<'_> {
         let (kind, entries) = batch::parse(&body).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         let mut plans = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter().enumerate() {
-            match self.plan(entry, grants, tags).await {
+            match self.plan(kind, entry, grants, tags).await {
                 Ok(plan) => plans.push(plan),
                 Err(error) if kind == Kind::Transaction || !error.is_entry_level() => {
                     return Err(ProxyError::Entry { index, error: Box::new(error) });
@@ -98,12 +105,18 @@ impl Ctx<'_> {
         }
         let mut answers = answers.drain(..);
         let mut out = Vec::with_capacity(plans.len());
-        for plan in plans {
+        for (index, plan) in plans.into_iter().enumerate() {
             out.push(match plan {
                 Planned::Answer(entry) => entry,
                 Planned::Forward(_, check) => {
                     let answer = answers.next().unwrap_or_default();
-                    self.verify_entry(answer, &check, grants)
+                    let (entry, ok) = self.verify_entry(answer, &check, grants);
+                    if kind == Kind::Transaction && !ok {
+                        return Err(ProxyError::Unverifiable(format!(
+                            "entry {index} of a successful transaction failed or could not be verified"
+                        )));
+                    }
+                    entry
                 }
             });
         }
@@ -111,8 +124,41 @@ impl Ctx<'_> {
         Ok(json_response(StatusCode::OK, &bundle, &HeaderMap::new(), false))
     }
 
+    /// The version of `ty/id` (or of its version `vid`) the caller may see: read and verified, else the one 404 of a
+    /// missing resource.
+    async fn visible_version(
+        &self,
+        ty: &str,
+        id: &str,
+        vid: Option<&str>,
+        grants: &Grants,
+    ) -> Result<String, ProxyError> {
+        let mut segments = vec![ty.to_owned(), id.to_owned()];
+        if let Some(vid) = vid {
+            segments.extend(["_history".to_owned(), vid.to_owned()]);
+        }
+        let target = join_encoded(&self.upstream.base_path, &segments);
+        let (status, _, body) =
+            self.exchange(Method::GET, &target, &HeaderMap::new(), None, RESOURCE_MAX_BYTES).await?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
+            other => return Err(ProxyError::UpstreamStatus(other)),
+        }
+        let resource: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
+        if !resource_visible(&resource, ty, id, grants) {
+            return Err(ProxyError::ResourceNotFound);
+        }
+        let version = resource.get("meta").and_then(|m| m.get("versionId")).and_then(Value::as_str);
+        match (version, vid) {
+            (Some(version), Some(vid)) if version != vid => Err(ProxyError::ResourceNotFound),
+            (Some(version), _) if fhirgw_config::pattern::Class::Id.accepts(version) => Ok(version.to_owned()),
+            _ => Err(ProxyError::Unverifiable("the resource has no versionId to pin the read to".into())),
+        }
+    }
+
     /// Checks one entry and prepares what is forwarded for it.
-    async fn plan(&self, entry: &Value, grants: &Grants, tags: &[&Tag]) -> Result<Planned, ProxyError> {
+    async fn plan(&self, kind: Kind, entry: &Value, grants: &Grants, tags: &[&Tag]) -> Result<Planned, ProxyError> {
         let request = entry_request(entry, &self.public).map_err(ProxyError::BadRequest)?;
         let Some(matched) = self.table.route(&request.method, &request.path) else {
             let known = self.table.path_known(&request.path);
@@ -139,10 +185,17 @@ impl Ctx<'_> {
         let set_url = |entry: &mut Value, url: String| entry["request"]["url"] = Value::String(url);
         match classify(&request.method, &request.path, request.query.is_some()) {
             Interaction::Read { ty, id } | Interaction::VRead { ty, id, .. } => {
+                // A vread's path is `ty/id/_history/vid`.
+                let vid = request.path.get(3).cloned();
                 self.require(&ty, Permission::Read)?;
                 query::check(Use::Read, &params, guard)?;
                 if grants.is_empty() {
                     return Err(ProxyError::ResourceNotFound);
+                }
+                if kind == Kind::Transaction {
+                    let version = self.visible_version(&ty, &id, vid.as_deref(), grants).await?;
+                    let query = request.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default();
+                    set_url(&mut entry, format!("{ty}/{id}/_history/{version}{query}"));
                 }
                 Ok(Planned::Forward(entry, Check::Read { ty, id }))
             }
@@ -186,8 +239,9 @@ impl Ctx<'_> {
                 if entry.get("resource").and_then(|r| r.get("id")).and_then(Value::as_str) != Some(id.as_str()) {
                     return Err(ProxyError::BadRequest(format!("the entry's resource id must be `{id}`")));
                 }
-                let (stored, version) =
-                    stored_version(self, &ty, &id, grants, request_field(&entry, "ifMatch")).await?;
+                let (stored, version) = stored_version(self, &ty, &id, grants, request_field(&entry, "ifMatch"))
+                    .await
+                    .map_err(update_error)?;
                 let keep = granted_tags(&stored, grants);
                 let resource = entry_resource(&mut entry, &ty)?;
                 check_tags(resource, grants, &dataset_systems(self.snapshot), &keep)?;
@@ -242,10 +296,11 @@ impl Ctx<'_> {
         }
     }
 
-    /// Verifies one response entry: only what the caller may see, with public URLs and no upstream diagnostics.
-    fn verify_entry(&self, mut answer: Value, check: &Check, grants: &Grants) -> Value {
+    /// Verifies one response entry: only what the caller may see, with public URLs and no upstream diagnostics; and
+    /// whether the entry succeeded as sent (a success status, and a read's resource visible).
+    fn verify_entry(&self, mut answer: Value, check: &Check, grants: &Grants) -> (Value, bool) {
         let Some(obj) = answer.as_object_mut() else {
-            return json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } });
+            return (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false);
         };
         let response = obj.get_mut("response").and_then(Value::as_object_mut);
         let mut status = String::from("502 Bad Gateway");
@@ -299,7 +354,9 @@ impl Ctx<'_> {
         if !visible {
             match check {
                 // Out of grant looks exactly like missing.
-                Check::Read { .. } => return json!({ "response": { "status": status_line(StatusCode::NOT_FOUND) } }),
+                Check::Read { .. } => {
+                    return (json!({ "response": { "status": status_line(StatusCode::NOT_FOUND) } }), false);
+                }
                 _ => {
                     obj.remove("resource");
                 }
@@ -313,11 +370,11 @@ impl Ctx<'_> {
                     rewrite_references(resource, &self.upstream, &self.public);
                 }
                 answer["response"]["status"] = Value::String(status_line(code));
-                answer
+                (answer, true)
             }
             // A failed entry says only its status, in one canonical form: no resource, no upstream diagnostics.
-            Some(code) => json!({ "response": { "status": status_line(code) } }),
-            None => json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }),
+            Some(code) => (json!({ "response": { "status": status_line(code) } }), false),
+            None => (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false),
         }
     }
 }

@@ -37,6 +37,9 @@ pub(super) struct Rules {
     pub path: String,
     pub self_url: String,
     pub now: SystemTime,
+    /// The search was narrowed upstream with the tenant's tags: its `total` may be kept (`verify::keeps_total`), and
+    /// its page tokens say so.
+    pub narrowed: bool,
     /// Finds the upstream's origin, lowercased, in lowercased entry bytes (see `entry_raw`).
     pub origin: memmem::Finder<'static>,
 }
@@ -54,18 +57,19 @@ impl EntryPolicy for Rules {
     /// (a `patient/`-scoped type, an absolute reference to rewrite, an unusual encoding) takes the parsed path.
     fn entry_raw<'a>(&mut self, raw: &'a [u8]) -> RawVerdict<'a> {
         let Some(view) = raw::view(raw) else { return RawVerdict::Undecided };
-        let Some(resource) = &view.resource else { return RawVerdict::Drop };
+        let drop = RawVerdict::Drop(view.mode());
+        let Some(resource) = &view.resource else { return drop };
         let ty = match resource.resource_type.as_deref() {
-            None | Some("OperationOutcome" | "Bundle") => return RawVerdict::Drop,
+            None | Some("OperationOutcome" | "Bundle") => return drop,
             Some(ty) => ty,
         };
         match self.scopes.allows(ty, Permission::Read) {
-            Allowed::No => return RawVerdict::Drop,
+            Allowed::No => return drop,
             Allowed::PatientOnly => return RawVerdict::Undecided,
             Allowed::Tenant => {}
         }
         if !resource.covered_by(&self.grants) {
-            return RawVerdict::Drop;
+            return drop;
         }
         let lower = raw.to_ascii_lowercase();
         let mut found = self.origin.find_iter(&lower);
@@ -126,6 +130,7 @@ impl EntryPolicy for Rules {
             upstream: &self.upstream,
             self_url: self.self_url.clone(),
             public_base: &self.public,
+            narrowed: self.narrowed,
         };
         rewrite_links(&mut wrapper, &ctx, self.now);
         wrapper["link"].take()
@@ -145,8 +150,9 @@ impl super::filtered_body::ChunkFilter for BundleFilter<Rules> {
 }
 
 /// The client body: the upstream's Bundle, filtered entry by entry while it streams (see `filtered_body`).
-pub(super) fn filtered(body: Incoming, rules: Rules, narrowed: bool, idle: Duration) -> Body {
-    let filter = BundleFilter::new(rules, Options { keep_total: narrowed, ..Options::default() });
+pub(super) fn filtered(body: Incoming, rules: Rules, idle: Duration) -> Body {
+    let keep_total = rules.narrowed;
+    let filter = BundleFilter::new(rules, Options { keep_total, ..Options::default() });
     let span =
         tracing::info_span!("filter", entries_kept = tracing::field::Empty, entries_dropped = tracing::field::Empty);
     let labels = Labels { kept: "entries_kept", dropped: "entries_dropped", what: "Bundle" };
@@ -177,6 +183,7 @@ mod tests {
             path: "Observation".into(),
             self_url: format!("{PUBLIC}/Observation"),
             now: SystemTime::now(),
+            narrowed: true,
             origin: memmem::Finder::new(b"http://upstream:8090").into_owned(),
         }
     }

@@ -21,6 +21,8 @@ pub struct PageContext<'a> {
     /// Public URL of this request (for `self`).
     pub self_url: String,
     pub public_base: &'a str,
+    /// The search was narrowed upstream (carried in the page tokens, for `total`).
+    pub narrowed: bool,
 }
 
 /// Rewrites `Bundle.link`: `self` becomes the request's public URL; `next`/`previous`/`first`/`last` on the upstream
@@ -33,7 +35,8 @@ pub fn rewrite_links(bundle: &mut Value, ctx: &PageContext<'_>, now: SystemTime)
         let new_url = match relation.as_str() {
             "self" => Some(ctx.self_url.clone()),
             "next" | "previous" | "prev" | "first" | "last" => upstream_target(ctx.upstream, &url).map(|target| {
-                let claims = PageSigner::claims(ctx.tenant, ctx.path, &ctx.upstream.name, &target, now);
+                let mut claims = PageSigner::claims(ctx.tenant, ctx.path, &ctx.upstream.name, &target, now);
+                claims.narrowed = ctx.narrowed;
                 let token = ctx.signer.sign(&claims);
                 format!("{}/{}?{PAGE_PARAM}={token}", ctx.public_base, ctx.path)
             }),
