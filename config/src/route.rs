@@ -17,6 +17,79 @@ pub const DEFAULT_MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// The data plane reads at most this much of a request head: a guard cannot allow more.
 pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
 
+/// Most extra headers one route may forward.
+pub const MAX_FORWARD_HEADERS: usize = 32;
+
+/// Request headers no route may forward: each would change what the upstream does with a request the gateway
+/// checked (a method override turns a checked read into a delete; a URL rewrite reads another resource; a trusted
+/// user, tenant or scope header impersonates), or carries the caller's credentials, or is the gateway's own to set.
+const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "accept",
+    "accept-encoding",
+    "range",
+    "expect",
+    "forwarded",
+    "via",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "prefer",
+    "x-real-ip",
+    "x-cascade",
+    "x-method-override",
+    "x-original-method",
+    "remote-user",
+];
+
+/// Prefixes of header names no route may forward (see [`NEVER_FORWARDED`]).
+const NEVER_FORWARDED_PREFIXES: &[&str] = &[
+    "if-",
+    "x-forwarded-",
+    "x-original-",
+    "x-rewrite-",
+    "x-http-method",
+    "x-remote-",
+    "x-auth",
+    "x-user",
+    "x-tenant",
+    "x-patient",
+    "x-scope",
+    "x-dataset",
+    "x-fhirgw",
+    "x-envoy-",
+    "x-amzn-",
+    "x-goog-",
+    "x-ms-",
+    "proxy-",
+    "sec-",
+    "access-control-",
+];
+
+/// A header name a route may forward: a valid, lowercase name outside the never-forwarded set.
+pub fn forward_header(name: &str) -> Result<http::HeaderName, &'static str> {
+    if name.is_empty() || name.len() > 64 || name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("must be a lowercase header name of at most 64 bytes");
+    }
+    let header = http::HeaderName::try_from(name).map_err(|_| "is not a valid header name")?;
+    if NEVER_FORWARDED.contains(&name) || NEVER_FORWARDED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return Err("may never be forwarded: it would change what the upstream does with a checked request");
+    }
+    Ok(header)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handler {
     /// `$docref`: translated into a DocumentReference search.
@@ -69,6 +142,8 @@ pub struct Route {
     pub methods: Option<Vec<Method>>,
     pub action: Action,
     pub guard: QueryGuard,
+    /// Extra client headers this route passes to the upstream (see `forward_header`).
+    pub forward_headers: Vec<http::HeaderName>,
     rank: Rank,
 }
 
@@ -239,8 +314,18 @@ fn parse_route(msg: &pb::Route) -> Result<Route, TableError> {
             }
         }
     };
+    if msg.forward_headers.len() > MAX_FORWARD_HEADERS {
+        return Err(err(format!("forward_headers lists more than {MAX_FORWARD_HEADERS} names")));
+    }
+    let mut forward_headers = Vec::with_capacity(msg.forward_headers.len());
+    for name in &msg.forward_headers {
+        let header = forward_header(name).map_err(|reason| err(format!("forward_headers: `{name}` {reason}")))?;
+        if !forward_headers.contains(&header) {
+            forward_headers.push(header);
+        }
+    }
     let rank = pattern.rank();
-    Ok(Route { id: msg.id.clone(), pattern, methods, action, guard, rank })
+    Ok(Route { id: msg.id.clone(), pattern, methods, action, guard, forward_headers, rank })
 }
 
 impl TryFrom<&pb::RouteTable> for RouteTable {
@@ -298,7 +383,36 @@ mod tests {
             methods: methods.iter().map(|m| (*m).to_owned()).collect(),
             action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "hapi".into() })),
             query_guard: None,
+            forward_headers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn forward_headers_table() {
+        #[rustfmt::skip]
+        let cases: &[(&str, bool)] = &[
+            ("x-correlation-id", true), ("x-b3-traceid", true), ("accept-language", true), ("x-api-version", true),
+            ("X-Correlation-Id", false), ("", false), ("bad header", false),
+            ("authorization", false), ("cookie", false), ("host", false), ("content-type", false), ("prefer", false),
+            ("if-match", false), ("if-none-exist", false), ("range", false), ("transfer-encoding", false),
+            ("x-http-method-override", false), ("x-http-method", false), ("x-method-override", false),
+            ("x-original-url", false), ("x-rewrite-url", false), ("x-forwarded-for", false), ("forwarded", false),
+            ("x-remote-user", false), ("remote-user", false), ("x-auth-request-user", false), ("x-user-id", false),
+            ("x-tenant", false), ("x-patient-id", false), ("x-scope", false), ("x-dataset", false),
+            ("traceparent", false), ("proxy-authorization", false), ("sec-fetch-site", false),
+        ];
+        for (name, ok) in cases {
+            assert_eq!(forward_header(name).is_ok(), *ok, "{name}");
+        }
+        let mut r = route("r", "/**", &[]);
+        r.forward_headers = vec!["x-correlation-id".into(), "x-correlation-id".into()];
+        let t = RouteTable::try_from(&table(vec![r.clone()])).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.routes[0].forward_headers, vec![http::HeaderName::from_static("x-correlation-id")]);
+        r.forward_headers = vec!["x-http-method-override".into()];
+        let e = RouteTable::try_from(&table(vec![r.clone()])).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("x-http-method-override") && e.contains("never be forwarded"), "{e}");
+        r.forward_headers = (0..=MAX_FORWARD_HEADERS).map(|i| format!("x-h{i}")).collect();
+        assert!(RouteTable::try_from(&table(vec![r])).is_err());
     }
 
     fn table(routes: Vec<pb::Route>) -> pb::RouteTable {

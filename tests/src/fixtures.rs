@@ -38,6 +38,7 @@ fn proxy(id: &str, path: &str, methods: &[&str]) -> pb::Route {
         methods: methods.iter().map(|m| (*m).to_owned()).collect(),
         action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "fhir".into() })),
         query_guard: None,
+        forward_headers: Vec::new(),
     }
 }
 
@@ -48,6 +49,7 @@ fn handler(id: &str, path: &str, methods: &[&str], name: &str) -> pb::Route {
         methods: methods.iter().map(|m| (*m).to_owned()).collect(),
         action: Some(pb::route::Action::Handler(pb::HandlerAction { name: name.into(), upstream: "fhir".into() })),
         query_guard: None,
+        forward_headers: Vec::new(),
     }
 }
 

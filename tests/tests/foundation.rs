@@ -374,6 +374,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         methods: vec!["GET".into()],
         action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "fhir".into() })),
         query_guard: None,
+        forward_headers: Vec::new(),
     });
     let err = admin
         .put_route_table(api::PutRouteTableRequest { route_table: Some(table), expected_version: String::new() })

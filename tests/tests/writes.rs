@@ -69,6 +69,39 @@ async fn creates_carry_only_the_callers_datasets() {
             .await;
         assert_eq!(r.status, 403, "{}", r.text());
     }
+    // A tag without a system or without a code is refused naming the element, on every kind of write, and nothing
+    // is stored.
+    let incomplete = json!({"tag": [{"system": DS, "code": "tenant-a"}, {"code": "sample-b"}]});
+    let r = s
+        .send(
+            http()
+                .post(s.url("/fhir/Patient"))
+                .bearer_auth(&a)
+                .json(&json!({"resourceType": "Patient", "meta": incomplete})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("meta.tag[1]"), "the element is named: {}", r.text());
+    let mut own = s.upstream("/Patient/a-pat-1").await;
+    own["meta"]["tag"] = json!([{"system": DS, "code": "tenant-a"}, {"system": "http://example.org/workflow"}]);
+    let r = s.send(http().put(s.url("/fhir/Patient/a-pat-1")).bearer_auth(&a).json(&own)).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = s
+        .send(http().post(s.url("/fhir/Patient/a-pat-1/$meta-add")).bearer_auth(&a).json(&json!({
+            "resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [{"code": "sample-b"}]}}]
+        })))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = s
+        .send(http().post(s.url("/fhir")).bearer_auth(&a).json(&json!({"resourceType": "Bundle", "type": "batch",
+            "entry": [{"request": {"method": "POST", "url": "Patient"},
+                       "resource": {"resourceType": "Patient", "meta": {"tag": [{"code": "sample-b"}]}}}]})))
+        .await;
+    assert!(r.json()["entry"][0]["response"]["status"].as_str().unwrap().starts_with("400"), "{}", r.text());
+    assert!(
+        !tags(&s.upstream("/Patient/a-pat-1").await).iter().any(|t| t.starts_with('|') || t.ends_with('|')),
+        "an incomplete tag was stored"
+    );
     assert_eq!(count(s.upstream("/Patient?_summary=count").await), before + 1);
 
     // Wrong type, not JSON, XML: refused.
@@ -129,25 +162,35 @@ async fn updates_patches_and_deletes_check_both_sides() {
                 .json(&json!({"resourceType": "Patient", "id": "nope"})),
         )
         .await;
-    assert_eq!(missing.status, 404, "no update-as-create through the gateway: {}", missing.text());
+    // No update-as-create through the gateway (the id could be taken in another tenant), and it says so.
+    assert_eq!(missing.status, 405, "no update-as-create through the gateway: {}", missing.text());
+    assert_eq!(missing.json()["resourceType"], "OperationOutcome");
+    assert!(missing.text().contains("does not create resources by update"), "{}", missing.text());
+    assert!(s.upstream("/Patient/nope").await["resourceType"] == "OperationOutcome", "nothing was created");
 
     // Another tenant's resource: update, patch and delete all look exactly like a missing one, and change nothing.
     let b_before = s.upstream("/Patient/b-pat-1").await;
-    let attempts = vec![
-        http().put(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&a).json(
-            &json!({"resourceType": "Patient", "id": "b-pat-1", "meta": {"tag": [{"system": DS, "code": "tenant-a"}]}}),
-        ),
+    let patch = |id: &str| {
         http()
-            .patch(s.url("/fhir/Patient/b-pat-1"))
+            .patch(s.url(&format!("/fhir/Patient/{id}")))
             .bearer_auth(&a)
             .header("content-type", "application/json-patch+json")
-            .body(r#"[{"op":"replace","path":"/active","value":false}]"#),
-        http().delete(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&a),
-    ];
-    for request in attempts {
-        let r = s.send(request).await;
-        assert_eq!((r.status, &r.body), (404, &missing.body));
-    }
+            .body(r#"[{"op":"replace","path":"/active","value":false}]"#)
+    };
+    let r = s
+        .send(http().put(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&a).json(
+            &json!({"resourceType": "Patient", "id": "b-pat-1", "meta": {"tag": [{"system": DS, "code": "tenant-a"}]}}),
+        ))
+        .await;
+    assert_eq!((r.status, &r.body), (405, &missing.body), "{}", r.text());
+    let missing_patch = s.send(patch("nope")).await;
+    assert_eq!(missing_patch.status, 404, "{}", missing_patch.text());
+    let r = s.send(patch("b-pat-1")).await;
+    assert_eq!((r.status, &r.body), (404, &missing_patch.body));
+    let missing_delete = s.send(http().delete(s.url("/fhir/Patient/nope")).bearer_auth(&a)).await;
+    let r = s.send(http().delete(s.url("/fhir/Patient/b-pat-1")).bearer_auth(&a)).await;
+    assert_eq!((r.status, &r.body), (404, &missing_delete.body));
+    assert_eq!(missing_delete.status, 404);
     assert_eq!(s.upstream("/Patient/b-pat-1").await, b_before);
 
     // Update one's own resource: without tags it keeps its dataset; moving it to another dataset is refused.
@@ -230,6 +273,52 @@ async fn updates_patches_and_deletes_check_both_sides() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(s.upstream("/Patient/a-pat-3").await["active"], json!(false));
+    // FHIRPath Patch (HAPI's usual form): the same rule. Content changes go through, pinned to the checked version;
+    // a path that reaches meta or id, or that could (an expression outside the accepted grammar), is refused.
+    let fhirpath = |kind: &str, path: &str, extra: Value| {
+        let mut parts = vec![json!({"name": "type", "valueCode": kind}), json!({"name": "path", "valueString": path})];
+        if let Some(more) = extra.as_array() {
+            parts.extend(more.iter().cloned());
+        }
+        let body = json!({"resourceType": "Parameters", "parameter": [{"name": "operation", "part": parts}]});
+        http()
+            .patch(s.url("/fhir/Patient/a-pat-3"))
+            .bearer_auth(&a)
+            .header("content-type", "application/fhir+json")
+            .json(&body)
+    };
+    let before = s.upstream("/Patient/a-pat-3").await;
+    let r =
+        s.send(fhirpath("replace", "Patient.birthDate", json!([{"name": "value", "valueDate": "1980-02-29"}]))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["birthDate"], "1980-02-29");
+    let after = s.upstream("/Patient/a-pat-3").await;
+    assert_eq!(after["birthDate"], "1980-02-29");
+    let log = s.upstream_requests().await;
+    let sent = log.iter().rev().find(|r| r["method"] == "PATCH").unwrap();
+    assert_eq!(sent["headers"]["if-match"], json!(format!("W/\"{}\"", before["meta"]["versionId"].as_str().unwrap())));
+    assert_eq!(sent["headers"]["content-type"], "application/fhir+json");
+    for (kind, path, extra, want) in [
+        ("delete", "Patient.meta.tag", json!([]), 403),
+        ("delete", "Patient.meta", json!([]), 403),
+        (
+            "add",
+            "Patient.meta",
+            json!([{"name": "name", "valueString": "tag"}, {"name": "value", "valueCoding": {"system": DS, "code": "tenant-b"}}]),
+            403,
+        ),
+        ("add", "Patient", json!([{"name": "name", "valueString": "meta"}, {"name": "value", "valueMeta": {}}]), 403),
+        ("replace", "Patient.id", json!([{"name": "value", "valueId": "x"}]), 403),
+        ("replace", "Patient.name.select(%resource.meta)", json!([{"name": "value", "valueMeta": {}}]), 400),
+        ("delete", "Patient.name | Patient.meta", json!([]), 400),
+        ("delete", "Patient.descendants()", json!([]), 400),
+    ] {
+        let r = s.send(fhirpath(kind, path, extra)).await;
+        assert_eq!(r.status, want, "{kind} {path}: {}", r.text());
+        assert_eq!(r.json()["resourceType"], "OperationOutcome");
+    }
+    assert_eq!(tags(&s.upstream("/Patient/a-pat-3").await), vec![format!("{DS}|tenant-a")]);
+    assert_eq!(s.upstream("/Patient/a-pat-3").await["meta"]["versionId"], after["meta"]["versionId"]);
     let r = s
         .send(
             http()
@@ -239,7 +328,18 @@ async fn updates_patches_and_deletes_check_both_sides() {
                 .body("{}"),
         )
         .await;
-    assert_eq!(r.status, 415, "FHIRPath Patch is not accepted yet");
+    assert_eq!(r.status, 400, "not a FHIRPath Patch: {}", r.text());
+    let r = s
+        .send(
+            http()
+                .patch(s.url("/fhir/Patient/a-pat-3"))
+                .bearer_auth(&a)
+                .header("content-type", "application/xml-patch+xml")
+                .body("<diff/>"),
+        )
+        .await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert!(r.text().contains("FHIRPath Patch"), "the refusal says what to use: {}", r.text());
 
     // Delete one's own resource: gone. Another tenant's: untouched (above).
     let r = s.send(http().delete(s.url("/fhir/Observation/a-obs-4")).bearer_auth(&a)).await;
@@ -301,8 +401,9 @@ async fn batch_and_transaction_entries_are_checked_one_by_one() {
     assert!(location.starts_with(&s.url("/fhir/Patient/")), "{location}");
     let id = location.split("/Patient/").nth(1).unwrap().split('/').next().unwrap();
     assert_eq!(tags(&s.upstream(&format!("/Patient/{id}")).await), vec![format!("{DS}|tenant-a")]);
-    // Writes to another tenant's resource look like writes to a missing one; the rest are refused in place.
-    assert!(status(6).starts_with("404") && status(7).starts_with("404"), "{} {}", entries[6], entries[7]);
+    // Writes to another tenant's resource look like writes to a missing one (an update: refused as an
+    // update-as-create); the rest are refused in place.
+    assert!(status(6).starts_with("405") && status(7).starts_with("404"), "{} {}", entries[6], entries[7]);
     for i in [8, 9, 10, 12] {
         assert!(status(i).starts_with("403"), "entry {i}: {}", entries[i]);
         assert_eq!(entries[i]["response"]["outcome"]["resourceType"], "OperationOutcome");

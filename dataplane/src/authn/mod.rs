@@ -61,6 +61,10 @@ pub struct Caller {
 pub enum AuthError {
     #[error("no bearer token")]
     Missing,
+    /// The credentials cannot be read one way only: several `Authorization` headers, or a value that is not exactly
+    /// one bearer token. Answered 400 `invalid_request` (RFC 6750 §3.1) before any token is looked at.
+    #[error("ambiguous credentials: {0}")]
+    Ambiguous(&'static str),
     /// The token is refused. The reason is for the log only; the client learns just `invalid_token`.
     #[error("invalid token: {0}")]
     Invalid(String),
@@ -117,16 +121,32 @@ impl Default for Authenticator {
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
         return Err(AuthError::Missing);
     };
+    if values.next().is_some() {
+        return Err(AuthError::Ambiguous("more than one Authorization header"));
+    }
     let value = value.to_str().map_err(|_| AuthError::Invalid("authorization header is not ASCII".into()))?;
     let (scheme, token) =
         value.split_once(' ').ok_or_else(|| AuthError::Invalid("malformed authorization header".into()))?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+    let token = token.trim_matches(' ');
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return Err(AuthError::Invalid("not a bearer token".into()));
     }
-    Ok(token.trim())
+    if !is_b64token(token) {
+        return Err(AuthError::Ambiguous("the Authorization header must hold exactly one bearer token"));
+    }
+    Ok(token)
+}
+
+/// RFC 6750's `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`. A space or comma
+/// inside (`Bearer a, Bearer b`, `Bearer a b`) would be a second credential.
+fn is_b64token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
 }
 
 /// `iss` read before verification, only to pick the issuer whose keys will verify the token.
@@ -346,4 +366,42 @@ async fn fetch_jwks(http: &Client<Connector, Full<Bytes>>, uri: &str) -> Result<
         .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
         .collect();
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn bearer_credentials_table() {
+        #[rustfmt::skip]
+        let cases: Vec<(Vec<&str>, Result<&str, &str>)> = vec![
+            (vec!["Bearer abc.def-ghi_jkl"], Ok("abc.def-ghi_jkl")),
+            (vec!["bearer abc=="], Ok("abc==")),
+            (vec!["Bearer  abc "], Ok("abc")),
+            (vec![], Err("no bearer token")),
+            (vec!["Bearer a", "Bearer b"], Err("more than one")),
+            (vec!["Bearer a", "Bearer a"], Err("more than one")),
+            (vec!["Bearer a, Bearer b"], Err("exactly one")),
+            (vec!["Bearer a b"], Err("exactly one")),
+            (vec!["Bearer a,b"], Err("exactly one")),
+            (vec!["Bearer a=b"], Err("exactly one")),
+            (vec!["Basic dXNlcjpwYXNz"], Err("not a bearer token")),
+            (vec!["Bearer"], Err("malformed")),
+            (vec!["Bearer "], Err("not a bearer token")),
+        ];
+        for (values, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in &values {
+                headers.append(http::header::AUTHORIZATION, HeaderValue::from_static(v));
+            }
+            match (bearer(&headers), want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{values:?}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{values:?}: {e}"),
+                (got, want) => panic!("{values:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

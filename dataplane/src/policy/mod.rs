@@ -7,6 +7,7 @@ pub mod classify;
 pub mod compartment;
 pub mod docref;
 pub mod export;
+pub mod fhirpath_patch;
 pub mod ndjson;
 pub mod paging;
 pub mod query;

@@ -21,6 +21,10 @@ pub enum WriteError {
     NoDataset,
     #[error("meta.tag is malformed")]
     Malformed,
+    /// A tag without a string `system` or `code`: stored as is, it would sit beside the dataset tags with a meaning
+    /// nobody can check.
+    #[error("meta.tag[{0}] must have both a system and a code")]
+    IncompleteTag(usize),
     #[error("patch operation {0} is not allowed: patches must not change meta, id or resourceType")]
     ForbiddenPatch(usize),
     #[error("the patch is not a JSON Patch document")]
@@ -40,11 +44,11 @@ pub fn check_meta_change(
     systems: &HashSet<String>,
 ) -> Result<(), WriteError> {
     let mut removed = Vec::new();
-    for tag in tags {
-        let system = tag.get("system").map(|s| s.as_str().ok_or(WriteError::Malformed)).transpose()?;
-        let code = tag.get("code").map(|c| c.as_str().ok_or(WriteError::Malformed)).transpose()?;
-        let Some(system) = system.filter(|s| systems.contains(*s)) else { continue };
-        let code = code.unwrap_or_default();
+    for (index, tag) in tags.iter().enumerate() {
+        let (system, code) = system_and_code(tag, index)?;
+        if !systems.contains(system) {
+            continue;
+        }
         if !grants.contains(system, code) {
             return Err(WriteError::ForeignTag(format!("{system}|{code}")));
         }
@@ -54,6 +58,16 @@ pub fn check_meta_change(
         return Err(WriteError::WouldOrphan);
     }
     Ok(())
+}
+
+/// A tag's system and code, both required to be non-empty strings.
+fn system_and_code(tag: &Value, index: usize) -> Result<(&str, &str), WriteError> {
+    let field = |name: &str| tag.get(name).and_then(Value::as_str).filter(|v| !v.is_empty());
+    match (tag.is_object(), field("system"), field("code")) {
+        (true, Some(system), Some(code)) => Ok((system, code)),
+        (true, _, _) => Err(WriteError::IncompleteTag(index)),
+        (false, _, _) => Err(WriteError::Malformed),
+    }
 }
 
 /// Systems of every tag granted to any tenant, expired or not.
@@ -74,15 +88,11 @@ pub fn check_tags(
         Some(_) => return Err(WriteError::Malformed),
     };
     let mut granted = 0;
-    for tag in &tags {
-        let (Some(system), code) = (tag.get("system").and_then(Value::as_str), tag.get("code").and_then(Value::as_str))
-        else {
-            continue;
-        };
+    for (index, tag) in tags.iter().enumerate() {
+        let (system, code) = system_and_code(tag, index)?;
         if !systems.contains(system) {
             continue;
         }
-        let code = code.unwrap_or_default();
         if grants.contains(system, code) {
             granted += 1;
         } else {
@@ -196,8 +206,39 @@ mod tests {
                 "dataset tag without code",
                 json!({"meta": {"tag": [{"system": DS}]}}),
                 &[],
-                Err(WriteError::ForeignTag(format!("{DS}|"))),
+                Err(WriteError::IncompleteTag(0)),
             ),
+            (
+                "tag without a system beside the own tag",
+                json!({"meta": {"tag": [{"system": DS, "code": "a"}, {"code": "sample-b"}]}}),
+                &[],
+                Err(WriteError::IncompleteTag(1)),
+            ),
+            (
+                "tag without a system, stamping",
+                json!({"meta": {"tag": [{"code": "b"}]}}),
+                &stamp_a,
+                Err(WriteError::IncompleteTag(0)),
+            ),
+            (
+                "empty system",
+                json!({"meta": {"tag": [{"system": "", "code": "a"}]}}),
+                &stamp_a,
+                Err(WriteError::IncompleteTag(0)),
+            ),
+            (
+                "code not a string",
+                json!({"meta": {"tag": [{"system": DS, "code": 1}]}}),
+                &stamp_a,
+                Err(WriteError::IncompleteTag(0)),
+            ),
+            (
+                "other system without code",
+                json!({"meta": {"tag": [{"system": "http://x"}]}}),
+                &stamp_a,
+                Err(WriteError::IncompleteTag(0)),
+            ),
+            ("tag not an object", json!({"meta": {"tag": ["a"]}}), &stamp_a, Err(WriteError::Malformed)),
             ("untagged, stamped", json!({}), &stamp_a, Ok(1)),
             ("meta without tag, stamped", json!({"meta": {"versionId": "1"}}), &stamp_a, Ok(1)),
             ("null tag, stamped", json!({"meta": {"tag": null}}), &stamp_a, Ok(1)),
@@ -255,7 +296,16 @@ mod tests {
                 Err(WriteError::ForeignTag(format!("{DS}|c"))),
             ),
             ("delete other system", &stored, json!([{"system": "http://x", "code": "y"}]), false, Ok(())),
-            ("malformed system", &stored, json!([{"system": 1, "code": "a"}]), true, Err(WriteError::Malformed)),
+            ("malformed system", &stored, json!([{"system": 1, "code": "a"}]), true, Err(WriteError::IncompleteTag(0))),
+            ("add a tag without a system", &stored, json!([{"code": "a"}]), true, Err(WriteError::IncompleteTag(0))),
+            (
+                "delete a tag without a code",
+                &stored,
+                json!([t("b"), {"system": DS}]),
+                false,
+                Err(WriteError::IncompleteTag(1)),
+            ),
+            ("not an object", &stored, json!(["a"]), true, Err(WriteError::Malformed)),
         ];
         for (what, stored, tags, add, want) in cases {
             let tags = tags.as_array().cloned().unwrap_or_default();

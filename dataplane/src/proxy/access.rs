@@ -46,6 +46,8 @@ pub(super) struct Ctx<'a> {
     pub public: String,
     pub relative: &'a [String],
     pub guard: &'a QueryGuard,
+    /// Extra client headers the matched route passes to the upstream (`headers::for_upstream`).
+    pub forward: &'a [http::HeaderName],
     /// The route table the request was matched in (batch entries are matched in it too).
     pub table: &'a fhirgw_config::route::RouteTable,
 }
@@ -267,23 +269,9 @@ impl Ctx<'_> {
     ) -> Result<Response<Incoming>, ProxyError> {
         let uri = Uri::try_from(format!("{}{target}", self.upstream.origin))
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
-        let mut headers = client.clone();
-        headers::sanitize_request(&mut headers, &self.upstream.strip_request_headers);
-        for name in [
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-            header::RANGE,
-            header::IF_RANGE,
-            header::CONTENT_TYPE,
-            header::CONTENT_LENGTH,
-            header::CONTENT_ENCODING,
-            header::EXPECT,
-        ] {
-            headers.remove(name);
-        }
-        headers.remove("if-none-exist");
+        // An allow-list: conditional, range and compression headers never pass (the gateway must see the full body
+        // to verify it), nor anything an upstream or a sidecar could take as an instruction.
+        let mut headers = headers::for_upstream(client, &method, self.forward, &self.upstream.strip_request_headers);
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+json"));
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         headers.extend(extra);
@@ -382,8 +370,9 @@ impl Ctx<'_> {
     }
 
     /// The upstream target a signed page token stands for, if it was made for this tenant, this gateway path
-    /// (relative to the base) and this upstream, and points inside the upstream's base.
-    fn page_target(&self, token: &str, path: &str, now: SystemTime) -> Result<String, ProxyError> {
+    /// (relative to the base) and this upstream, and points inside the upstream's base; and whether the search it
+    /// continues was narrowed upstream.
+    fn page_target(&self, token: &str, path: &str, now: SystemTime) -> Result<(String, bool), ProxyError> {
         let claims = self.proxy.pages.verify(token, now)?;
         let base = self.upstream.base_path.trim_end_matches('/');
         let on_base = claims.target.strip_prefix(base).is_some_and(|rest| rest.starts_with(['/', '?']));
@@ -394,7 +383,7 @@ impl Ctx<'_> {
         {
             return Err(ProxyError::BadRequest("page token is not valid for this request".into()));
         }
-        Ok(claims.target)
+        Ok((claims.target, claims.narrowed))
     }
 
     /// A system-level search (`GET [base]?_type=…`, `POST [base]/_search`): `_type` is required and every type it
@@ -412,7 +401,7 @@ impl Ctx<'_> {
         let path = String::new();
         let base = join_encoded(&self.upstream.base_path, &[]);
         let (target, narrowed) = match params.as_slice() {
-            [(name, token)] if name == PAGE_PARAM => (self.page_target(token, &path, now)?, false),
+            [(name, token)] if name == PAGE_PARAM => self.page_target(token, &path, now)?,
             _ => {
                 let (types, rest): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|(name, _)| name == "_type");
                 let types: Vec<String> =
@@ -466,7 +455,7 @@ impl Ctx<'_> {
         };
         let (target, narrowed) = match &page_token {
             // Tags may have changed since the token was made: entries are verified against today's grants.
-            Some(token) => (self.page_target(token, &path, now)?, false),
+            Some(token) => self.page_target(token, &path, now)?,
             None => {
                 query::check(usage, &params, self.guard)?;
                 let upstream_params = if usage == Use::Search {
@@ -539,14 +528,10 @@ impl Ctx<'_> {
                 path: path.clone(),
                 self_url,
                 now,
+                narrowed,
                 origin: bundle_stream::Rules::origin_finder(&self.upstream),
             };
-            Response::new(bundle_stream::filtered(
-                response.into_body(),
-                rules,
-                narrowed,
-                self.upstream.idle_body_timeout,
-            ))
+            Response::new(bundle_stream::filtered(response.into_body(), rules, self.upstream.idle_body_timeout))
         };
         // A filtered Bundle is not the upstream's representation: no ETag, Last-Modified or Content-Length.
         out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::outcome::FHIR_JSON));

@@ -164,6 +164,8 @@ pub fn capability_statement(mut cs: Value, snapshot: &Snapshot, table: &RouteTab
             }
             // Conditional writes are resolved by the gateway with a narrowed search, one match at a time.
             r.insert("conditionalUpdate".into(), json!(proxied(table, &Method::PUT, &[ty.as_str()])));
+            // An update never creates: the id could be taken in another tenant (see `ProxyError::UpdateAsCreate`).
+            r.insert("updateCreate".into(), json!(false));
             let conditional_delete =
                 if proxied(table, &Method::DELETE, &[ty.as_str()]) { "single" } else { "not-supported" };
             r.insert("conditionalDelete".into(), json!(conditional_delete));

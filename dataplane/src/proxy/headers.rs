@@ -1,7 +1,7 @@
 //! Header hygiene between client and upstream.
 
-use http::HeaderMap;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -12,26 +12,6 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-];
-
-/// Client headers an upstream might trust as set by a trusted hop. Removed from every client request; the data
-/// plane sets its own where needed.
-const CLIENT_INTERNAL: &[&str] = &[
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-real-ip",
-    "x-cascade",
-    "x-tenant",
-    "x-tenant-id",
-    "x-user",
-    "x-user-id",
-    "x-patient",
-    "x-patient-id",
-    "x-fhirgw-tenant",
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -50,18 +30,106 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-/// Prepares client headers for the upstream. `extra` is the upstream's own list of internal headers.
-pub fn sanitize_request(headers: &mut HeaderMap, extra: &[HeaderName]) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::HOST);
-    headers.remove(header::COOKIE);
-    for name in CLIENT_INTERNAL {
-        headers.remove(*name);
+/// Builds the headers of a request to the upstream from the client's, by allow-list: only what FHIR needs passes,
+/// and the gateway adds its own afterwards (the credential in `UpstreamClient::send`, trace context, `Accept`,
+/// `Accept-Encoding: identity`, `Content-Type`, `If-Match` on the version it checked, a narrowed `If-None-Exist`).
+///
+/// What passes: `Accept-Language`; one `X-Request-Id` of a plain form; the `Prefer` preferences the gateway
+/// understands for the method (`return=minimal|representation|OperationOutcome` on writes, `handling=strict|lenient`
+/// on reads and searches), rebuilt from their parsed values; and the names the route lists in `forward_headers`
+/// (never one of the names `fhirgw_config::route::forward_header` refuses), unless the upstream strips them.
+/// Everything else (method overrides, URL rewrites, identity and tenant assertions, cookies, conditionals, ranges,
+/// encodings) is dropped, whatever its name.
+pub fn for_upstream(client: &HeaderMap, method: &Method, route: &[HeaderName], strip: &[HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for value in client.get_all(header::ACCEPT_LANGUAGE) {
+        if value.len() <= 256 && value.as_bytes().iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            out.append(header::ACCEPT_LANGUAGE, value.clone());
+        }
     }
-    for name in extra {
-        headers.remove(name);
+    let mut ids = client.get_all(REQUEST_ID).iter();
+    if let (Some(id), None) = (ids.next(), ids.next())
+        && (1..=128).contains(&id.len())
+        && id.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        out.insert(REQUEST_ID, id.clone());
     }
+    if let Ok(Some(prefer)) = prefer(client, method) {
+        out.insert(PREFER, prefer);
+    }
+    for name in route.iter().filter(|n| !strip.contains(n)) {
+        for value in client.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const PREFER: HeaderName = HeaderName::from_static("prefer");
+
+/// The `Prefer` the upstream gets: the client's preferences the gateway understands for `method`, rebuilt. Two
+/// different values for one preference are ambiguous (400).
+fn prefer(client: &HeaderMap, method: &Method) -> Result<Option<HeaderValue>, Ambiguous> {
+    let mut chosen: Vec<(&str, &'static str)> = Vec::new();
+    let write = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    for value in client.get_all(PREFER) {
+        let text = value.to_str().map_err(|_| Ambiguous("Prefer"))?;
+        for preference in text.split(',') {
+            let token = preference.split(';').next().unwrap_or_default().trim();
+            let (name, value) = token.split_once('=').map_or((token, ""), |(n, v)| (n.trim(), v.trim()));
+            let value = value.trim_matches('"');
+            let known: Option<(&str, &'static str)> = match (name.to_ascii_lowercase().as_str(), value) {
+                ("return", "minimal") if write => Some(("return", "minimal")),
+                ("return", "representation") if write => Some(("return", "representation")),
+                ("return", "OperationOutcome") if write => Some(("return", "OperationOutcome")),
+                ("handling", "strict") if !write => Some(("handling", "strict")),
+                ("handling", "lenient") if !write => Some(("handling", "lenient")),
+                _ => None,
+            };
+            let Some((name, value)) = known else { continue };
+            match chosen.iter().find(|(n, _)| *n == name) {
+                Some((_, existing)) if *existing != value => return Err(Ambiguous("Prefer")),
+                Some(_) => {}
+                None => chosen.push((name, value)),
+            }
+        }
+    }
+    if chosen.is_empty() {
+        return Ok(None);
+    }
+    let text = chosen.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(", ");
+    Ok(HeaderValue::try_from(text).ok())
+}
+
+/// A request header whose value decides something, given in a way the gateway cannot read one way only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request has more than one `{0}`, or one that holds several values; send exactly one")]
+pub struct Ambiguous(pub &'static str);
+
+/// Headers whose one value decides what the gateway does must be there at most once: `Host` (the public base),
+/// `Content-Type` (how a body is read), `Content-Encoding`, `If-Match` (the version a write is pinned to; one entity
+/// tag), `If-None-Exist` (the condition of a create) and `Prefer` (consistent preferences). `Authorization` is
+/// checked where it is read (`authn`). Forwarding headers from trusted proxies are lists by design: the value of the
+/// nearest proxy counts (`public.rs`).
+pub fn check_unambiguous(headers: &HeaderMap, method: &Method) -> Result<(), Ambiguous> {
+    for (name, label) in [
+        (header::HOST, "Host"),
+        (header::CONTENT_TYPE, "Content-Type"),
+        (header::CONTENT_ENCODING, "Content-Encoding"),
+        (header::IF_MATCH, "If-Match"),
+        (HeaderName::from_static("if-none-exist"), "If-None-Exist"),
+    ] {
+        if headers.get_all(&name).iter().nth(1).is_some() {
+            return Err(Ambiguous(label));
+        }
+    }
+    if let Some(value) = headers.get(header::IF_MATCH)
+        && value.to_str().map_or(true, |v| v.contains(',') || v.trim() == "*")
+    {
+        return Err(Ambiguous("If-Match"));
+    }
+    prefer(headers, method).map(|_| ())
 }
 
 /// The gateway reads every body it passes on, so it asks the upstream for `Accept-Encoding: identity`. An upstream
@@ -94,34 +162,100 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    #[test]
-    fn request_sanitising_table() {
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
-        for (name, value) in [
+        for (name, value) in pairs {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap_or(header::HOST);
+            h.append(name, HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("x")));
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<String> {
+        let mut v: Vec<String> = h.iter().map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?"))).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Only the allow-list passes, whatever the client sends; what an upstream or sidecar might honour is dropped.
+    #[test]
+    fn upstream_headers_are_an_allow_list() {
+        let client = map(&[
             ("connection", "keep-alive, x-secret"),
             ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
             ("transfer-encoding", "chunked"),
-            ("te", "trailers"),
-            ("upgrade", "h2c"),
-            ("proxy-authorization", "Basic x"),
             ("authorization", "Bearer client"),
+            ("proxy-authorization", "Basic x"),
             ("host", "gw.example"),
             ("cookie", "session=1"),
             ("x-forwarded-host", "evil.example"),
             ("forwarded", "for=1.2.3.4"),
-            ("x-tenant", "other"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/fhir/Patient/b-pat-1"),
+            ("x-rewrite-url", "/fhir/Patient/b-pat-1"),
+            ("x-remote-user", "admin"),
+            ("x-auth-request-user", "admin"),
+            ("x-scope", "system/*.*"),
+            ("x-dataset", "tenant-b"),
+            ("x-tenant", "tenant-b"),
             ("x-internal-user", "admin"),
-            ("accept", "application/fhir+json"),
             ("if-none-match", "W/\"1\""),
-            ("prefer", "return=representation"),
-        ] {
-            h.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+            ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("range", "bytes=0-1"),
+            ("accept-encoding", "gzip"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("user-agent", "curl/8"),
+            ("accept", "application/fhir+xml"),
+            ("accept-language", "de-CH, en;q=0.5"),
+            ("x-request-id", "req-42"),
+            ("x-correlation-id", "c-1"),
+            ("prefer", "return=minimal, handling=strict, respond-async, wait=10"),
+        ]);
+        let route = [HeaderName::from_static("x-correlation-id"), HeaderName::from_static("x-internal-user")];
+        let strip = [HeaderName::from_static("x-internal-user")];
+        assert_eq!(
+            names(&for_upstream(&client, &Method::GET, &route, &strip)),
+            [
+                "accept-language: de-CH, en;q=0.5",
+                "prefer: handling=strict",
+                "x-correlation-id: c-1",
+                "x-request-id: req-42"
+            ]
+        );
+        assert_eq!(
+            names(&for_upstream(&client, &Method::PUT, &[], &[])),
+            ["accept-language: de-CH, en;q=0.5", "prefer: return=minimal", "x-request-id: req-42"]
+        );
+        // A request id of an odd form, or two of them, is not passed on.
+        for ids in [&[("x-request-id", "a b")][..], &[("x-request-id", "a"), ("x-request-id", "b")]] {
+            assert!(for_upstream(&map(ids), &Method::GET, &[], &[]).is_empty(), "{ids:?}");
         }
-        sanitize_request(&mut h, &[HeaderName::from_static("x-internal-user")]);
-        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["accept", "if-none-match", "prefer"]);
+    }
+
+    #[test]
+    fn ambiguous_headers_table() {
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a str>);
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("nothing", vec![], None),
+            ("one of each", vec![("host", "a"), ("content-type", "application/fhir+json"), ("if-match", "W/\"1\""), ("prefer", "return=minimal")], None),
+            ("two hosts", vec![("host", "a"), ("host", "b")], Some("Host")),
+            ("two content types", vec![("content-type", "application/fhir+json"), ("content-type", "application/json-patch+json")], Some("Content-Type")),
+            ("two encodings", vec![("content-encoding", "gzip"), ("content-encoding", "identity")], Some("Content-Encoding")),
+            ("two If-Match", vec![("if-match", "W/\"1\""), ("if-match", "W/\"2\"")], Some("If-Match")),
+            ("If-Match list", vec![("if-match", "W/\"1\", W/\"2\"")], Some("If-Match")),
+            ("If-Match any", vec![("if-match", "*")], Some("If-Match")),
+            ("two If-None-Exist", vec![("if-none-exist", "a=1"), ("if-none-exist", "a=2")], Some("If-None-Exist")),
+            ("conflicting Prefer", vec![("prefer", "return=minimal"), ("prefer", "return=representation")], Some("Prefer")),
+            ("conflicting Prefer in one value", vec![("prefer", "return=minimal, return=OperationOutcome")], Some("Prefer")),
+            ("repeated Prefer", vec![("prefer", "return=minimal"), ("prefer", "return=minimal, respond-async")], None),
+        ];
+        for (what, pairs, want) in cases {
+            let got = check_unambiguous(&map(&pairs), &Method::PUT).err().map(|Ambiguous(name)| name);
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     #[test]

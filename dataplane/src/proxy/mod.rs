@@ -70,6 +70,8 @@ enum ProxyError {
     NotReady,
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error(transparent)]
+    Ambiguous(#[from] headers::Ambiguous),
     #[error("no route")]
     NotFound,
     #[error("method not allowed")]
@@ -109,10 +111,15 @@ enum ProxyError {
     PreconditionFailed,
     #[error(transparent)]
     Write(#[from] crate::policy::write::WriteError),
+    #[error(transparent)]
+    FhirPathPatch(#[from] crate::policy::fhirpath_patch::FhirPathPatchError),
     #[error("request header fields larger than {limit} bytes")]
     HeadersTooLarge { limit: u32 },
     #[error("a conditional write matches several resources")]
     MultipleMatches,
+    /// An update of an id the caller cannot see: whether free or another tenant's, the same answer.
+    #[error("update of a resource that is not visible (update as create is refused)")]
+    UpdateAsCreate,
     /// An entry of a batch or transaction was refused.
     #[error("entry {index}: {error}")]
     Entry { index: usize, error: Box<ProxyError> },
@@ -145,6 +152,7 @@ impl ProxyError {
             )
             .retry_after(2),
             Path(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            Ambiguous(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
             NotFound => Outcome::new(StatusCode::NOT_FOUND, "not-found", "No such endpoint."),
             MethodNotAllowed => {
                 Outcome::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "Method not allowed on this endpoint.")
@@ -171,6 +179,8 @@ impl ProxyError {
             }
             Auth(AuthError::Missing) => Outcome::new(StatusCode::UNAUTHORIZED, "login", "A bearer token is required.")
                 .challenge("Bearer realm=\"fhirgw\""),
+            Auth(e @ AuthError::Ambiguous(_)) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+                .challenge("Bearer realm=\"fhirgw\", error=\"invalid_request\""),
             Auth(AuthError::Invalid(_)) => {
                 Outcome::new(StatusCode::UNAUTHORIZED, "login", "The bearer token is not valid.")
                     .challenge("Bearer realm=\"fhirgw\", error=\"invalid_token\"")
@@ -215,7 +225,8 @@ impl ProxyError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "not-supported",
                 format!(
-                    "Content type `{media}` is not accepted here; use application/fhir+json (application/json-patch+json for PATCH)."
+                    "Content type `{media}` is not accepted here; use application/fhir+json (for PATCH: \
+                     application/json-patch+json, or application/fhir+json with a FHIRPath Patch Parameters body)."
                 ),
             ),
             PreconditionFailed => Outcome::new(
@@ -229,6 +240,10 @@ impl ProxyError {
                 Outcome::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
             Write(e) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            FhirPathPatch(e @ crate::policy::fhirpath_patch::FhirPathPatchError::Forbidden { .. }) => {
+                Outcome::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            FhirPathPatch(e) => Outcome::new(StatusCode::BAD_REQUEST, "not-supported", e.to_string()),
             GrantsStale => Outcome::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "transient",
@@ -239,6 +254,12 @@ impl ProxyError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "too-long",
                 format!("The request's header fields are larger than {limit} bytes in all."),
+            ),
+            UpdateAsCreate => Outcome::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "not-supported",
+                "No resource with this id exists for you, and this server does not create resources by update: \
+                 create it with POST to its type, which assigns the id.",
             ),
             MultipleMatches => Outcome::new(
                 StatusCode::PRECONDITION_FAILED,
@@ -305,6 +326,7 @@ impl Proxy {
         let span = tracing::Span::current();
         span.record("config_version", snapshot.digest.as_str());
         let path = NormalPath::parse(request.uri().path())?;
+        headers::check_unambiguous(request.headers(), request.method())?;
         let (table, relative) = snapshot.table_for(&path).ok_or(ProxyError::NotFound)?;
         let public = self.public.base(peer, request.uri(), request.headers(), &table.base_path);
         if relative == [".well-known", "smart-configuration"] && request.method() == http::Method::GET {
@@ -360,6 +382,7 @@ impl Proxy {
                     public,
                     relative,
                     guard: &matched.route.guard,
+                    forward: &matched.route.forward_headers,
                     table,
                 };
                 let policy = tracing::info_span!("policy", handler = ?handler);
@@ -380,7 +403,8 @@ impl Proxy {
                             Some(body) => body,
                             None => {
                                 let target = join_encoded(&upstream.base_path, relative);
-                                let response = self.forward_raw(upstream, &target, request).await?;
+                                let forward = &matched.route.forward_headers;
+                                let response = self.fetch_metadata(upstream, &target, &request, forward).await?;
                                 let body = capabilities(response, &snapshot, table, &public).await?;
                                 self.capabilities.insert(key, body.clone()).await;
                                 body
@@ -397,6 +421,7 @@ impl Proxy {
                             public,
                             relative,
                             guard: &matched.route.guard,
+                            forward: &matched.route.forward_headers,
                             table,
                         };
                         let policy = tracing::info_span!("policy", interaction = ?std::mem::discriminant(&interaction));
@@ -407,27 +432,32 @@ impl Proxy {
         }
     }
 
-    /// Sends a request to `target` (an encoded path on the upstream) with sanitised headers; the response comes
-    /// back as the upstream sent it, hop-by-hop headers removed.
-    async fn forward_raw(
+    /// GETs the upstream's CapabilityStatement at `target` (an encoded path on the upstream) with the client's query,
+    /// allow-listed headers and no body; the response comes back as the upstream sent it, hop-by-hop headers removed.
+    async fn fetch_metadata(
         &self,
         upstream: Arc<Upstream>,
         target: &str,
-        request: Request<Incoming>,
+        request: &Request<Incoming>,
+        forward: &[http::HeaderName],
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
-        let path_and_query = match parts.uri.query() {
+        let path_and_query = match request.uri().query() {
             Some(query) => format!("{target}?{query}"),
             None => target.to_owned(),
         };
-        parts.uri = Uri::try_from(format!("{}{path_and_query}", upstream.origin))
+        let uri = Uri::try_from(format!("{}{path_and_query}", upstream.origin))
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
-        parts.version = http::Version::HTTP_11;
-        headers::sanitize_request(&mut parts.headers, &upstream.strip_request_headers);
-        // The one caller parses the body (the CapabilityStatement): a client's `Accept-Encoding: gzip` must not
-        // reach the upstream.
-        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        let outbound = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        let mut outbound = Request::builder()
+            .method(http::Method::GET)
+            .uri(uri)
+            .body(http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
+        let headers = outbound.headers_mut();
+        *headers =
+            headers::for_upstream(request.headers(), &http::Method::GET, forward, &upstream.strip_request_headers);
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+json"));
+        // The body is parsed (and rewritten): it must come uncompressed.
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let mut response = self.upstreams.send(&upstream, outbound).await?;
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)

@@ -26,6 +26,7 @@ use crate::upstream::Body;
 /// Largest resource or patch accepted for a write.
 const WRITE_MAX_BYTES: usize = 16 * 1024 * 1024;
 const FHIR_JSON: &str = "application/fhir+json";
+const JSON_PATCH: &str = "application/json-patch+json";
 
 fn media_type(headers: &HeaderMap) -> String {
     headers
@@ -101,6 +102,15 @@ pub(super) async fn stored_version(
         return Err(ProxyError::PreconditionFailed);
     }
     Ok((stored, version))
+}
+
+/// An update of a resource the caller cannot see (missing, or another tenant's) is an update-as-create, which the
+/// gateway refuses with one answer for both.
+pub(super) fn update_error(error: ProxyError) -> ProxyError {
+    match error {
+        ProxyError::ResourceNotFound => ProxyError::UpdateAsCreate,
+        other => other,
+    }
 }
 
 /// `W/"3"`, `"3"` or `3` → `3`.
@@ -312,7 +322,7 @@ impl Ctx<'_> {
         if resource.get("id").and_then(Value::as_str) != Some(id) {
             return Err(ProxyError::BadRequest(format!("the body's id must be `{id}`")));
         }
-        let (stored, version) = self.stored(ty, id, grants, &headers).await?;
+        let (stored, version) = self.stored(ty, id, grants, &headers).await.map_err(update_error)?;
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         self.write_upstream(
@@ -336,22 +346,27 @@ impl Ctx<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         self.require(ty, Permission::Update)?;
         let (headers, body) = read_body(request).await?;
+        // JSON Patch, or FHIRPath Patch (a Parameters resource, HAPI's usual form): the same rule for both.
         let media = media_type(&headers);
-        if media != "application/json-patch+json" {
-            return Err(ProxyError::UnsupportedMedia(media));
-        }
+        let content_type = match media.as_str() {
+            "application/json-patch+json" => JSON_PATCH,
+            "application/fhir+json" | "application/json+fhir" => FHIR_JSON,
+            _ => return Err(ProxyError::UnsupportedMedia(media)),
+        };
         let patch: Value =
             serde_json::from_slice(&body).map_err(|e| ProxyError::BadRequest(format!("the patch is not JSON: {e}")))?;
-        check_json_patch(&patch)?;
+        if content_type == JSON_PATCH {
+            check_json_patch(&patch)?;
+        } else {
+            crate::policy::fhirpath_patch::check(&patch, ty)?;
+        }
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        let mut out = headers;
-        out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json-patch+json"));
         self.write_upstream_typed(
             Method::PATCH,
             &target,
-            out,
-            Some(("application/json-patch+json", Bytes::from(patch.to_string()))),
+            headers,
+            Some((content_type, Bytes::from(patch.to_string()))),
             Some(&version),
             ty,
             grants,
