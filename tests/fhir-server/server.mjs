@@ -331,8 +331,22 @@ async function handleExport(req, res, url, segments) {
   return true;
 }
 
+// Type-level history (`GET [type]/_history`, which the router lacks): every version of every resource of the type,
+// newest first, unpaged.
+function typeHistory(resourceType) {
+  const versions = [...(repo.history.get(resourceType)?.values() ?? [])].flat()
+    .sort((x, y) => Date.parse(y.meta?.lastUpdated ?? 0) - Date.parse(x.meta?.lastUpdated ?? 0));
+  const entry = versions.map((r) => ({
+    fullUrl: `${baseUrl}/${resourceType}/${r.id}`,
+    resource: r,
+    request: { method: 'PUT', url: `${resourceType}/${r.id}` },
+    response: { status: '200', etag: `W/"${r.meta?.versionId}"`, lastModified: r.meta?.lastUpdated },
+  }));
+  return { resourceType: 'Bundle', type: 'history', total: entry.length, entry, link: [{ relation: 'self', url: `${baseUrl}/${resourceType}/_history` }] };
+}
+
 function capabilityStatement() {
-  const interaction = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'create', 'search-type'].map((code) => ({ code }));
+  const interaction = ['read', 'vread', 'update', 'patch', 'delete', 'history-instance', 'history-type', 'create', 'search-type'].map((code) => ({ code }));
   return {
     resourceType: 'CapabilityStatement',
     status: 'active',
@@ -526,6 +540,9 @@ async function handleFhir(req, res, url) {
   params.delete('_format');
 
   if (method === 'GET' && path === 'metadata') return send(res, 200, capabilityStatement(), {}, pretty);
+  if (method === 'GET' && segments.length === 2 && segments[1] === '_history' && isResourceType(segments[0])) {
+    return send(res, 200, typeHistory(segments[0]), {}, pretty);
+  }
   if (await handleExport(req, res, url, segments)) return;
   if (segments[0] && !segments[0].startsWith('$') && !isResourceType(segments[0])) {
     return sendOutcome(res, notFound);

@@ -66,6 +66,7 @@ pub fn route_table() -> pb::RouteTable {
             proxy("search", "/{type}/_search", &["POST"]),
             proxy("system-search", "/_search", &["POST"]),
             proxy("instance", "/{type}/{id}", &["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
+            proxy("type-history", "/{type}/_history", &["GET"]),
             proxy("history", "/{type}/{id}/_history", &["GET"]),
             proxy("vread", "/{type}/{id}/_history/{vid}", &["GET"]),
             proxy("everything", "/Patient/{id}/$everything", &["GET"]),

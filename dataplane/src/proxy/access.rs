@@ -46,8 +46,9 @@ pub(super) struct Ctx<'a> {
     pub public: String,
     pub relative: &'a [String],
     pub guard: &'a QueryGuard,
-    /// Extra client headers the matched route passes to the upstream (`headers::for_upstream`).
-    pub forward: &'a [http::HeaderName],
+    /// The client's headers that may reach the upstream (`headers::for_upstream`: the allow-list plus the matched
+    /// route's `forward_headers`), chosen once for the request; every upstream call starts from them.
+    pub forwarded: HeaderMap,
     /// The route table the request was matched in (batch entries are matched in it too).
     pub table: &'a fhirgw_config::route::RouteTable,
 }
@@ -214,40 +215,31 @@ impl Ctx<'_> {
     }
 
     /// GETs `target` (path and query on the upstream) and buffers the body up to `max` bytes.
-    async fn fetch(
-        &self,
-        target: &str,
-        client: &HeaderMap,
-        max: usize,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
-        self.exchange(Method::GET, target, client, None, max).await
+    async fn fetch(&self, target: &str, max: usize) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
+        self.exchange(Method::GET, target, None, max).await
     }
 
     pub(super) async fn exchange(
         &self,
         method: Method,
         target: &str,
-        client: &HeaderMap,
         body: Option<(&'static str, Bytes)>,
         max: usize,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
-        self.exchange_extra(method, target, client, body, max, HeaderMap::new()).await
+        self.exchange_extra(method, target, body, max, HeaderMap::new()).await
     }
 
     /// Sends one request to `target` (path and query on the upstream) and buffers the response body up to `max`.
-    /// `body` is `(content type, bytes)`; `client` headers are sanitised, and any conditional, range or compression
-    /// header is dropped: the gateway must see the full body to verify it. `extra` (the gateway's own
-    /// preconditions) is added last.
+    /// `body` is `(content type, bytes)`; `extra` (the gateway's own preconditions) is added last.
     pub(super) async fn exchange_extra(
         &self,
         method: Method,
         target: &str,
-        client: &HeaderMap,
         body: Option<(&'static str, Bytes)>,
         max: usize,
         extra: HeaderMap,
     ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
-        let response = self.send_upstream(method, target, client, body, extra).await?;
+        let response = self.send_upstream(method, target, body, extra).await?;
         let status = response.status();
         let (parts, body) = response.into_parts();
         let bytes = Limited::new(body, max)
@@ -263,15 +255,14 @@ impl Ctx<'_> {
         &self,
         method: Method,
         target: &str,
-        client: &HeaderMap,
         body: Option<(&'static str, Bytes)>,
         extra: HeaderMap,
     ) -> Result<Response<Incoming>, ProxyError> {
         let uri = Uri::try_from(format!("{}{target}", self.upstream.origin))
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
-        // An allow-list: conditional, range and compression headers never pass (the gateway must see the full body
-        // to verify it), nor anything an upstream or a sidecar could take as an instruction.
-        let mut headers = headers::for_upstream(client, &method, self.forward, &self.upstream.strip_request_headers);
+        // The allow-listed client headers: conditional, range and compression headers never pass (the gateway must
+        // see the full body to verify it), nor anything an upstream or a sidecar could take as an instruction.
+        let mut headers = self.forwarded.clone();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/fhir+json"));
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         headers.extend(extra);
@@ -307,7 +298,7 @@ impl Ctx<'_> {
             return Err(ProxyError::ResourceNotFound);
         }
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        let (status, _, body) = self.fetch(&target, &HeaderMap::new(), READ_MAX_BYTES).await?;
+        let (status, _, body) = self.fetch(&target, READ_MAX_BYTES).await?;
         match status {
             StatusCode::OK => {
                 let value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::ResourceNotFound)?;
@@ -340,7 +331,7 @@ impl Ctx<'_> {
         if !params.is_empty() {
             target = format!("{target}?{}", query::encode(&params));
         }
-        let (status, headers, body) = self.fetch(&target, request.headers(), READ_MAX_BYTES).await?;
+        let (status, headers, body) = self.fetch(&target, READ_MAX_BYTES).await?;
         match status {
             StatusCode::OK => {
                 if reach == Reach::Tenant && self.passes_verbatim(&body, ty, id, grants) {
@@ -507,7 +498,7 @@ impl Ctx<'_> {
     ) -> Result<Response<Body>, ProxyError> {
         let Prepared { target, path, self_url, narrowed } = prepared;
         let public = self.public.as_str();
-        let response = self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, HeaderMap::new()).await?;
+        let response = self.send_upstream(Method::GET, &target, None, HeaderMap::new()).await?;
         // The status is known before anything is sent to the client.
         match response.status() {
             StatusCode::OK => {}

@@ -138,8 +138,7 @@ impl Ctx<'_> {
             segments.extend(["_history".to_owned(), vid.to_owned()]);
         }
         let target = join_encoded(&self.upstream.base_path, &segments);
-        let (status, _, body) =
-            self.exchange(Method::GET, &target, &HeaderMap::new(), None, RESOURCE_MAX_BYTES).await?;
+        let (status, _, body) = self.exchange(Method::GET, &target, None, RESOURCE_MAX_BYTES).await?;
         match status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
@@ -270,8 +269,7 @@ impl Ctx<'_> {
     async fn forward_batch(&self, kind: Kind, outbound: Value) -> Result<Vec<Value>, ProxyError> {
         let target = join_encoded(&self.upstream.base_path, &[]);
         let body = Some(("application/fhir+json", Bytes::from(outbound.to_string())));
-        let (status, _, bytes) =
-            self.exchange(Method::POST, &target, &HeaderMap::new(), body, RESPONSE_MAX_BYTES).await?;
+        let (status, _, bytes) = self.exchange(Method::POST, &target, body, RESPONSE_MAX_BYTES).await?;
         match status {
             StatusCode::OK => {}
             // A transaction the upstream refused: its diagnostics are not relayed.

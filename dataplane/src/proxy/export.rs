@@ -215,11 +215,11 @@ impl Ctx<'_> {
         extra.insert("prefer", HeaderValue::from_static("respond-async"));
         let response = if patients.is_empty() {
             let target = format!("{path}?{}", query::encode(&upstream_params));
-            self.send_upstream(Method::GET, &target, &HeaderMap::new(), None, extra).await?
+            self.send_upstream(Method::GET, &target, None, extra).await?
         } else {
             let body = export::upstream_parameters(&upstream_params, patients).to_string();
             let body = Some((crate::outcome::FHIR_JSON, bytes::Bytes::from(body)));
-            self.send_upstream(Method::POST, &path, &HeaderMap::new(), body, extra).await?
+            self.send_upstream(Method::POST, &path, body, extra).await?
         };
         match response.status() {
             StatusCode::ACCEPTED => {}
@@ -245,9 +245,8 @@ impl Ctx<'_> {
         let claims = self.followed(request, LinkKind::Status, now)?;
         let mut extra = HeaderMap::new();
         extra.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let (status, headers, body) = self
-            .exchange_extra(Method::GET, &claims.target, &HeaderMap::new(), None, MANIFEST_MAX_BYTES, extra)
-            .await?;
+        let (status, headers, body) =
+            self.exchange_extra(Method::GET, &claims.target, None, MANIFEST_MAX_BYTES, extra).await?;
         match status {
             StatusCode::ACCEPTED => {
                 // In progress: only the progress hints pass, never the upstream's body.
@@ -285,7 +284,7 @@ impl Ctx<'_> {
 
     async fn export_cancel(&self, request: &Request<Incoming>, now: SystemTime) -> Result<Response<Body>, ProxyError> {
         let claims = self.followed(request, LinkKind::Status, now)?;
-        let (status, _, _) = self.exchange(Method::DELETE, &claims.target, &HeaderMap::new(), None, 64 * 1024).await?;
+        let (status, _, _) = self.exchange(Method::DELETE, &claims.target, None, 64 * 1024).await?;
         match status {
             StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(empty(StatusCode::ACCEPTED)),
             StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
@@ -302,7 +301,7 @@ impl Ctx<'_> {
         let claims = self.followed(request, LinkKind::File, now)?;
         let mut extra = HeaderMap::new();
         extra.insert(header::ACCEPT, HeaderValue::from_static(NDJSON));
-        let response = self.send_upstream(Method::GET, &claims.target, &HeaderMap::new(), None, extra).await?;
+        let response = self.send_upstream(Method::GET, &claims.target, None, extra).await?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),

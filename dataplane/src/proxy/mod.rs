@@ -374,15 +374,16 @@ impl Proxy {
             Action::Handler { handler, upstream } => {
                 // Handlers serve callers only (`metadata` is never a handler's).
                 let caller = caller.ok_or(ProxyError::Auth(AuthError::Missing))?;
+                let upstream = upstream_of(&snapshot, upstream)?;
                 let ctx = access::Ctx {
                     proxy: self,
                     snapshot: &snapshot,
                     caller: &caller,
-                    upstream: upstream_of(&snapshot, upstream)?,
+                    forwarded: forwarded(&request, &matched.route.forward_headers, &upstream),
+                    upstream,
                     public,
                     relative,
                     guard: &matched.route.guard,
-                    forward: &matched.route.forward_headers,
                     table,
                 };
                 let policy = tracing::info_span!("policy", handler = ?handler);
@@ -417,11 +418,11 @@ impl Proxy {
                             proxy: self,
                             snapshot: &snapshot,
                             caller: &caller,
+                            forwarded: forwarded(&request, &matched.route.forward_headers, &upstream),
                             upstream,
                             public,
                             relative,
                             guard: &matched.route.guard,
-                            forward: &matched.route.forward_headers,
                             table,
                         };
                         let policy = tracing::info_span!("policy", interaction = ?std::mem::discriminant(&interaction));
@@ -462,6 +463,11 @@ impl Proxy {
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
+}
+
+/// The client's headers that may reach `upstream` for this request (see `headers::for_upstream`).
+fn forwarded(request: &Request<Incoming>, route: &[http::HeaderName], upstream: &Upstream) -> HeaderMap {
+    headers::for_upstream(request.headers(), request.method(), route, &upstream.strip_request_headers)
 }
 
 fn upstream_of(snapshot: &Snapshot, name: &str) -> Result<Arc<Upstream>, ProxyError> {

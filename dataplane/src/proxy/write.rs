@@ -80,7 +80,7 @@ pub(super) async fn stored_version(
         return Err(ProxyError::ResourceNotFound);
     }
     let target = join_encoded(&ctx.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-    let (status, _, body) = ctx.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
+    let (status, _, body) = ctx.exchange(Method::GET, &target, None, WRITE_MAX_BYTES).await?;
     match status {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND | StatusCode::GONE => return Err(ProxyError::ResourceNotFound),
@@ -113,6 +113,15 @@ pub(super) fn update_error(error: ProxyError) -> ProxyError {
     }
 }
 
+/// The gateway's precondition for a write: `If-Match` on the version it checked.
+fn if_match(version: &str) -> Result<HeaderMap, ProxyError> {
+    let value = HeaderValue::try_from(format!("W/\"{version}\""))
+        .map_err(|_| ProxyError::Unverifiable("the stored versionId is not a valid header value".into()))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::IF_MATCH, value);
+    Ok(headers)
+}
+
 /// `W/"3"`, `"3"` or `3` → `3`.
 fn version_of(etag: &str) -> &str {
     etag.trim().trim_start_matches("W/").trim_matches('"')
@@ -135,7 +144,7 @@ impl Ctx<'_> {
         let mut resource = json_resource(&headers, &body, ty)?;
         let stamp: Vec<Tag> = if tags.len() == 1 { tags.iter().map(|t| (*t).clone()).collect() } else { Vec::new() };
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &stamp)?;
-        let mut out = headers.clone();
+        let mut preconditions = HeaderMap::new();
         if let Some(condition) = if_none_exist {
             // The match must only ever find the tenant's own resources, like any search.
             let condition = condition.map_err(|_| ProxyError::BadRequest("If-None-Exist is not ASCII".into()))?;
@@ -144,11 +153,11 @@ impl Ctx<'_> {
             let narrowed = query::narrow(&params, tags).ok_or(ProxyError::ResourceNotFound)?;
             let value = HeaderValue::try_from(query::encode(&narrowed))
                 .map_err(|_| ProxyError::BadRequest("bad If-None-Exist".into()))?;
-            out.insert("if-none-exist", value);
+            preconditions.insert("if-none-exist", value);
         }
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned()]);
-        let body = Bytes::from(resource.to_string());
-        self.write_upstream(Method::POST, &target, out, Some(body), None, ty, grants).await
+        let body = Some((FHIR_JSON, Bytes::from(resource.to_string())));
+        self.write_upstream(Method::POST, &target, body, preconditions, ty, grants).await
     }
 
     /// A conditional update, patch or delete (`PUT Patient?identifier=…`): the condition is searched narrowed to
@@ -218,16 +227,9 @@ impl Ctx<'_> {
             "parameter": [{ "name": "meta", "valueMeta": value_meta }],
         });
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned(), operation.to_owned()]);
-        let (status, _, response) = self
-            .exchange_with(
-                Method::POST,
-                &target,
-                &HeaderMap::new(),
-                Some((FHIR_JSON, Bytes::from(body.to_string()))),
-                Some(&version),
-                None,
-            )
-            .await?;
+        let body = Some((FHIR_JSON, Bytes::from(body.to_string())));
+        let (status, _, response) =
+            self.exchange_extra(Method::POST, &target, body, WRITE_MAX_BYTES, if_match(&version)?).await?;
         match status {
             StatusCode::OK => {}
             StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => return Err(ProxyError::PreconditionFailed),
@@ -257,7 +259,7 @@ impl Ctx<'_> {
         narrowed.push(("_count".into(), "2".into()));
         let target =
             format!("{}?{}", join_encoded(&self.upstream.base_path, &[ty.to_owned()]), query::encode(&narrowed));
-        let (status, _, body) = self.exchange(Method::GET, &target, &HeaderMap::new(), None, WRITE_MAX_BYTES).await?;
+        let (status, _, body) = self.exchange(Method::GET, &target, None, WRITE_MAX_BYTES).await?;
         if status != StatusCode::OK {
             return Err(ProxyError::UpstreamStatus(status));
         }
@@ -325,16 +327,8 @@ impl Ctx<'_> {
         let (stored, version) = self.stored(ty, id, grants, &headers).await.map_err(update_error)?;
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        self.write_upstream(
-            Method::PUT,
-            &target,
-            headers,
-            Some(Bytes::from(resource.to_string())),
-            Some(&version),
-            ty,
-            grants,
-        )
-        .await
+        let body = Some((FHIR_JSON, Bytes::from(resource.to_string())));
+        self.write_upstream(Method::PUT, &target, body, if_match(&version)?, ty, grants).await
     }
 
     pub(super) async fn patch(
@@ -362,16 +356,8 @@ impl Ctx<'_> {
         }
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        self.write_upstream_typed(
-            Method::PATCH,
-            &target,
-            headers,
-            Some((content_type, Bytes::from(patch.to_string()))),
-            Some(&version),
-            ty,
-            grants,
-        )
-        .await
+        let body = Some((content_type, Bytes::from(patch.to_string())));
+        self.write_upstream(Method::PATCH, &target, body, if_match(&version)?, ty, grants).await
     }
 
     pub(super) async fn delete(
@@ -385,7 +371,7 @@ impl Ctx<'_> {
         let headers = request.headers().clone();
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        self.write_upstream(Method::DELETE, &target, headers, None, Some(&version), ty, grants).await
+        self.write_upstream(Method::DELETE, &target, None, if_match(&version)?, ty, grants).await
     }
 
     /// The stored resource, verified, and its version. A client `If-Match` must name that version.
@@ -400,35 +386,19 @@ impl Ctx<'_> {
         stored_version(self, ty, id, grants, if_match).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends a checked write with the gateway's `preconditions` (`If-Match` on the checked version, a narrowed
+    /// `If-None-Exist`) and passes on only what the caller may see of the answer.
     async fn write_upstream(
         &self,
         method: Method,
         target: &str,
-        headers: HeaderMap,
-        body: Option<Bytes>,
-        if_match: Option<&str>,
-        ty: &str,
-        grants: &Grants,
-    ) -> Result<Response<Body>, ProxyError> {
-        self.write_upstream_typed(method, target, headers, body.map(|b| (FHIR_JSON, b)), if_match, ty, grants).await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn write_upstream_typed(
-        &self,
-        method: Method,
-        target: &str,
-        headers: HeaderMap,
         body: Option<(&'static str, Bytes)>,
-        if_match: Option<&str>,
+        preconditions: HeaderMap,
         ty: &str,
         grants: &Grants,
     ) -> Result<Response<Body>, ProxyError> {
-        let mut client = headers;
-        let if_none_exist = client.remove("if-none-exist");
         let (status, upstream_headers, response) =
-            self.exchange_with(method, target, &client, body, if_match, if_none_exist).await?;
+            self.exchange_extra(method, target, body, WRITE_MAX_BYTES, preconditions).await?;
         match status {
             StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT => {}
             StatusCode::PRECONDITION_FAILED | StatusCode::CONFLICT => return Err(ProxyError::PreconditionFailed),
@@ -466,28 +436,5 @@ impl Ctx<'_> {
             *out.status_mut() = StatusCode::CREATED;
         }
         Ok(out)
-    }
-
-    async fn exchange_with(
-        &self,
-        method: Method,
-        target: &str,
-        client: &HeaderMap,
-        body: Option<(&'static str, Bytes)>,
-        if_match: Option<&str>,
-        if_none_exist: Option<HeaderValue>,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), ProxyError> {
-        let mut headers = client.clone();
-        let mut extra = HeaderMap::new();
-        if let Some(version) = if_match {
-            let value = HeaderValue::try_from(format!("W/\"{version}\""))
-                .map_err(|_| ProxyError::Unverifiable("bad versionId".into()))?;
-            extra.insert(header::IF_MATCH, value);
-        }
-        if let Some(value) = if_none_exist {
-            extra.insert("if-none-exist", value);
-        }
-        headers.remove(header::IF_MATCH);
-        self.exchange_extra(method, target, &headers, body, WRITE_MAX_BYTES, extra).await
     }
 }
