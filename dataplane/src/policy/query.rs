@@ -119,6 +119,11 @@ pub fn check(u: Use, params: &[(String, String)], guard: &QueryGuard) -> Result<
         if name == PAGE_PARAM {
             return refuse(key, "page tokens are only valid alone, as handed out in Bundle.link");
         }
+        // RFC 6750 §2.3: a token in the query would be a second credential, and one an upstream or a sidecar might
+        // honour instead of the gateway's own.
+        if name == "access_token" {
+            return refuse(key, "tokens are accepted only in the Authorization header");
+        }
         let allowed = if name.starts_with('_') { control_allowed(u, name) } else { plain_allowed(u, name) };
         if !allowed {
             return refuse(key, "not supported through the gateway for this interaction");
@@ -217,6 +222,8 @@ mod tests {
             ("_contained=true", "_contained"),
             ("_containedType=contained", "_containedType"),
             ("_getpages=abc", "_getpages"),
+            ("access_token=eyJ", "access_token"),
+            ("name=x&access_token=eyJ", "access_token"),
             ("_page=abc", "_page"),
             ("_count=abc", "_count"),
             ("_count=100000", "_count"),

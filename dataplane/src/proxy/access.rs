@@ -49,6 +49,8 @@ pub(super) struct Ctx<'a> {
     /// The client's headers that may reach the upstream (`headers::for_upstream`: the allow-list plus the matched
     /// route's `forward_headers`), chosen once for the request; every upstream call starts from them.
     pub forwarded: HeaderMap,
+    /// References already found visible during this request (a batch checks each distinct one once).
+    pub visible_references: std::sync::Mutex<std::collections::HashSet<crate::policy::references::Reference>>,
     /// The route table the request was matched in (batch entries are matched in it too).
     pub table: &'a fhirgw_config::route::RouteTable,
 }

@@ -219,6 +219,7 @@ impl Ctx<'_> {
                 let resource = entry_resource(&mut entry, &ty)?;
                 let stamp: Vec<Tag> = if tags.len() == 1 { vec![tags[0].clone()] } else { Vec::new() };
                 check_tags(resource, grants, &dataset_systems(self.snapshot), &stamp)?;
+                self.checked_references(resource, grants, tags).await?;
                 if let Some(condition) = request_field(&entry, "ifNoneExist").map(str::to_owned) {
                     let params = query::parse(Some(condition.trim_start_matches('?')));
                     query::check(Use::Search, &params, guard)?;
@@ -244,6 +245,7 @@ impl Ctx<'_> {
                 let keep = granted_tags(&stored, grants);
                 let resource = entry_resource(&mut entry, &ty)?;
                 check_tags(resource, grants, &dataset_systems(self.snapshot), &keep)?;
+                self.checked_references(resource, grants, tags).await?;
                 entry["request"]["ifMatch"] = Value::String(format!("W/\"{version}\""));
                 Ok(Planned::Forward(entry, Check::Write { ty }))
             }

@@ -24,6 +24,7 @@ mod headers;
 mod links;
 mod ndjson_stream;
 mod public;
+mod references;
 mod write;
 
 pub use public::{PublicConfig, PublicConfigError};
@@ -117,6 +118,9 @@ enum ProxyError {
     HeadersTooLarge { limit: u32 },
     #[error("a conditional write matches several resources")]
     MultipleMatches,
+    /// A written reference to a resource the caller cannot see: whether missing or another tenant's, one answer.
+    #[error("{path} refers to {reference}, which is missing or not visible")]
+    Reference { path: String, reference: String },
     /// An update of an id the caller cannot see: whether free or another tenant's, the same answer.
     #[error("update of a resource that is not visible (update as create is refused)")]
     UpdateAsCreate,
@@ -255,6 +259,11 @@ impl ProxyError {
                 "too-long",
                 format!("The request's header fields are larger than {limit} bytes in all."),
             ),
+            Reference { path, reference } => Outcome::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "processing",
+                format!("`{path}` refers to `{reference}`, which does not exist or is not visible to you."),
+            ),
             UpdateAsCreate => Outcome::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "not-supported",
@@ -380,6 +389,7 @@ impl Proxy {
                     snapshot: &snapshot,
                     caller: &caller,
                     forwarded: forwarded(&request, &matched.route.forward_headers, &upstream),
+                    visible_references: Default::default(),
                     upstream,
                     public,
                     relative,
@@ -419,6 +429,7 @@ impl Proxy {
                             snapshot: &snapshot,
                             caller: &caller,
                             forwarded: forwarded(&request, &matched.route.forward_headers, &upstream),
+                            visible_references: Default::default(),
                             upstream,
                             public,
                             relative,

@@ -113,6 +113,30 @@ pub(super) fn update_error(error: ProxyError) -> ProxyError {
     }
 }
 
+impl<'a> Ctx<'a> {
+    /// Checks the references `resource` carries (`references.rs`) and narrows its conditional ones in place.
+    pub(super) async fn checked_references(
+        &self,
+        resource: &mut Value,
+        grants: &Grants,
+        tags: &[&Tag],
+    ) -> Result<(), ProxyError> {
+        let narrowed = {
+            let mut found = Vec::new();
+            crate::policy::references::collect(resource, &mut String::new(), &mut found);
+            self.check_references(&found, grants, tags, true).await?
+        };
+        narrowed.apply(resource);
+        Ok(())
+    }
+
+    /// The caller's tenant's tags active now.
+    fn tenant_tags(&self) -> Vec<&'a Tag> {
+        let now = std::time::SystemTime::now();
+        self.snapshot.tenants.get(&self.caller.tenant).map(|t| t.active_tags(now).collect()).unwrap_or_default()
+    }
+}
+
 /// The gateway's precondition for a write: `If-Match` on the version it checked.
 fn if_match(version: &str) -> Result<HeaderMap, ProxyError> {
     let value = HeaderValue::try_from(format!("W/\"{version}\""))
@@ -144,6 +168,7 @@ impl Ctx<'_> {
         let mut resource = json_resource(&headers, &body, ty)?;
         let stamp: Vec<Tag> = if tags.len() == 1 { tags.iter().map(|t| (*t).clone()).collect() } else { Vec::new() };
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &stamp)?;
+        self.checked_references(&mut resource, grants, tags).await?;
         let mut preconditions = HeaderMap::new();
         if let Some(condition) = if_none_exist {
             // The match must only ever find the tenant's own resources, like any search.
@@ -326,6 +351,8 @@ impl Ctx<'_> {
         }
         let (stored, version) = self.stored(ty, id, grants, &headers).await.map_err(update_error)?;
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
+        let tags: Vec<&Tag> = self.tenant_tags();
+        self.checked_references(&mut resource, grants, &tags).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         let body = Some((FHIR_JSON, Bytes::from(resource.to_string())));
         self.write_upstream(Method::PUT, &target, body, if_match(&version)?, ty, grants).await
@@ -349,11 +376,14 @@ impl Ctx<'_> {
         };
         let patch: Value =
             serde_json::from_slice(&body).map_err(|e| ProxyError::BadRequest(format!("the patch is not JSON: {e}")))?;
-        if content_type == JSON_PATCH {
+        let references = if content_type == JSON_PATCH {
             check_json_patch(&patch)?;
+            crate::policy::references::in_json_patch(&patch)
         } else {
             crate::policy::fhirpath_patch::check(&patch, ty)?;
-        }
+            crate::policy::references::in_fhirpath_patch(&patch)
+        };
+        self.check_references(&references, grants, &[], false).await?;
         let (_, version) = self.stored(ty, id, grants, &headers).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         let body = Some((content_type, Bytes::from(patch.to_string())));
