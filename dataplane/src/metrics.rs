@@ -62,6 +62,23 @@ struct CacheLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerReasonLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AbortLabels {
+    route: String,
+    reason: &'static str,
+}
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -79,6 +96,11 @@ pub struct Metrics {
     cache_lookups: Family<CacheLabels, Counter>,
     config_acks: Counter,
     config_nacks: Counter,
+    config_refusals: Counter,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerReasonLabels, Counter>,
+    connections_closed: Family<ListenerReasonLabels, Counter>,
+    aborted: Family<AbortLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +122,11 @@ impl Metrics {
             cache_lookups: Family::default(),
             config_acks: Counter::default(),
             config_nacks: Counter::default(),
+            config_refusals: Counter::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
+            aborted: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,6 +158,27 @@ impl Metrics {
         );
         registry.register("config_acks", "Configuration responses accepted and ACKed", m.config_acks.clone());
         registry.register("config_nacks", "Configuration responses rejected and NACKed", m.config_nacks.clone());
+        registry.register(
+            "config_refusals",
+            "Configuration responses refused because they came from another store or an older revision (NACKed too)",
+            m.config_refusals.clone(),
+        );
+        registry.register("connections_open", "Connections open, by listener (fhir, admin)", m.connections_open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted, by listener and reason (limit: at the connection cap with none to evict; accept_error: the accept call failed, e.g. out of file descriptors)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the data plane closed, by listener and reason (first_request_timeout, idle, evicted: a connection that had sent no request made room for a new one at the cap)",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "requests_aborted",
+            "Responses cut off after their head was sent (also counted in requests_total by that head's status), by route and reason (upstream_error, upstream_idle, unverifiable, other)",
+            m.aborted.clone(),
+        );
         registry.register_collector(Box::new(ConfigCollector(state)));
         Arc::new(Metrics { registry, ..m })
     }
@@ -152,6 +200,24 @@ impl Metrics {
         } else {
             self.config_nacks.inc()
         };
+    }
+
+    /// The connection counters of one listener.
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let refused = |reason| self.connections_refused.get_or_create_owned(&ListenerReasonLabels { listener, reason });
+        let closed = |reason| self.connections_closed.get_or_create_owned(&ListenerReasonLabels { listener, reason });
+        ListenerMetrics {
+            open: self.connections_open.get_or_create_owned(&ListenerLabels { listener }),
+            refused_limit: refused("limit"),
+            refused_accept_error: refused("accept_error"),
+            closed_first_request_timeout: closed("first_request_timeout"),
+            closed_idle: closed("idle"),
+            closed_evicted: closed("evicted"),
+        }
+    }
+
+    pub fn config_refused(&self) {
+        self.config_refusals.inc();
     }
 
     /// A request to `upstream` finished its head (`Some(status)`) or failed (`None`) after `elapsed`.
@@ -194,6 +260,17 @@ pub fn method_label(method: &Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "OTHER",
     }
+}
+
+/// Connection counters of one listener (see [`Metrics::listener`]).
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    pub open: Gauge,
+    pub refused_limit: Counter,
+    pub refused_accept_error: Counter,
+    pub closed_first_request_timeout: Counter,
+    pub closed_idle: Counter,
+    pub closed_evicted: Counter,
 }
 
 /// Hits and misses of one cache.
@@ -294,6 +371,13 @@ impl std::fmt::Debug for ConfigCollector {
 
 impl Collector for ConfigCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let refusing = ConstGauge::new(i64::from(self.0.refusing().is_some()));
+        refusing.encode(encoder.encode_descriptor(
+            "config_refusing",
+            "1 while the control plane's configuration is refused (another store, an older revision): alert on it.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let loaded = self.0.load();
         let ready = ConstGauge::new(i64::from(loaded.is_some()));
         ready.encode(encoder.encode_descriptor(
@@ -376,6 +460,8 @@ mod tests {
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
             "fhirgw_dp_config_nacks_total 1",
             "fhirgw_dp_config_loaded 0",
+            "fhirgw_dp_config_refusing 0",
+            "fhirgw_dp_config_refusals_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }
