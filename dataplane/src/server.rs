@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::{Frame, SizeHint};
@@ -310,11 +311,23 @@ pub async fn serve<H, F>(
     let permits = Arc::new(Semaphore::new(max));
     let unused = Arc::new(Unused { queue: Mutex::new(VecDeque::new()), prune_at: max.saturating_mul(2) + 64 });
     let (at_cap, accept_errors) = (Throttled::new(LOG_INTERVAL), Throttled::new(LOG_INTERVAL));
+    let mut stopping = false;
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = phase.wait_for(|p| *p >= Phase::Stopping) => break,
-            accepted = listener.accept() => accepted,
+        let accepted = if stopping {
+            // Connections the kernel has completed already are served rather than reset along with the listener.
+            match listener.accept().now_or_never() {
+                Some(Ok(pair)) => Ok(pair),
+                Some(Err(_)) | None => break,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = phase.wait_for(|p| *p >= Phase::Stopping) => {
+                    stopping = true;
+                    continue;
+                }
+                accepted = listener.accept() => accepted,
+            }
         };
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
@@ -351,11 +364,11 @@ pub async fn serve<H, F>(
             service_fn(move |request: Request<Incoming>| {
                 let guard = RequestGuard::start(conn.clone(), request.version());
                 let http1 = request.version() < Version::HTTP_2;
-                let closing = *phase.borrow() >= Phase::Draining;
-                let response = handler(request, peer);
+                let (response, phase) = (handler(request, peer), phase.clone());
                 async move {
                     let Ok(mut response) = response.await;
-                    if http1 && closing {
+                    // Shutting down: this connection's last response.
+                    if http1 && *phase.borrow() >= Phase::Draining {
                         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
                     }
                     Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync()))
