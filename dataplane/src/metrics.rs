@@ -234,7 +234,7 @@ impl Metrics {
     /// Marks a request in flight until the returned guard is finished or dropped.
     pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.inc();
-        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0 }
+        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0, span: None }
     }
 }
 
@@ -294,6 +294,33 @@ impl CacheCounter {
     }
 }
 
+/// Why a response body was cut off after its head was sent: the reason label of `requests_aborted_total`. Bodies
+/// the gateway streams wrap their errors in it; any other error counts as `upstream_error` (a hyper error) or
+/// `other`.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}: {source}")]
+pub struct Aborted {
+    pub reason: &'static str,
+    #[source]
+    pub source: BoxError,
+}
+
+impl Aborted {
+    pub fn new(reason: &'static str, source: impl Into<BoxError>) -> BoxError {
+        Box::new(Aborted { reason, source: source.into() })
+    }
+}
+
+fn abort_reason(error: &BoxError) -> &'static str {
+    if let Some(aborted) = error.downcast_ref::<Aborted>() {
+        aborted.reason
+    } else if error.downcast_ref::<hyper::Error>().is_some() {
+        "upstream_error"
+    } else {
+        "other"
+    }
+}
+
 /// One request in flight. [`InFlight::finish`] counts the response and hands its body back wrapped, so the body's
 /// bytes and the request's whole duration are recorded when the body ends or is dropped.
 pub struct InFlight {
@@ -301,9 +328,32 @@ pub struct InFlight {
     started: Instant,
     route: Option<String>,
     bytes: u64,
+    /// The request's span and trace id, for a response aborted mid-body (see [`InFlight::traced`]).
+    span: Option<(tracing::Span, Option<String>)>,
 }
 
 impl InFlight {
+    /// Ties the request's span (which must declare `otel.status_code`) to the response body, so an abort after the
+    /// head ends the span with an error status and is logged with the trace id.
+    pub fn traced(mut self, span: tracing::Span, trace_id: Option<String>) -> Self {
+        self.span = Some((span, trace_id));
+        self
+    }
+
+    fn aborted(&self, error: &BoxError) {
+        let reason = abort_reason(error);
+        let route = self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned());
+        self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
+        match &self.span {
+            Some((span, trace_id)) => {
+                span.record("otel.status_code", "ERROR");
+                let trace_id = trace_id.as_deref().unwrap_or("");
+                tracing::warn!(parent: span, %route, reason, %trace_id, error = %error, bytes_sent = self.bytes, "response aborted after its head was sent");
+            }
+            None => tracing::warn!(%route, reason, error = %error, "response aborted after its head was sent"),
+        }
+    }
+
     pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
         let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics
@@ -343,10 +393,14 @@ impl http_body::Body for Counted {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.guard.bytes += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.guard.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(error))) => self.guard.aborted(error),
+            _ => {}
         }
         polled
     }
@@ -440,6 +494,26 @@ mod tests {
         for (code, want) in classes {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
             assert_eq!(status_class(status), want, "{code}");
+        }
+    }
+
+    #[tokio::test]
+    async fn aborted_bodies_are_counted_by_reason() {
+        let metrics = Metrics::new(ConfigState::new());
+        let cases: Vec<(BoxError, &str)> = vec![
+            (Aborted::new("upstream_idle", "idle"), "upstream_idle"),
+            (Aborted::new("unverifiable", "bad entry"), "unverifiable"),
+            ("something else".into(), "other"),
+        ];
+        for (error, reason) in cases {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(Bytes::from_static(b"{")))
+                , Err(error)];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+            let response = metrics.request_started().finish(&Method::GET, Some("search".into()), Response::new(body));
+            assert!(response.into_body().collect().await.is_err());
+            let (_, text) = metrics.encode(false);
+            let line = format!("fhirgw_dp_requests_aborted_total{{route=\"search\",reason=\"{reason}\"}} 1");
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }
     }
 

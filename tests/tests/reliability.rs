@@ -381,3 +381,58 @@ async fn sigterm_under_keep_alive_load_answers_every_request() {
     assert!(total.closes > 0, "HTTP/1.1 responses during the drain carry Connection: close: {total:?}");
     assert!(total.ok > ok_before.load(Ordering::Relaxed), "{total:?}");
 }
+
+#[tokio::test]
+async fn a_bundle_cut_by_the_upstream_is_counted_logged_and_traced_as_aborted() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world
+        .data_plane_args("dp", &grpc_url(&cp), "dp-state", &world.path("dataplane.token"), &["--log-format", "json"])
+        .await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let search = format!("http://{}/fhir/Observation?_count=50", dp.addr("fhir"));
+    let whole = http().get(&search).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(whole.status(), 200);
+    assert!(whole.bytes().await.is_ok());
+
+    let fault = format!("http://{}/__admin/fault", fhir.ready["listening"].as_str().unwrap());
+    let r = http().post(fault).body(r#"{"cut_bundles":1}"#).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let cut = http()
+        .get(&search)
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cut.status(), 200, "the head was sent before the upstream failed");
+    assert!(cut.bytes().await.is_err(), "the client sees the Bundle cut off, never a complete-looking document");
+
+    let aborted = eventually("the abort is counted", Duration::from_secs(5), || {
+        let dp = &dp;
+        async move {
+            let text =
+                http().get(format!("http://{}/metrics", dp.addr("admin"))).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find(|l| l.starts_with("fhirgw_dp_requests_aborted_total{") && l.contains("reason=\"upstream_error\""))
+                .map(str::to_owned)
+        }
+    })
+    .await;
+    assert!(aborted.ends_with(" 1"), "{aborted}");
+    let log = std::fs::read_to_string(&dp.log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("response aborted"))
+        .unwrap_or_else(|| panic!("no abort logged:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(entry["level"], "WARN", "{line}");
+    assert!(line.contains(trace_id), "the log line carries the caller's trace id: {line}");
+    assert!(line.contains("upstream_error"), "{line}");
+}

@@ -272,9 +272,11 @@ impl Proxy {
             tenant = tracing::field::Empty,
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
         let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
+        let trace_id_for_abort = trace_id.clone();
         // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
         let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
         let result = self.pipeline(request, peer, &mut route).instrument(span.clone()).await;
@@ -292,7 +294,7 @@ impl Proxy {
             }
         };
         span.record("status", response.status().as_u16());
-        Ok(in_flight.finish(&method, route, response))
+        Ok(in_flight.traced(span, trace_id_for_abort).finish(&method, route, response))
     }
 
     async fn pipeline(
