@@ -203,7 +203,10 @@ impl ConfigClient {
                     self.state.confirm(now);
                     self.state.take_accept_next();
                     if self.state.set_refusing(None) {
-                        info!(revision = snapshot.system_version, "the control plane's configuration is accepted again");
+                        info!(
+                            revision = snapshot.system_version,
+                            "the control plane's configuration is accepted again"
+                        );
                     }
                     if changed {
                         info!(version = %snapshot.digest, resources = snapshot.resources.len(), "config applied");

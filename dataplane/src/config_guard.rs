@@ -37,7 +37,8 @@ pub fn check(held: Option<&Held>, offered_store: &str, offered_revision: u64) ->
         });
     }
     if offered_revision < held.system_version {
-        let store = if offered_store.is_empty() { "an unnamed store".to_owned() } else { format!("store `{offered_store}`") };
+        let store =
+            if offered_store.is_empty() { "an unnamed store".to_owned() } else { format!("store `{offered_store}`") };
         return Err(Refusal::Older { store, held: held.system_version, offered: offered_revision });
     }
     Ok(())

@@ -9,13 +9,13 @@ use anyhow::Context;
 use clap::Parser;
 use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
+use fhirgw_dataplane::lifecycle::{Lifecycle, Phase};
 use fhirgw_dataplane::metrics::Metrics;
 use fhirgw_dataplane::persist::SnapshotDir;
 use fhirgw_dataplane::policy::paging::PageSigner;
 use fhirgw_dataplane::proxy::{Proxy, PublicConfig};
 use fhirgw_dataplane::state::{ConfigState, Source};
 use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
-use fhirgw_dataplane::lifecycle::{Lifecycle, Phase};
 use fhirgw_dataplane::{admin_http, limits, server};
 use fhirgw_proto::push::v1 as push;
 use rand::Rng;
@@ -81,6 +81,11 @@ struct Args {
     /// configuration only, POST /config/accept-next on the admin port instead.
     #[arg(long, env = "FHIRGW_DP_ALLOW_CONFIG_ROLLBACK")]
     allow_config_rollback: bool,
+    /// Request body bytes buffered at once by all requests together (writes, batches, forms; each body is also
+    /// limited to 16 MiB, 413 past it). A request whose body does not fit gets 503 with Retry-After before its body
+    /// is read.
+    #[arg(long, env = "FHIRGW_DP_BODY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    body_budget_bytes: usize,
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -179,6 +184,10 @@ async fn main() -> anyhow::Result<()> {
         public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
         capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
         metrics: metrics.clone(),
+        body_budget: fhirgw_dataplane::body_budget::BodyBudget::with_gauge(
+            args.body_budget_bytes,
+            metrics.body_reserved(),
+        ),
     });
     let nofile = limits::raise_nofile_limit();
     let max_connections = match args.max_connections {
@@ -186,8 +195,10 @@ async fn main() -> anyhow::Result<()> {
         n => n,
     };
     info!(nofile, max_connections, "connection limits");
-    let (first_request_timeout, idle_timeout) =
-        (Duration::from_secs(args.first_request_timeout_secs.max(1)), Duration::from_secs(args.idle_timeout_secs.max(1)));
+    let (first_request_timeout, idle_timeout) = (
+        Duration::from_secs(args.first_request_timeout_secs.max(1)),
+        Duration::from_secs(args.idle_timeout_secs.max(1)),
+    );
     let lifecycle = Lifecycle::new();
     // The admin port outlives the FHIR drain: liveness probes and scrapes keep answering until the end.
     let admin_lifecycle = Lifecycle::new();
@@ -204,7 +215,8 @@ async fn main() -> anyhow::Result<()> {
         metrics.listener("fhir"),
         "fhir",
     );
-    let admin_ctx = Arc::new(admin_http::Admin { state: state.clone(), metrics: metrics.clone(), lifecycle: lifecycle.clone() });
+    let admin_ctx =
+        Arc::new(admin_http::Admin { state: state.clone(), metrics: metrics.clone(), lifecycle: lifecycle.clone() });
     let admin_server = server::serve(
         admin,
         move |req, _peer| admin_http::handle(admin_ctx.clone(), req),
@@ -224,7 +236,10 @@ async fn main() -> anyhow::Result<()> {
         async move {
             fhirgw_telemetry::shutdown_signal().await;
             lifecycle.advance(Phase::Draining);
-            info!(delay_secs = delay.as_secs(), "shutdown requested: not ready; serving on while load balancers stop sending");
+            info!(
+                delay_secs = delay.as_secs(),
+                "shutdown requested: not ready; serving on while load balancers stop sending"
+            );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = fhirgw_telemetry::shutdown_signal() => info!("second shutdown signal: skipping the rest of the delay"),

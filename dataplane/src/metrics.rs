@@ -101,6 +101,7 @@ pub struct Metrics {
     connections_refused: Family<ListenerReasonLabels, Counter>,
     connections_closed: Family<ListenerReasonLabels, Counter>,
     aborted: Family<AbortLabels, Counter>,
+    body_reserved: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -127,6 +128,7 @@ impl Metrics {
             connections_refused: Family::default(),
             connections_closed: Family::default(),
             aborted: Family::default(),
+            body_reserved: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -163,7 +165,11 @@ impl Metrics {
             "Configuration responses refused because they came from another store or an older revision (NACKed too)",
             m.config_refusals.clone(),
         );
-        registry.register("connections_open", "Connections open, by listener (fhir, admin)", m.connections_open.clone());
+        registry.register(
+            "connections_open",
+            "Connections open, by listener (fhir, admin)",
+            m.connections_open.clone(),
+        );
         registry.register(
             "connections_refused",
             "Connections closed as soon as accepted, by listener and reason (limit: at the connection cap with none to evict; accept_error: the accept call failed, e.g. out of file descriptors)",
@@ -178,6 +184,11 @@ impl Metrics {
             "requests_aborted",
             "Responses cut off after their head was sent (also counted in requests_total by that head's status), by route and reason (upstream_error, upstream_idle, unverifiable, other)",
             m.aborted.clone(),
+        );
+        registry.register(
+            "request_body_bytes_reserved",
+            "Request body bytes reserved from the body budget right now (--body-budget-bytes)",
+            m.body_reserved.clone(),
         );
         registry.register_collector(Box::new(ConfigCollector(state)));
         Arc::new(Metrics { registry, ..m })
@@ -214,6 +225,11 @@ impl Metrics {
             closed_idle: closed("idle"),
             closed_evicted: closed("evicted"),
         }
+    }
+
+    /// The gauge the body budget reports into.
+    pub fn body_reserved(&self) -> Gauge {
+        self.body_reserved.clone()
     }
 
     pub fn config_refused(&self) {
@@ -506,8 +522,8 @@ mod tests {
             ("something else".into(), "other"),
         ];
         for (error, reason) in cases {
-            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(Bytes::from_static(b"{")))
-                , Err(error)];
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(error)];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
             let response = metrics.request_started().finish(&Method::GET, Some("search".into()), Response::new(body));
             assert!(response.into_body().collect().await.is_err());

@@ -344,7 +344,10 @@ pub async fn serve<H, F>(
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) if unused.evict_oldest() => {
-                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned()).await.ok().and_then(Result::ok)
+                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
             }
             Err(_) => None,
         };
@@ -352,7 +355,12 @@ pub async fn serve<H, F>(
             drop(stream);
             metrics.refused_limit.inc();
             if let Some(times) = at_cap.hit() {
-                warn!(listener = name, max_connections = max, refused = times, "at the connection limit with no idle connection to evict; refusing connections (logged at most once per 10 s)");
+                warn!(
+                    listener = name,
+                    max_connections = max,
+                    refused = times,
+                    "at the connection limit with no idle connection to evict; refusing connections (logged at most once per 10 s)"
+                );
             }
             continue;
         };

@@ -22,9 +22,7 @@ fn quick() -> reqwest::Client {
 
 async fn metric(dp: &Process, line_prefix: &str) -> f64 {
     let text = http().get(format!("http://{}/metrics", dp.addr("admin"))).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(line_prefix).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -149,14 +147,20 @@ async fn a_data_plane_refuses_the_configuration_of_a_control_plane_on_an_empty_s
     assert!(metric(&dp, "fhirgw_dp_config_nacks_total").await >= 1.0);
     assert_eq!(snapshot_bytes(&world, "dp-state").await, saved, "the snapshot on disk is untouched");
     let log = std::fs::read_to_string(&dp.log).unwrap();
-    assert!(log.lines().any(|l| l.contains("ERROR") && l.contains("refusing the control plane's configuration")), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("ERROR") && l.contains("refusing the control plane's configuration")),
+        "{log}"
+    );
     // The control plane sees the NACK.
     let mut admin2 = fhirgw_e2e::admin(&cp2).await;
     let status = eventually("the control plane records the NACK", Duration::from_secs(10), || {
         let mut admin2 = admin2.clone();
         async move {
             let s = fixtures::status(&mut admin2).await;
-            s.data_planes.iter().any(|d| d.last_nack.as_ref().is_some_and(|n| n.summary.contains("refused"))).then_some(s)
+            s.data_planes
+                .iter()
+                .any(|d| d.last_nack.as_ref().is_some_and(|n| n.summary.contains("refused")))
+                .then_some(s)
         }
     })
     .await;
@@ -248,7 +252,8 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(u16
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
-    let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok())?;
+    let length: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok())?;
     let close = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
     while buf.len() < head_end + length {
         let n = stream.read(&mut chunk).await.ok()?;
@@ -322,7 +327,8 @@ async fn sigterm_under_keep_alive_load_answers_every_request() {
     fixtures::wait_in_sync(&admin, 1, revision).await;
     let token = issuer.token("tenant-a", READ_SCOPES);
     let request =
-        format!("GET /fhir/Patient/a-pat-1 HTTP/1.1\r\nhost: fhirgw\r\nauthorization: Bearer {token}\r\n\r\n").into_bytes();
+        format!("GET /fhir/Patient/a-pat-1 HTTP/1.1\r\nhost: fhirgw\r\nauthorization: Bearer {token}\r\n\r\n")
+            .into_bytes();
 
     let signalled = Arc::new(AtomicBool::new(false));
     let until = Instant::now() + Duration::from_secs(40);
@@ -339,7 +345,9 @@ async fn sigterm_under_keep_alive_load_answers_every_request() {
             let text = http().get(url).send().await.ok()?.text().await.ok()?;
             let n: f64 = text
                 .lines()
-                .find_map(|l| l.strip_prefix("fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"}"))
+                .find_map(|l| {
+                    l.strip_prefix("fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"}")
+                })
                 .and_then(|v| v.trim().parse().ok())?;
             ok_before.store(n as u64, Ordering::Relaxed);
             (n >= 200.0).then_some(())
@@ -427,12 +435,95 @@ async fn a_bundle_cut_by_the_upstream_is_counted_logged_and_traced_as_aborted() 
     .await;
     assert!(aborted.ends_with(" 1"), "{aborted}");
     let log = std::fs::read_to_string(&dp.log).unwrap();
-    let line = log
-        .lines()
-        .find(|l| l.contains("response aborted"))
-        .unwrap_or_else(|| panic!("no abort logged:\n{log}"));
+    let line =
+        log.lines().find(|l| l.contains("response aborted")).unwrap_or_else(|| panic!("no abort logged:\n{log}"));
     let entry: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(entry["level"], "WARN", "{line}");
     assert!(line.contains(trace_id), "the log line carries the caller's trace id: {line}");
     assert!(line.contains("upstream_error"), "{line}");
+}
+
+#[tokio::test]
+async fn request_bodies_get_413_415_and_503_over_the_budget() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world
+        .data_plane_args(
+            "dp",
+            &grpc_url(&cp),
+            "dp-state",
+            &world.path("dataplane.token"),
+            &["--body-budget-bytes", "1000000"],
+        )
+        .await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", "openid user/*.*");
+    let url = format!("http://{}/fhir/Patient", dp.addr("fhir"));
+    // A Patient padded with whitespace to `size` bytes (valid JSON).
+    let patient = |size: usize| {
+        let mut body = vec![b' '; size];
+        let json = br#"{"resourceType":"Patient","name":[{"family":"Budget"}]}"#;
+        body[size - json.len()..].copy_from_slice(json);
+        body
+    };
+    let post = |body: Vec<u8>| {
+        http().post(&url).bearer_auth(&token).header("content-type", "application/fhir+json").body(body)
+    };
+    let outcome = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+        (status, retry)
+    };
+
+    assert_eq!(post(patient(1000)).send().await.unwrap().status(), 201);
+    // A compressed body: 415, whatever it holds.
+    let r = post(patient(1000)).header("content-encoding", "gzip").send().await.unwrap();
+    assert_eq!(outcome(r).await.0, 415);
+    // Past the 16 MiB a body may hold: 413, refused from its Content-Length.
+    let r = post(vec![b' '; 17 * 1024 * 1024]).send().await.unwrap();
+    assert_eq!(outcome(r).await.0, 413);
+    // More than the whole budget: 503 with Retry-After, before the body is read.
+    let r = post(patient(1_500_000)).send().await.unwrap();
+    assert_eq!(outcome(r).await, (503, Some("1".to_owned())));
+
+    // The budget is shared: a slow chunked upload holds 600 kB of it...
+    let mut slow = TcpStream::connect(dp.addr("fhir")).await.unwrap();
+    let head = format!(
+        "POST /fhir/Patient HTTP/1.1\r\nhost: fhirgw\r\nauthorization: Bearer {token}\r\ncontent-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(format!("{:x}\r\n", 600_000).as_bytes()).await.unwrap();
+    slow.write_all(&vec![b' '; 600_000]).await.unwrap();
+    slow.write_all(b"\r\n").await.unwrap();
+    eventually("the slow upload holds its share", Duration::from_secs(10), || async {
+        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await >= 600_000.0).then_some(())
+    })
+    .await;
+    // ...so a 500 kB body that would fit alone waits its turn: 503.
+    let r = post(patient(500_000)).send().await.unwrap();
+    assert_eq!(outcome(r).await, (503, Some("1".to_owned())));
+    // The slow upload completes and is answered; its share comes back; the same body is then accepted.
+    let rest = br#"{"resourceType":"Patient","name":[{"family":"Slow"}]}"#;
+    slow.write_all(format!("{:x}\r\n", rest.len()).as_bytes()).await.unwrap();
+    slow.write_all(rest).await.unwrap();
+    slow.write_all(b"\r\n0\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "the slow upload got no answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(buf.starts_with(b"HTTP/1.1 201"), "{}", String::from_utf8_lossy(&buf));
+    eventually("the share is given back", Duration::from_secs(10), || async {
+        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
 }

@@ -62,6 +62,8 @@ pub struct Proxy {
     /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
     pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Bounds the request bodies buffered at once, process-wide (see `body_budget`).
+    pub body_budget: Arc<crate::body_budget::BodyBudget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,8 @@ enum ProxyError {
     HeadersTooLarge { limit: u32 },
     #[error("a conditional write matches several resources")]
     MultipleMatches,
+    #[error(transparent)]
+    Body(#[from] crate::body_budget::BodyError),
     /// An entry of a batch or transaction was refused.
     #[error("entry {index}: {error}")]
     Entry { index: usize, error: Box<ProxyError> },
@@ -131,6 +135,7 @@ impl ProxyError {
                 | ProxyError::Unverifiable(_)
                 | ProxyError::GrantsStale
                 | ProxyError::Auth(_)
+                | ProxyError::Body(_)
         )
     }
 
@@ -245,6 +250,7 @@ impl ProxyError {
                 "multiple-matches",
                 "The condition matches more than one resource; make it more specific.",
             ),
+            Body(e) => e.outcome(),
             Entry { index, error } => {
                 let mut outcome = error.outcome();
                 outcome.diagnostics = format!("Bundle entry {index}: {}", outcome.diagnostics);
@@ -262,9 +268,12 @@ impl ProxyError {
 impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: std::net::SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
+        // This request's share of the body budget, given back once the response head is ready.
+        let lease = crate::body_budget::Lease::new(self.body_budget.clone());
+        request.extensions_mut().insert(lease.clone());
         let span = info_span!(
             "request",
             method = %request.method(),
@@ -293,6 +302,7 @@ impl Proxy {
                 outcome.into_response()
             }
         };
+        drop(lease);
         span.record("status", response.status().as_u16());
         Ok(in_flight.traced(span, trace_id_for_abort).finish(&method, route, response))
     }

@@ -10,7 +10,7 @@ use fhirgw_config::path::join_encoded;
 use fhirgw_config::tenant::Tag;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use serde_json::Value;
 
@@ -37,12 +37,8 @@ fn media_type(headers: &HeaderMap) -> String {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<(HeaderMap, Bytes), ProxyError> {
-    let (parts, body) = request.into_parts();
-    let bytes = Limited::new(body, WRITE_MAX_BYTES)
-        .collect()
-        .await
-        .map_err(|_| ProxyError::BadRequest(format!("the body is larger than {WRITE_MAX_BYTES} bytes")))?
-        .to_bytes();
+    // Within the process-wide body budget; 413 past the limit, 415 for a compressed body.
+    let (parts, bytes) = crate::body_budget::read(request, WRITE_MAX_BYTES).await?;
     Ok((parts.headers, bytes))
 }
 
@@ -123,6 +119,7 @@ impl Ctx<'_> {
         let if_none_exist = request.headers().get("if-none-exist").map(|v| v.to_str().map(str::to_owned));
         let (headers, body) = read_body(request).await?;
         let mut resource = json_resource(&headers, &body, ty)?;
+        drop(body); // memory: the parsed resource is what is kept
         let stamp: Vec<Tag> = if tags.len() == 1 { tags.iter().map(|t| (*t).clone()).collect() } else { Vec::new() };
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &stamp)?;
         let mut out = headers.clone();
@@ -138,6 +135,7 @@ impl Ctx<'_> {
         }
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned()]);
         let body = Bytes::from(resource.to_string());
+        drop(resource);
         self.write_upstream(Method::POST, &target, out, Some(body), None, ty, grants).await
     }
 
@@ -303,6 +301,7 @@ impl Ctx<'_> {
         self.require(ty, Permission::Update)?;
         let (headers, body) = read_body(request).await?;
         let mut resource = json_resource(&headers, &body, ty)?;
+        drop(body); // memory: the parsed resource is what is kept
         if conditional
             && resource.get("id").is_none()
             && let Some(obj) = resource.as_object_mut()
@@ -315,16 +314,9 @@ impl Ctx<'_> {
         let (stored, version) = self.stored(ty, id, grants, &headers).await?;
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &granted_tags(&stored, grants))?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
-        self.write_upstream(
-            Method::PUT,
-            &target,
-            headers,
-            Some(Bytes::from(resource.to_string())),
-            Some(&version),
-            ty,
-            grants,
-        )
-        .await
+        let body = Bytes::from(resource.to_string());
+        drop(resource);
+        self.write_upstream(Method::PUT, &target, headers, Some(body), Some(&version), ty, grants).await
     }
 
     pub(super) async fn patch(
