@@ -322,7 +322,7 @@ pub struct Aborted {
 }
 
 impl Aborted {
-    pub fn new(reason: &'static str, source: impl Into<BoxError>) -> BoxError {
+    pub fn boxed(reason: &'static str, source: impl Into<BoxError>) -> BoxError {
         Box::new(Aborted { reason, source: source.into() })
     }
 }
@@ -517,8 +517,8 @@ mod tests {
     async fn aborted_bodies_are_counted_by_reason() {
         let metrics = Metrics::new(ConfigState::new());
         let cases: Vec<(BoxError, &str)> = vec![
-            (Aborted::new("upstream_idle", "idle"), "upstream_idle"),
-            (Aborted::new("unverifiable", "bad entry"), "unverifiable"),
+            (Aborted::boxed("upstream_idle", "idle"), "upstream_idle"),
+            (Aborted::boxed("unverifiable", "bad entry"), "unverifiable"),
             ("something else".into(), "other"),
         ];
         for (error, reason) in cases {

@@ -49,7 +49,7 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
         loop {
             let next = match tokio::time::timeout(idle, body.frame()).await {
                 Ok(next) => next,
-                Err(_) => return Some((Err(Aborted::new("upstream_idle", IdleTimeout(idle))), None)),
+                Err(_) => return Some((Err(Aborted::boxed("upstream_idle", IdleTimeout(idle))), None)),
             };
             match next {
                 Some(Ok(frame)) => {
@@ -57,13 +57,13 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
                     let mut out = Vec::new();
                     if let Err(e) = filter.push(&data, &mut out) {
                         debug!(parent: &span, error = %e, "upstream {} rejected while streaming", labels.what);
-                        return Some((Err(Aborted::new("unverifiable", e)), None));
+                        return Some((Err(Aborted::boxed("unverifiable", e)), None));
                     }
                     if !out.is_empty() {
                         return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter, span))));
                     }
                 }
-                Some(Err(e)) => return Some((Err(Aborted::new("upstream_error", e)), None)),
+                Some(Err(e)) => return Some((Err(Aborted::boxed("upstream_error", e)), None)),
                 None => {
                     let mut out = Vec::new();
                     return match filter.finish(&mut out) {
@@ -74,7 +74,7 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
                         }
                         Err(e) => {
                             debug!(parent: &span, error = %e, "upstream {} rejected at its end", labels.what);
-                            Some((Err(Aborted::new("unverifiable", e)), None))
+                            Some((Err(Aborted::boxed("unverifiable", e)), None))
                         }
                     };
                 }
