@@ -22,6 +22,9 @@ use crate::outcome::Outcome;
 
 /// Reserved in steps of at least this much when the length is not known up front.
 const STEP: usize = 64 * 1024;
+/// How much of a refused body is read and discarded, and for how long (see [`discard`]).
+const LINGER_BYTES: u64 = 32 * 1024 * 1024;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug)]
 pub struct BodyBudget {
@@ -160,6 +163,39 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// [`Lease`]; a request without one is bounded by `max` only).
 pub async fn read(request: Request<Incoming>, max: usize) -> Result<(Parts, Bytes), BodyError> {
     let (parts, mut body) = request.into_parts();
+    match read_into(&parts, &mut body, max).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(e) => {
+            if !matches!(e, BodyError::Read(_)) {
+                discard(body, content_length(&parts.headers));
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What is left of a refused body is read and thrown away (never buffered) for a while, so the client, still
+/// sending, reads its 413/415/503 instead of a reset (a "lingering close"). Past [`LINGER_BYTES`] or
+/// [`LINGER_TIME`] the body is dropped and the connection closed.
+fn discard(mut body: Incoming, declared: Option<u64>) {
+    if declared.is_some_and(|length| length > LINGER_BYTES) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut seen = 0u64;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
+async fn read_into(parts: &Parts, body: &mut Incoming, max: usize) -> Result<Bytes, BodyError> {
     check_encoding(&parts.headers)?;
     let lease = parts.extensions.get::<Lease>().cloned();
     let reserve = |total: usize| lease.as_ref().is_none_or(|l| l.reserve(total));
@@ -192,7 +228,7 @@ pub async fn read(request: Request<Incoming>, max: usize) -> Result<(Parts, Byte
         }
         buffer.extend_from_slice(&data);
     }
-    Ok((parts, Bytes::from(buffer)))
+    Ok(Bytes::from(buffer))
 }
 
 #[cfg(test)]
