@@ -151,10 +151,13 @@ for w in workloads:
                 problems.append(f"{name}/{c['name']}: {var}={value} is not on a mounted volume")
         if name == "fhirgw-dataplane":
             drain = int(env.get("FHIRGW_DP_DRAIN_SECS") or 25)
+            delay = int(env.get("FHIRGW_DP_SHUTDOWN_DELAY_SECS") or 5)
             pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
             grace = pod.get("terminationGracePeriodSeconds", 30)
-            if grace <= drain + pre:
-                problems.append(f"{name}: terminationGracePeriodSeconds {grace} <= drain {drain} + preStop {pre}")
+            if grace <= drain + delay + pre:
+                problems.append(
+                    f"{name}: terminationGracePeriodSeconds {grace} <= drain {drain} + shutdown delay {delay} + preStop {pre}"
+                )
 for w in workloads:
     for v in w["spec"]["template"]["spec"].get("volumes", []):
         secret = v.get("secret", {}).get("secretName")

@@ -2,7 +2,8 @@
 //!
 //! Each response is validated off the hot path with the shared model code plus this data plane's own environment
 //! checks (credential files it must read), then applied whole with one atomic swap, written to disk, and ACKed. A
-//! response that fails is NACKed naming the rejected resources, and the last good snapshot stays.
+//! response that fails is NACKed naming the rejected resources, and the last good snapshot stays. A response from
+//! another store or an older revision than the one held is refused whole (see `config_guard`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,11 +17,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::config_guard;
 use crate::metrics::Metrics;
 use crate::persist::SnapshotDir;
-use crate::state::{ConfigState, Source};
+use crate::state::{ConfigState, Refusing, Source};
 use crate::upstream::environment_rejections;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -46,6 +48,8 @@ enum SessionError {
     Setup(String),
     #[error("stream closed")]
     Closed,
+    #[error("reopening the stream to take the control plane's whole configuration")]
+    Reconnect,
 }
 
 /// Full jitter over an exponentially growing ceiling.
@@ -71,6 +75,7 @@ impl ConfigClient {
                 Err(SessionError::Stream(status)) if status.code() == tonic::Code::Unavailable && got_response => {
                     info!(reason = %status.message(), "config stream ended; reconnecting");
                 }
+                Err(e @ SessionError::Reconnect) => info!(reason = %e, "config stream closed; reconnecting"),
                 Err(e) => {
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed")
                 }
@@ -95,11 +100,14 @@ impl ConfigClient {
                     .collect()
             })
             .unwrap_or_default();
+        let held = self.state.held();
         push::ConfigRequest {
             node: Some(self.node.clone()),
             subscribe: Kind::ALL.iter().map(|k| k.to_proto() as i32).collect(),
             initial_versions,
             applied_version: current.map(|s| s.digest.clone()).unwrap_or_default(),
+            store_id: held.as_ref().map(|h| h.store_id.clone()).unwrap_or_default(),
+            held_system_version: held.map_or(0, |h| h.system_version),
             ..Default::default()
         }
     }
@@ -124,7 +132,14 @@ impl ConfigClient {
         tx.send(self.first_request()).await.map_err(|_| SessionError::Closed)?;
         let mut inbound = client.stream_config(ReceiverStream::new(rx)).await?.into_inner();
         info!("config stream open");
-        while let Some(response) = inbound.message().await? {
+        loop {
+            let response = tokio::select! {
+                message = inbound.message() => match message? {
+                    Some(response) => response,
+                    None => break,
+                },
+                () = self.state.reconnect_requested() => return Err(SessionError::Reconnect),
+            };
             *got_response = true;
             let reply = self.apply(response).await;
             self.metrics.config_replied(reply.nack.is_none());
@@ -142,6 +157,17 @@ impl ConfigClient {
         async {
             self.state.count_received(response.resources.len());
             let current = self.state.load();
+            let held = self.state.held();
+            let mut overridden = false;
+            if let Err(refusal) = config_guard::check(held.as_ref(), &response.store_id, response.system_version) {
+                if self.state.allow_rollback() || self.state.take_accept_next() {
+                    warn!(%refusal, "accepting the control plane's configuration anyway: an operator allowed it");
+                    overridden = true;
+                } else {
+                    return self.refuse(nonce, refusal, &response, current.as_deref());
+                }
+            }
+            let store_id = config_guard::next_store_id(held.as_ref(), &response.store_id, overridden);
             let mut candidate = current.as_ref().map(|s| s.resources.clone()).unwrap_or_default();
             let mut rejected: Vec<Rejection> = Vec::new();
             for removed in &response.removed {
@@ -173,8 +199,15 @@ impl ConfigClient {
                 Ok(snapshot) => {
                     let snapshot = Arc::new(snapshot);
                     let changed = current.as_ref().is_none_or(|c| c.digest != snapshot.digest);
-                    self.state.install(snapshot.clone(), Source::ControlPlane);
+                    self.state.install(snapshot.clone(), Source::ControlPlane, &store_id);
                     self.state.confirm(now);
+                    self.state.take_accept_next();
+                    if self.state.set_refusing(None) {
+                        info!(
+                            revision = snapshot.system_version,
+                            "the control plane's configuration is accepted again"
+                        );
+                    }
                     if changed {
                         info!(version = %snapshot.digest, resources = snapshot.resources.len(), "config applied");
                     } else {
@@ -182,8 +215,11 @@ impl ConfigClient {
                     }
                     if let Some(persist) = self.persist.clone() {
                         let to_save = snapshot.clone();
-                        match tokio::task::spawn_blocking(move || persist.save(&to_save, now)).await {
-                            Ok(Ok(())) => {}
+                        match tokio::task::spawn_blocking(move || persist.save(&to_save, now, &store_id)).await {
+                            Ok(Ok(true)) => {}
+                            Ok(Ok(false)) => {
+                                info!("not saving an empty configuration (no route table) as the last good one")
+                            }
                             Ok(Err(e)) => warn!(error = %e, "could not write the snapshot to disk"),
                             Err(e) => warn!(error = %e, "snapshot writer failed"),
                         }
@@ -209,6 +245,37 @@ impl ConfigClient {
         }
         .instrument(span)
         .await
+    }
+
+    /// The NACK for a response the rollback guard refused. The last good snapshot stays and is not confirmed: a
+    /// control plane on another store cannot vouch for the grants held.
+    fn refuse(
+        &self,
+        nonce: String,
+        refusal: config_guard::Refusal,
+        response: &push::ConfigResponse,
+        current: Option<&fhirgw_config::Snapshot>,
+    ) -> push::ConfigRequest {
+        let summary = format!("refused: {refusal}");
+        let refusing = Refusing {
+            since: SystemTime::now(),
+            reason: refusal.to_string(),
+            offered_store_id: response.store_id.clone(),
+            offered_revision: response.system_version,
+        };
+        if self.state.set_refusing(Some(refusing)) {
+            error!(%refusal, "refusing the control plane's configuration and serving the last good snapshot; to accept it, POST /config/accept-next on the admin port (or start with --allow-config-rollback)");
+        } else {
+            debug!(%refusal, "still refusing the control plane's configuration");
+        }
+        self.metrics.config_refused();
+        push::ConfigRequest {
+            response_nonce: nonce,
+            applied_version: current.map(|s| s.digest.clone()).unwrap_or_default(),
+            // Names no resource: the whole response is refused, not any one resource in it.
+            nack: Some(push::Nack { rejected: Vec::new(), summary }),
+            ..Default::default()
+        }
     }
 }
 

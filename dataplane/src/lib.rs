@@ -2,9 +2,13 @@
 
 pub mod admin_http;
 pub mod authn;
+pub mod body_budget;
 pub mod config_client;
+pub mod config_guard;
 pub mod credentials;
 pub mod http_client;
+pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod outcome;
 pub mod persist;

@@ -9,17 +9,17 @@ use anyhow::Context;
 use clap::Parser;
 use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
+use fhirgw_dataplane::lifecycle::{Lifecycle, Phase};
 use fhirgw_dataplane::metrics::Metrics;
 use fhirgw_dataplane::persist::SnapshotDir;
 use fhirgw_dataplane::policy::paging::PageSigner;
 use fhirgw_dataplane::proxy::{Proxy, PublicConfig};
 use fhirgw_dataplane::state::{ConfigState, Source};
 use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
-use fhirgw_dataplane::{admin_http, server};
+use fhirgw_dataplane::{admin_http, limits, server};
 use fhirgw_proto::push::v1 as push;
 use rand::Rng;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "fhirgw data plane")]
@@ -58,9 +58,34 @@ struct Args {
     /// none, so forwarding headers from clients are ignored.
     #[arg(long, env = "FHIRGW_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<String>,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// After SIGTERM: seconds the data plane keeps serving (and accepting) with /readyz failing, so load balancers
+    /// stop sending to it before anything closes. A second SIGTERM skips what is left of it.
+    #[arg(long, env = "FHIRGW_DP_SHUTDOWN_DELAY_SECS", default_value_t = 5)]
+    shutdown_delay_secs: u64,
+    /// After that delay: seconds the requests that have arrived get to finish once the FHIR listener is closed.
     #[arg(long, env = "FHIRGW_DP_DRAIN_SECS", default_value_t = 25)]
     drain_secs: u64,
+    /// Most FHIR connections open at once; 0 sizes it from the file-descriptor limit (what is left after 64 reserved
+    /// descriptors, halved for the upstream connections). At the cap, the oldest connection that has sent no request
+    /// is evicted for the new one, or the new one is closed.
+    #[arg(long, env = "FHIRGW_DP_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+    /// Seconds a new connection gets to send its first complete request head before it is closed.
+    #[arg(long, env = "FHIRGW_DP_FIRST_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    first_request_timeout_secs: u64,
+    /// Seconds a connection (HTTP/1.1 keep-alive or HTTP/2) may carry no request before it is closed (HTTP/2: GOAWAY).
+    #[arg(long, env = "FHIRGW_DP_IDLE_TIMEOUT_SECS", default_value_t = 75)]
+    idle_timeout_secs: u64,
+    /// Accept configuration from a control plane on another store, or at an older store revision than the one held
+    /// (normally refused: NACKed while the last good snapshot is served). For a deliberate restore; to accept one
+    /// configuration only, POST /config/accept-next on the admin port instead.
+    #[arg(long, env = "FHIRGW_DP_ALLOW_CONFIG_ROLLBACK")]
+    allow_config_rollback: bool,
+    /// Request body bytes buffered at once by all requests together (writes, batches, forms; each body is also
+    /// limited to 16 MiB, 413 past it). A request whose body does not fit gets 503 with Retry-After before its body
+    /// is read.
+    #[arg(long, env = "FHIRGW_DP_BODY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
+    body_budget_bytes: usize,
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -91,14 +116,15 @@ async fn main() -> anyhow::Result<()> {
         args.node_id.clone().unwrap_or_else(|| format!("{host}-{:06x}", rand::rng().random::<u32>() & 0xff_ffff));
 
     let state = ConfigState::new();
+    state.set_allow_rollback(args.allow_config_rollback);
     let persist = (!args.state_dir.as_os_str().is_empty()).then(|| SnapshotDir::new(&args.state_dir));
     if let Some(dir) = &persist {
         match dir.load() {
             Ok(Some(loaded)) => {
                 let env = environment_rejections(&loaded.snapshot);
                 if env.is_empty() {
-                    info!(version = %loaded.snapshot.digest, path = %dir.path().display(), "serving the last good snapshot from disk until the control plane answers");
-                    state.install(Arc::new(loaded.snapshot), Source::Disk);
+                    info!(version = %loaded.snapshot.digest, revision = loaded.snapshot.system_version, store_id = %loaded.store_id, path = %dir.path().display(), "serving the last good snapshot from disk until the control plane answers");
+                    state.install(Arc::new(loaded.snapshot), Source::Disk, &loaded.store_id);
                     if let Some(at) = loaded.confirmed_at {
                         state.confirm(at);
                     }
@@ -107,7 +133,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(None) => info!("no snapshot on disk; not ready until the control plane answers"),
-            Err(e) => warn!(error = %e, "ignoring an unreadable snapshot on disk"),
+            Err(e) => {
+                error!(error = %e, "refusing the snapshot on disk; not ready until the control plane answers")
+            }
         }
     }
 
@@ -134,10 +162,6 @@ async fn main() -> anyhow::Result<()> {
     );
     info!(%fhir_addr, %admin_addr, %node_id, "data plane listening");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
     let paging_key = match &args.paging_key_file {
         Some(path) => {
             let key = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -160,29 +184,75 @@ async fn main() -> anyhow::Result<()> {
         public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
         capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
         metrics: metrics.clone(),
+        body_budget: fhirgw_dataplane::body_budget::BodyBudget::with_gauge(
+            args.body_budget_bytes,
+            metrics.body_reserved(),
+        ),
     });
-    let grace = Duration::from_secs(args.drain_secs);
+    let nofile = limits::raise_nofile_limit();
+    let max_connections = match args.max_connections {
+        0 => limits::default_max_connections(nofile),
+        n => n,
+    };
+    info!(nofile, max_connections, "connection limits");
+    let (first_request_timeout, idle_timeout) = (
+        Duration::from_secs(args.first_request_timeout_secs.max(1)),
+        Duration::from_secs(args.idle_timeout_secs.max(1)),
+    );
+    let lifecycle = Lifecycle::new();
+    // The admin port outlives the FHIR drain: liveness probes and scrapes keep answering until the end.
+    let admin_lifecycle = Lifecycle::new();
     let fhir_server = server::serve(
         fhir,
         move |req, peer| Box::pin(proxy.clone().handle(req, peer)),
-        stopped(stop_rx.clone()),
-        grace,
+        server::Limits {
+            max_connections,
+            first_request_timeout,
+            idle_timeout,
+            drain: Duration::from_secs(args.drain_secs),
+        },
+        lifecycle.subscribe(),
+        metrics.listener("fhir"),
         "fhir",
     );
-    let admin_state = state.clone();
+    let admin_ctx =
+        Arc::new(admin_http::Admin { state: state.clone(), metrics: metrics.clone(), lifecycle: lifecycle.clone() });
     let admin_server = server::serve(
         admin,
-        move |req, _peer| admin_http::handle(admin_state.clone(), metrics.clone(), req),
-        stopped(stop_rx),
-        grace,
+        move |req, _peer| admin_http::handle(admin_ctx.clone(), req),
+        server::Limits {
+            max_connections: limits::ADMIN_MAX_CONNECTIONS,
+            first_request_timeout,
+            idle_timeout,
+            drain: Duration::from_secs(2),
+        },
+        admin_lifecycle.subscribe(),
+        metrics.listener("admin"),
         "admin",
     );
-    tokio::spawn(async move {
-        fhirgw_telemetry::shutdown_signal().await;
-        info!("shutdown requested");
-        let _ = stop_tx.send(true);
+    let delay = Duration::from_secs(args.shutdown_delay_secs);
+    tokio::spawn({
+        let lifecycle = lifecycle.clone();
+        async move {
+            fhirgw_telemetry::shutdown_signal().await;
+            lifecycle.advance(Phase::Draining);
+            info!(
+                delay_secs = delay.as_secs(),
+                "shutdown requested: not ready; serving on while load balancers stop sending"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = fhirgw_telemetry::shutdown_signal() => info!("second shutdown signal: skipping the rest of the delay"),
+            }
+            info!("closing the FHIR listener; answering what has arrived");
+            lifecycle.advance(Phase::Stopping);
+        }
     });
-    tokio::join!(fhir_server, admin_server);
+    let fhir_then_admin = async {
+        fhir_server.await;
+        admin_lifecycle.advance(Phase::Stopping);
+    };
+    tokio::join!(fhir_then_admin, admin_server);
     info!("data plane stopped");
     Ok(())
 }

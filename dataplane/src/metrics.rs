@@ -62,6 +62,23 @@ struct CacheLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerReasonLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AbortLabels {
+    route: String,
+    reason: &'static str,
+}
+
 type HistogramFamily<S> = Family<S, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -79,6 +96,12 @@ pub struct Metrics {
     cache_lookups: Family<CacheLabels, Counter>,
     config_acks: Counter,
     config_nacks: Counter,
+    config_refusals: Counter,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerReasonLabels, Counter>,
+    connections_closed: Family<ListenerReasonLabels, Counter>,
+    aborted: Family<AbortLabels, Counter>,
+    body_reserved: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -100,6 +123,12 @@ impl Metrics {
             cache_lookups: Family::default(),
             config_acks: Counter::default(),
             config_nacks: Counter::default(),
+            config_refusals: Counter::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
+            aborted: Family::default(),
+            body_reserved: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,6 +160,36 @@ impl Metrics {
         );
         registry.register("config_acks", "Configuration responses accepted and ACKed", m.config_acks.clone());
         registry.register("config_nacks", "Configuration responses rejected and NACKed", m.config_nacks.clone());
+        registry.register(
+            "config_refusals",
+            "Configuration responses refused because they came from another store or an older revision (NACKed too)",
+            m.config_refusals.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections open, by listener (fhir, admin)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted, by listener and reason (limit: at the connection cap with none to evict; accept_error: the accept call failed, e.g. out of file descriptors)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the data plane closed, by listener and reason (first_request_timeout, idle, evicted: a connection that had sent no request made room for a new one at the cap)",
+            m.connections_closed.clone(),
+        );
+        registry.register(
+            "requests_aborted",
+            "Responses cut off after their head was sent (also counted in requests_total by that head's status), by route and reason (upstream_error, upstream_idle, unverifiable, other)",
+            m.aborted.clone(),
+        );
+        registry.register(
+            "request_body_bytes_reserved",
+            "Request body bytes reserved from the body budget right now (--body-budget-bytes)",
+            m.body_reserved.clone(),
+        );
         registry.register_collector(Box::new(ConfigCollector(state)));
         Arc::new(Metrics { registry, ..m })
     }
@@ -154,6 +213,29 @@ impl Metrics {
         };
     }
 
+    /// The connection counters of one listener.
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let refused = |reason| self.connections_refused.get_or_create_owned(&ListenerReasonLabels { listener, reason });
+        let closed = |reason| self.connections_closed.get_or_create_owned(&ListenerReasonLabels { listener, reason });
+        ListenerMetrics {
+            open: self.connections_open.get_or_create_owned(&ListenerLabels { listener }),
+            refused_limit: refused("limit"),
+            refused_accept_error: refused("accept_error"),
+            closed_first_request_timeout: closed("first_request_timeout"),
+            closed_idle: closed("idle"),
+            closed_evicted: closed("evicted"),
+        }
+    }
+
+    /// The gauge the body budget reports into.
+    pub fn body_reserved(&self) -> Gauge {
+        self.body_reserved.clone()
+    }
+
+    pub fn config_refused(&self) {
+        self.config_refusals.inc();
+    }
+
     /// A request to `upstream` finished its head (`Some(status)`) or failed (`None`) after `elapsed`.
     pub fn upstream(&self, upstream: &str, status: Option<StatusCode>, elapsed: std::time::Duration) {
         let status_class = status.map_or("error", status_class);
@@ -168,7 +250,7 @@ impl Metrics {
     /// Marks a request in flight until the returned guard is finished or dropped.
     pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.inc();
-        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0 }
+        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0, span: None }
     }
 }
 
@@ -196,6 +278,17 @@ pub fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Connection counters of one listener (see [`Metrics::listener`]).
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    pub open: Gauge,
+    pub refused_limit: Counter,
+    pub refused_accept_error: Counter,
+    pub closed_first_request_timeout: Counter,
+    pub closed_idle: Counter,
+    pub closed_evicted: Counter,
+}
+
 /// Hits and misses of one cache.
 #[derive(Clone, Debug, Default)]
 pub struct CacheCounter {
@@ -217,6 +310,33 @@ impl CacheCounter {
     }
 }
 
+/// Why a response body was cut off after its head was sent: the reason label of `requests_aborted_total`. Bodies
+/// the gateway streams wrap their errors in it; any other error counts as `upstream_error` (a hyper error) or
+/// `other`.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}: {source}")]
+pub struct Aborted {
+    pub reason: &'static str,
+    #[source]
+    pub source: BoxError,
+}
+
+impl Aborted {
+    pub fn boxed(reason: &'static str, source: impl Into<BoxError>) -> BoxError {
+        Box::new(Aborted { reason, source: source.into() })
+    }
+}
+
+fn abort_reason(error: &BoxError) -> &'static str {
+    if let Some(aborted) = error.downcast_ref::<Aborted>() {
+        aborted.reason
+    } else if error.downcast_ref::<hyper::Error>().is_some() {
+        "upstream_error"
+    } else {
+        "other"
+    }
+}
+
 /// One request in flight. [`InFlight::finish`] counts the response and hands its body back wrapped, so the body's
 /// bytes and the request's whole duration are recorded when the body ends or is dropped.
 pub struct InFlight {
@@ -224,9 +344,32 @@ pub struct InFlight {
     started: Instant,
     route: Option<String>,
     bytes: u64,
+    /// The request's span and trace id, for a response aborted mid-body (see [`InFlight::traced`]).
+    span: Option<(tracing::Span, Option<String>)>,
 }
 
 impl InFlight {
+    /// Ties the request's span (which must declare `otel.status_code`) to the response body, so an abort after the
+    /// head ends the span with an error status and is logged with the trace id.
+    pub fn traced(mut self, span: tracing::Span, trace_id: Option<String>) -> Self {
+        self.span = Some((span, trace_id));
+        self
+    }
+
+    fn aborted(&self, error: &BoxError) {
+        let reason = abort_reason(error);
+        let route = self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned());
+        self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
+        match &self.span {
+            Some((span, trace_id)) => {
+                span.record("otel.status_code", "ERROR");
+                let trace_id = trace_id.as_deref().unwrap_or("");
+                tracing::warn!(parent: span, %route, reason, %trace_id, error = %error, bytes_sent = self.bytes, "response aborted after its head was sent");
+            }
+            None => tracing::warn!(%route, reason, error = %error, "response aborted after its head was sent"),
+        }
+    }
+
     pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
         let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics
@@ -266,10 +409,14 @@ impl http_body::Body for Counted {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.guard.bytes += data.len() as u64;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.guard.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(error))) => self.guard.aborted(error),
+            _ => {}
         }
         polled
     }
@@ -294,6 +441,13 @@ impl std::fmt::Debug for ConfigCollector {
 
 impl Collector for ConfigCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let refusing = ConstGauge::new(i64::from(self.0.refusing().is_some()));
+        refusing.encode(encoder.encode_descriptor(
+            "config_refusing",
+            "1 while the control plane's configuration is refused (another store, an older revision): alert on it.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let loaded = self.0.load();
         let ready = ConstGauge::new(i64::from(loaded.is_some()));
         ready.encode(encoder.encode_descriptor(
@@ -359,6 +513,26 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn aborted_bodies_are_counted_by_reason() {
+        let metrics = Metrics::new(ConfigState::new());
+        let cases: Vec<(BoxError, &str)> = vec![
+            (Aborted::boxed("upstream_idle", "idle"), "upstream_idle"),
+            (Aborted::boxed("unverifiable", "bad entry"), "unverifiable"),
+            ("something else".into(), "other"),
+        ];
+        for (error, reason) in cases {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(error)];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+            let response = metrics.request_started().finish(&Method::GET, Some("search".into()), Response::new(body));
+            assert!(response.into_body().collect().await.is_err());
+            let (_, text) = metrics.encode(false);
+            let line = format!("fhirgw_dp_requests_aborted_total{{route=\"search\",reason=\"{reason}\"}} 1");
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+    }
+
     #[test]
     fn exposition_names() {
         let metrics = Metrics::new(ConfigState::new());
@@ -376,6 +550,8 @@ mod tests {
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
             "fhirgw_dp_config_nacks_total 1",
             "fhirgw_dp_config_loaded 0",
+            "fhirgw_dp_config_refusing 0",
+            "fhirgw_dp_config_refusals_total 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }

@@ -1,28 +1,304 @@
-//! Accept loop shared by the FHIR and admin listeners: HTTP/1.1 and HTTP/2, and a graceful drain on shutdown.
+//! Accept loop shared by the FHIR and admin listeners: HTTP/1.1 and HTTP/2, bounded connections, graceful drain.
+//!
+//! Limits (see README, "Connections"): at most `max_connections` at once (a semaphore permit per connection); a
+//! connection that has not sent a whole request head within `first_request_timeout` of accept is closed, and one
+//! with nothing in flight for `idle_timeout` is closed gracefully (HTTP/2: GOAWAY). At the cap, the oldest
+//! connection that has not sent a request yet is evicted to make room (a client that connects and sends at once is
+//! served even while hundreds of silent connections are held open); if there is none, the new connection is closed
+//! at once. Either condition is logged once per interval and counted.
+//!
+//! Shutdown follows [`Phase`]: while `Draining`, HTTP/1.1 responses carry `Connection: close` and HTTP/2
+//! connections get GOAWAY; at `Stopping` the listener closes, and each connection closes once nothing is in flight
+//! and it has been quiet for [`QUIET`] (a request already on its way on it is answered, not dropped).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::header::{CONNECTION, HeaderValue};
+use http::{Request, Response, Version};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::upstream::Body;
+use crate::lifecycle::Phase;
+use crate::limits::Throttled;
+use crate::metrics::ListenerMetrics;
+use crate::upstream::{Body, BoxError};
 
-/// Serves `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests finish for up to
-/// `grace`.
+/// While stopping, a connection with nothing in flight closes once it has been quiet this long: long enough for a
+/// client that has just connected, or just read a response, to have sent the request it was about to send.
+pub const QUIET: Duration = Duration::from_secs(1);
+/// How often a condition at the cap or an accept error is logged at most.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub first_request_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// After the listener closes, how long connections get to finish before the server returns anyway.
+    pub drain: Duration,
+}
+
+/// What one connection has done, shared between its task, its requests and the eviction queue.
+#[derive(Debug)]
+struct Conn {
+    accepted: Instant,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `accepted` to the last request start or response end.
+    last_active_ms: AtomicU64,
+    http2: AtomicBool,
+    evict: Notify,
+}
+
+impl Conn {
+    fn new(accepted: Instant) -> Self {
+        Conn {
+            accepted,
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn view(&self) -> ConnView {
+        ConnView {
+            accepted: self.accepted,
+            requests: self.requests.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            last_active: self.accepted + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// A request in flight on a connection; ends when the response body is finished or dropped.
+struct RequestGuard(Arc<Conn>);
+
+impl RequestGuard {
+    fn start(conn: Arc<Conn>, version: Version) -> Self {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        if version == Version::HTTP_2 {
+            conn.http2.store(true, Ordering::Relaxed);
+        }
+        conn.touch();
+        RequestGuard(conn)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The response body, holding its request's guard.
+struct Tracked {
+    inner: Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Connections that have not sent a request yet, oldest first: the ones evicted at the cap.
+struct Unused {
+    queue: Mutex<VecDeque<Weak<Conn>>>,
+    prune_at: usize,
+}
+
+impl Unused {
+    fn push(&self, conn: &Arc<Conn>) {
+        let Ok(mut queue) = self.queue.lock() else { return };
+        if queue.len() >= self.prune_at {
+            queue.retain(|w| w.upgrade().is_some_and(|c| c.requests.load(Ordering::Relaxed) == 0));
+        }
+        queue.push_back(Arc::downgrade(conn));
+    }
+
+    /// Signals the oldest connection that has sent nothing to close; false when there is none.
+    fn evict_oldest(&self) -> bool {
+        let Ok(mut queue) = self.queue.lock() else { return false };
+        while let Some(weak) = queue.pop_front() {
+            if let Some(conn) = weak.upgrade()
+                && conn.requests.load(Ordering::Relaxed) == 0
+            {
+                conn.evict.notify_one();
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// A connection's state at one instant, for [`next_action`].
+#[derive(Debug, Clone, Copy)]
+struct ConnView {
+    accepted: Instant,
+    requests: u64,
+    in_flight: usize,
+    last_active: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    FirstRequestTimeout,
+    Idle,
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Wait(Instant),
+    /// Drop the connection: it has sent nothing, so nothing can be lost.
+    Close(Close),
+    /// Let hyper close it: HTTP/1.1 closes once idle, HTTP/2 sends GOAWAY and finishes its streams.
+    Graceful(Close),
+}
+
+/// What to do with a connection now, given its state, the phase and the limits.
+fn next_action(c: ConnView, now: Instant, phase: Phase, limits: &Limits) -> Action {
+    let stopping = phase >= Phase::Stopping;
+    // While draining, HTTP/2 connections opened meanwhile must get their GOAWAY soon after their first stream.
+    let cap = |at: Instant| if phase >= Phase::Draining { at.min(now + Duration::from_millis(100)) } else { at };
+    if c.requests == 0 {
+        let deadline = c.accepted + limits.first_request_timeout;
+        if now >= deadline {
+            return Action::Close(Close::FirstRequestTimeout);
+        }
+        if stopping {
+            if now >= c.accepted + QUIET {
+                return Action::Graceful(Close::Drain);
+            }
+            return Action::Wait(deadline.min(c.accepted + QUIET));
+        }
+        return Action::Wait(cap(deadline));
+    }
+    if c.in_flight > 0 {
+        return Action::Wait(cap(now + limits.idle_timeout));
+    }
+    if now >= c.last_active + limits.idle_timeout {
+        return Action::Graceful(Close::Idle);
+    }
+    if stopping {
+        if now >= c.last_active + QUIET {
+            return Action::Graceful(Close::Drain);
+        }
+        return Action::Wait(c.last_active + QUIET);
+    }
+    Action::Wait(cap(c.last_active + limits.idle_timeout))
+}
+
+/// Runs one connection to its end, applying the timeouts, eviction and the shutdown phases. A macro rather than a
+/// function: hyper-util's connection type would need its whole set of bounds spelled out again.
+macro_rules! drive {
+    ($connection:expr, $conn:expr, $phase:expr, $limits:expr, $metrics:expr, $peer:expr) => {{
+        let (conn, limits, metrics, peer) = ($conn, $limits, $metrics, $peer);
+        let mut phase = $phase;
+        let connection = $connection;
+        tokio::pin!(connection);
+        let mut graceful = false;
+        loop {
+            let current = *phase.borrow_and_update();
+            if current >= Phase::Draining && !graceful && conn.http2.load(Ordering::Relaxed) {
+                // GOAWAY: the client sends its next requests on a new connection (to this or another replica).
+                connection.as_mut().graceful_shutdown();
+                graceful = true;
+            }
+            let wait = match next_action(conn.view(), Instant::now(), current, limits) {
+                Action::Wait(at) => at,
+                Action::Close(reason) => {
+                    if reason == Close::FirstRequestTimeout {
+                        metrics.closed_first_request_timeout.inc();
+                    }
+                    debug!(%peer, ?reason, "closing a connection that sent no request");
+                    break;
+                }
+                Action::Graceful(reason) => {
+                    if !graceful {
+                        if reason == Close::Idle {
+                            metrics.closed_idle.inc();
+                        }
+                        connection.as_mut().graceful_shutdown();
+                        graceful = true;
+                    }
+                    // Looked at again later all the same: an HTTP/2 connection may still carry streams.
+                    Instant::now() + limits.idle_timeout.min(QUIET)
+                }
+            };
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                () = tokio::time::sleep_until(wait) => {}
+                changed = phase.changed() => {
+                    if changed.is_err() {
+                        // The server is gone: nothing will move the phase again.
+                        phase = watch::channel(Phase::Stopping).1;
+                    }
+                }
+                () = conn.evict.notified() => {
+                    if conn.requests.load(Ordering::Relaxed) == 0 {
+                        metrics.closed_evicted.inc();
+                        debug!(%peer, "evicting a connection that sent no request, to make room at the connection limit");
+                        break;
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// Serves `listener` until `phase` reaches [`Phase::Stopping`], then stops accepting and returns once every
+/// connection has closed, or `limits.drain` later.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: Limits,
+    mut phase: watch::Receiver<Phase>,
+    metrics: ListenerMetrics,
     name: &'static str,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -31,38 +307,170 @@ pub async fn serve<H, F>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).max_buf_size(64 * 1024);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let max = limits.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    let unused = Arc::new(Unused { queue: Mutex::new(VecDeque::new()), prune_at: max.saturating_mul(2) + 64 });
+    let (at_cap, accept_errors) = (Throttled::new(LOG_INTERVAL), Throttled::new(LOG_INTERVAL));
+    let mut stopping = false;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        // Usually EMFILE: back off briefly instead of spinning.
-                        warn!(listener = name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |request| handler(request, peer));
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+        let accepted = if stopping {
+            // Connections the kernel has completed already are served rather than reset along with the listener.
+            match listener.accept().now_or_never() {
+                Some(Ok(pair)) => Ok(pair),
+                Some(Err(_)) | None => break,
             }
-            () = &mut shutdown => break,
-        }
+        } else {
+            tokio::select! {
+                biased;
+                _ = phase.wait_for(|p| *p >= Phase::Stopping) => {
+                    stopping = true;
+                    continue;
+                }
+                accepted = listener.accept() => accepted,
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning; the connection stays in the backlog.
+                metrics.refused_accept_error.inc();
+                if let Some(times) = accept_errors.hit() {
+                    warn!(listener = name, error = %e, times, "accept failed (logged at most once per 10 s)");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if unused.evict_oldest() => {
+                tokio::time::timeout(Duration::from_secs(1), permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
+            drop(stream);
+            metrics.refused_limit.inc();
+            if let Some(times) = at_cap.hit() {
+                warn!(
+                    listener = name,
+                    max_connections = max,
+                    refused = times,
+                    "at the connection limit with no idle connection to evict; refusing connections (logged at most once per 10 s)"
+                );
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn::new(Instant::now()));
+        unused.push(&conn);
+        let service = {
+            let (conn, phase, handler) = (conn.clone(), phase.clone(), handler.clone());
+            service_fn(move |request: Request<Incoming>| {
+                let guard = RequestGuard::start(conn.clone(), request.version());
+                let http1 = request.version() < Version::HTTP_2;
+                let (response, phase) = (handler(request, peer), phase.clone());
+                async move {
+                    let Ok(mut response) = response.await;
+                    // Shutting down: this connection's last response.
+                    if http1 && *phase.borrow() >= Phase::Draining {
+                        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync()))
+                }
+            })
+        };
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let (phase, metrics) = (phase.clone(), metrics.clone());
+        metrics.open.inc();
+        tokio::spawn(async move {
+            drive!(connection, &conn, phase, &limits, &metrics, peer);
+            metrics.open.dec();
+            drop(permit);
+        });
     }
     drop(listener);
-    info!(listener = name, "draining in-flight requests");
-    tokio::select! {
-        () = graceful.shutdown() => info!(listener = name, "drained"),
-        () = tokio::time::sleep(grace) => warn!(listener = name, "grace period over; closing remaining connections"),
+    info!(listener = name, "listener closed; answering what has arrived");
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    match tokio::time::timeout(limits.drain, permits.acquire_many(all)).await {
+        Ok(_) => info!(listener = name, "drained"),
+        Err(_) => warn!(listener = name, "drain time over; closing the remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 10,
+            first_request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            drain: Duration::from_secs(25),
+        }
+    }
+
+    #[test]
+    fn connection_actions() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let view = |requests, in_flight, last_active: Duration| ConnView {
+            accepted: t0,
+            requests,
+            in_flight,
+            last_active: t0 + last_active,
+        };
+        let l = limits();
+        use Action::{Graceful, Wait};
+        use Close::{Drain, FirstRequestTimeout, Idle};
+        use Phase::{Draining, Serving, Stopping};
+        let cases = [
+            // Silent: waits for the first-request deadline, then is dropped.
+            (view(0, 0, s(0)), s(1), Serving, Wait(t0 + s(10))),
+            (view(0, 0, s(0)), s(10), Serving, Action::Close(FirstRequestTimeout)),
+            // Busy: never closed for idleness.
+            (view(3, 1, s(1)), s(500), Serving, Wait(t0 + s(560))),
+            // Keep-alive idle: closed gracefully after the idle timeout since the last response.
+            (view(3, 0, s(5)), s(30), Serving, Wait(t0 + s(65))),
+            (view(3, 0, s(5)), s(65), Serving, Graceful(Idle)),
+            // Stopping: quiet connections go, busy and just-active ones stay a moment.
+            (view(3, 0, s(5)), s(6), Stopping, Graceful(Drain)),
+            (view(3, 0, s(5)), s(5), Stopping, Wait(t0 + s(6))),
+            (view(3, 1, s(5)), s(9), Stopping, Wait(t0 + s(9) + Duration::from_millis(100))),
+            (view(0, 0, s(0)), Duration::from_millis(500), Stopping, Wait(t0 + s(1))),
+            (view(0, 0, s(0)), s(2), Stopping, Graceful(Drain)),
+            // Draining: still serving, but checked often (HTTP/2 GOAWAY).
+            (view(1, 0, s(1)), s(2), Draining, Wait(t0 + s(2) + Duration::from_millis(100))),
+        ];
+        for (i, (view, at, phase, want)) in cases.into_iter().enumerate() {
+            assert_eq!(next_action(view, t0 + at, phase, &l), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_connection_that_sent_nothing() {
+        let unused = Unused { queue: Mutex::new(VecDeque::new()), prune_at: 4 };
+        let conns: Vec<Arc<Conn>> = (0..3).map(|_| Arc::new(Conn::new(Instant::now()))).collect();
+        for c in &conns {
+            unused.push(c);
+        }
+        drop(RequestGuard::start(conns[0].clone(), Version::HTTP_11));
+        assert!(unused.evict_oldest());
+        assert_eq!(conns[0].requests.load(Ordering::Relaxed), 1, "a used connection is skipped");
+        // conns[1] was signalled: its permit is stored for the task to see.
+        let notified = conns[1].evict.notified();
+        tokio::pin!(notified);
+        assert!(notified.as_mut().enable(), "the oldest unused connection is told to close");
+        assert!(unused.evict_oldest());
+        assert!(!unused.evict_oldest(), "none left");
+        // Pruning keeps the queue bounded by live, unused connections.
+        for _ in 0..10 {
+            unused.push(&conns[0]);
+        }
+        assert!(unused.queue.lock().map(|q| q.len()).unwrap_or_default() <= 5);
     }
 }

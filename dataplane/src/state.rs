@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use fhirgw_config::Snapshot;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+
+use crate::config_guard::Held;
 
 /// Where the current snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,17 @@ pub enum Source {
 pub struct Applied {
     pub source: Source,
     pub applied_at: SystemTime,
+}
+
+/// The control plane's configuration is being refused (another store, an older revision): the last good snapshot
+/// is served meanwhile.
+#[derive(Debug, Clone)]
+pub struct Refusing {
+    pub since: SystemTime,
+    pub reason: String,
+    /// What the control plane offered.
+    pub offered_store_id: String,
+    pub offered_revision: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -39,6 +52,14 @@ pub struct ConfigState {
     changes: watch::Sender<Option<String>>,
     responses_received: AtomicU64,
     resources_received: AtomicU64,
+    /// Identity of the store the current snapshot came from ("" when unknown).
+    store_id: Mutex<String>,
+    refusing: Mutex<Option<Refusing>>,
+    /// Operator overrides of the rollback guard: always (a flag), or the next response once (an admin call).
+    allow_rollback: AtomicBool,
+    accept_next: AtomicBool,
+    /// Wakes the config client to reconnect, so the control plane sends its whole configuration again.
+    reconnect: Notify,
 }
 
 /// Counts of what the control plane has sent, for the admin port and for tests of incremental resume.
@@ -58,6 +79,11 @@ impl Default for ConfigState {
             changes: watch::channel(None).0,
             responses_received: AtomicU64::new(0),
             resources_received: AtomicU64::new(0),
+            store_id: Mutex::new(String::new()),
+            refusing: Mutex::new(None),
+            allow_rollback: AtomicBool::new(false),
+            accept_next: AtomicBool::new(false),
+            reconnect: Notify::new(),
         }
     }
 }
@@ -76,8 +102,12 @@ impl ConfigState {
         self.snapshot.load().is_some()
     }
 
-    pub fn install(&self, snapshot: Arc<Snapshot>, source: Source) {
+    /// Installs `snapshot`, which came from the store `store_id` ("" when unknown).
+    pub fn install(&self, snapshot: Arc<Snapshot>, source: Source, store_id: &str) {
         let digest = snapshot.digest.clone();
+        if let Ok(mut id) = self.store_id.lock() {
+            store_id.clone_into(&mut id);
+        }
         self.snapshot.store(Some(snapshot));
         if let Ok(mut applied) = self.applied.lock() {
             *applied = Some(Applied { source, applied_at: SystemTime::now() });
@@ -123,5 +153,68 @@ impl ConfigState {
 
     pub fn subscribe(&self) -> watch::Receiver<Option<String>> {
         self.changes.subscribe()
+    }
+
+    pub fn store_id(&self) -> String {
+        self.store_id.lock().map(|id| id.clone()).unwrap_or_default()
+    }
+
+    /// What the rollback guard compares a response with: `None` while nothing is held, or what is held is an empty
+    /// configuration (no route table: it serves nothing, so there is nothing to protect).
+    pub fn held(&self) -> Option<Held> {
+        let snapshot = self.load().filter(|s| !s.tables.is_empty())?;
+        Some(Held { store_id: self.store_id(), system_version: snapshot.system_version })
+    }
+
+    pub fn refusing(&self) -> Option<Refusing> {
+        self.refusing.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Records the current refusal (`None`: the control plane's configuration is accepted again). Returns whether the
+    /// refusal is new or says something new, so it is logged once rather than at every heartbeat.
+    pub fn set_refusing(&self, refusing: Option<Refusing>) -> bool {
+        let Ok(mut current) = self.refusing.lock() else { return true };
+        let changed = match (&*current, &refusing) {
+            (Some(a), Some(b)) => a.reason != b.reason,
+            (None, None) => false,
+            _ => true,
+        };
+        let since = current.as_ref().map(|c| c.since);
+        *current = refusing.map(|mut r| {
+            if !changed {
+                r.since = since.unwrap_or(r.since);
+            }
+            r
+        });
+        changed
+    }
+
+    pub fn set_allow_rollback(&self, allow: bool) {
+        self.allow_rollback.store(allow, Ordering::Relaxed);
+    }
+
+    pub fn allow_rollback(&self) -> bool {
+        self.allow_rollback.load(Ordering::Relaxed)
+    }
+
+    /// The operator accepts the control plane's next configuration whatever its store and revision; the config
+    /// stream is reopened so the control plane sends all of it.
+    pub fn accept_next(&self) {
+        self.accept_next.store(true, Ordering::SeqCst);
+        self.reconnect.notify_one();
+    }
+
+    pub fn accept_next_pending(&self) -> bool {
+        self.accept_next.load(Ordering::SeqCst)
+    }
+
+    /// Consumes the one-time override, if the operator gave one.
+    pub fn take_accept_next(&self) -> bool {
+        self.accept_next.swap(false, Ordering::SeqCst)
+    }
+
+    /// Resolves when the config stream should be reopened (see [`ConfigState::accept_next`]).
+    pub async fn reconnect_requested(&self) {
+        self.reconnect.notified().await;
     }
 }

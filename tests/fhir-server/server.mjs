@@ -388,10 +388,21 @@ function acceptsGzip(header) {
   });
 }
 
+// Fault injection for tests (POST /__admin/fault): `cut_bundles: N` sends the next N Bundle responses half-way, then
+// drops the connection, as an upstream that fails mid-stream does.
+const faults = { cutBundles: 0 };
+
 // Node itself drops the body of responses to HEAD requests.
 function send(res, status, body, headers = {}, pretty = false) {
   const text = body === undefined ? '' : JSON.stringify(body, null, pretty ? 2 : undefined);
   const out = { ...(text ? { 'Content-Type': 'application/fhir+json; charset=utf-8' } : {}), ...headers };
+  if (body?.resourceType === 'Bundle' && faults.cutBundles > 0) {
+    faults.cutBundles -= 1;
+    res.writeHead(status, out);
+    res.write(text.slice(0, Math.floor(text.length / 2)));
+    setTimeout(() => res.destroy(), 50);
+    return;
+  }
   if (text && (gzipMode === 'always' || (gzipMode === 'negotiate' && acceptsGzip(res.req?.headers['accept-encoding'])))) {
     res.writeHead(status, { ...out, 'Content-Encoding': 'gzip', Vary: 'Accept-Encoding' });
     return res.end(gzipSync(text));
@@ -657,6 +668,12 @@ function handleAdmin(req, res, url) {
   };
   if (url.pathname === '/__admin/health' && req.method === 'GET') return json(200, { status: 'ok' });
   if (url.pathname === '/__admin/requests' && req.method === 'GET') return json(200, requestLog);
+  if (url.pathname === '/__admin/fault' && req.method === 'POST') {
+    return readBody(req).then((text) => {
+      faults.cutBundles = Number(JSON.parse(text || '{}').cut_bundles) || 0;
+      json(200, faults);
+    });
+  }
   if (url.pathname === '/__admin/requests' && req.method === 'DELETE') {
     requestLog = [];
     return json(200, { cleared: true });

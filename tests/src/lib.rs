@@ -267,7 +267,27 @@ impl World {
         token_file: &Path,
         extra: &[&str],
     ) -> Process {
-        let mut command = Command::new(binary("fhirgw-dataplane"));
+        self.data_plane_wrapped(name, control_plane, state_dir, token_file, &[], extra).await
+    }
+
+    /// A data plane started through `wrapper` (e.g. `["prlimit", "--nofile=256", "--"]`).
+    pub async fn data_plane_wrapped(
+        &self,
+        name: &str,
+        control_plane: &str,
+        state_dir: &str,
+        token_file: &Path,
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> Process {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary("fhirgw-dataplane"));
+                command
+            }
+            None => Command::new(binary("fhirgw-dataplane")),
+        };
         command
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -284,6 +304,8 @@ impl World {
             .arg("--drain-secs")
             .arg("5")
             .args(extra)
+            // No pause before closing on SIGTERM unless a test asks for one (`--shutdown-delay-secs` overrides this).
+            .env("FHIRGW_DP_SHUTDOWN_DELAY_SECS", "0")
             .env("RUST_LOG", "info,fhirgw_dataplane=debug");
         self.otel_env(&mut command, name);
         Process::spawn(name, command, self.dir.path()).await

@@ -206,11 +206,7 @@ impl Ctx<'_> {
                     "POST _search needs an application/x-www-form-urlencoded body".into(),
                 ));
             }
-            let body = Limited::new(request.into_body(), FORM_MAX_BYTES)
-                .collect()
-                .await
-                .map_err(|_| ProxyError::BadRequest(format!("the search form is larger than {FORM_MAX_BYTES} bytes")))?
-                .to_bytes();
+            let (_, body) = crate::body_budget::read(request, FORM_MAX_BYTES).await?;
             params.extend(form_urlencoded::parse(&body).into_owned());
         }
         Ok(params)

@@ -1,7 +1,9 @@
 //! The one driver for response bodies the gateway verifies while they stream (Bundles, bulk NDJSON files): each
 //! upstream frame goes through a [`ChunkFilter`] and only its output reaches the client. An upstream error, a body
 //! idle for longer than the upstream's timeout, or a filter error ends the client's body with an error, so the
-//! client sees a reset, never a document that looks complete but was not verified.
+//! client sees a reset, never a document that looks complete but was not verified. Errors carry their reason
+//! ([`Aborted`]): the metrics body wrapper counts them, logs them at warn with the trace id and fails the request
+//! span.
 
 use std::time::Duration;
 
@@ -9,9 +11,10 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
-use tracing::{Span, debug, warn};
+use tracing::{Span, debug};
 
-use crate::upstream::{Body, BoxError};
+use crate::metrics::Aborted;
+use crate::upstream::Body;
 
 /// An incremental, synchronous filter over the bytes of one response body.
 pub(super) trait ChunkFilter: Send + 'static {
@@ -46,21 +49,21 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
         loop {
             let next = match tokio::time::timeout(idle, body.frame()).await {
                 Ok(next) => next,
-                Err(_) => return Some((Err(Box::new(IdleTimeout(idle)) as BoxError), None)),
+                Err(_) => return Some((Err(Aborted::boxed("upstream_idle", IdleTimeout(idle))), None)),
             };
             match next {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
                     let mut out = Vec::new();
                     if let Err(e) = filter.push(&data, &mut out) {
-                        warn!(parent: &span, error = %e, "upstream {} rejected while streaming", labels.what);
-                        return Some((Err(Box::new(e) as BoxError), None));
+                        debug!(parent: &span, error = %e, "upstream {} rejected while streaming", labels.what);
+                        return Some((Err(Aborted::boxed("unverifiable", e)), None));
                     }
                     if !out.is_empty() {
                         return Some((Ok(Frame::data(Bytes::from(out))), Some((body, filter, span))));
                     }
                 }
-                Some(Err(e)) => return Some((Err(Box::new(e) as BoxError), None)),
+                Some(Err(e)) => return Some((Err(Aborted::boxed("upstream_error", e)), None)),
                 None => {
                     let mut out = Vec::new();
                     return match filter.finish(&mut out) {
@@ -70,8 +73,8 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
                             Some((Ok(Frame::data(Bytes::from(out))), None))
                         }
                         Err(e) => {
-                            warn!(parent: &span, error = %e, "upstream {} rejected at its end", labels.what);
-                            Some((Err(Box::new(e) as BoxError), None))
+                            debug!(parent: &span, error = %e, "upstream {} rejected at its end", labels.what);
+                            Some((Err(Aborted::boxed("unverifiable", e)), None))
                         }
                     };
                 }

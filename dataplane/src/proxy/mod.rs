@@ -63,6 +63,8 @@ pub struct Proxy {
     /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
     pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Bounds the request bodies buffered at once, process-wide (see `body_budget`).
+    pub body_budget: Arc<crate::body_budget::BodyBudget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +126,8 @@ enum ProxyError {
     /// An update of an id the caller cannot see: whether free or another tenant's, the same answer.
     #[error("update of a resource that is not visible (update as create is refused)")]
     UpdateAsCreate,
+    #[error(transparent)]
+    Body(#[from] crate::body_budget::BodyError),
     /// An entry of a batch or transaction was refused.
     #[error("entry {index}: {error}")]
     Entry { index: usize, error: Box<ProxyError> },
@@ -142,6 +146,7 @@ impl ProxyError {
                 | ProxyError::Unverifiable(_)
                 | ProxyError::GrantsStale
                 | ProxyError::Auth(_)
+                | ProxyError::Body(_)
         )
     }
 
@@ -275,6 +280,7 @@ impl ProxyError {
                 "multiple-matches",
                 "The condition matches more than one resource; make it more specific.",
             ),
+            Body(e) => e.outcome(),
             Entry { index, error } => {
                 let mut outcome = error.outcome();
                 outcome.diagnostics = format!("Bundle entry {index}: {}", outcome.diagnostics);
@@ -292,9 +298,12 @@ impl ProxyError {
 impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         peer: std::net::SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
+        // This request's share of the body budget, given back once the response head is ready.
+        let lease = crate::body_budget::Lease::new(self.body_budget.clone());
+        request.extensions_mut().insert(lease.clone());
         let span = info_span!(
             "request",
             method = %request.method(),
@@ -302,9 +311,11 @@ impl Proxy {
             tenant = tracing::field::Empty,
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
         );
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
         let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
+        let trace_id_for_abort = trace_id.clone();
         // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
         let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
         let result = self.pipeline(request, peer, &mut route).instrument(span.clone()).await;
@@ -321,8 +332,9 @@ impl Proxy {
                 outcome.into_response()
             }
         };
+        drop(lease);
         span.record("status", response.status().as_u16());
-        Ok(in_flight.finish(&method, route, response))
+        Ok(in_flight.traced(span, trace_id_for_abort).finish(&method, route, response))
     }
 
     async fn pipeline(

@@ -10,7 +10,7 @@ use fhirgw_config::path::join_encoded;
 use fhirgw_config::tenant::Tag;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use serde_json::Value;
 
@@ -38,12 +38,8 @@ fn media_type(headers: &HeaderMap) -> String {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<(HeaderMap, Bytes), ProxyError> {
-    let (parts, body) = request.into_parts();
-    let bytes = Limited::new(body, WRITE_MAX_BYTES)
-        .collect()
-        .await
-        .map_err(|_| ProxyError::BadRequest(format!("the body is larger than {WRITE_MAX_BYTES} bytes")))?
-        .to_bytes();
+    // Within the process-wide body budget; 413 past the limit, 415 for a compressed body.
+    let (parts, bytes) = crate::body_budget::read(request, WRITE_MAX_BYTES).await?;
     Ok((parts.headers, bytes))
 }
 
@@ -166,6 +162,7 @@ impl Ctx<'_> {
         let if_none_exist = request.headers().get("if-none-exist").map(|v| v.to_str().map(str::to_owned));
         let (headers, body) = read_body(request).await?;
         let mut resource = json_resource(&headers, &body, ty)?;
+        drop(body); // memory: the parsed resource is what is kept
         let stamp: Vec<Tag> = if tags.len() == 1 { tags.iter().map(|t| (*t).clone()).collect() } else { Vec::new() };
         check_tags(&mut resource, grants, &dataset_systems(self.snapshot), &stamp)?;
         self.checked_references(&mut resource, grants, tags).await?;
@@ -182,6 +179,7 @@ impl Ctx<'_> {
         }
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned()]);
         let body = Some((FHIR_JSON, Bytes::from(resource.to_string())));
+        drop(resource);
         self.write_upstream(Method::POST, &target, body, preconditions, ty, grants).await
     }
 
@@ -340,6 +338,7 @@ impl Ctx<'_> {
         self.require(ty, Permission::Update)?;
         let (headers, body) = read_body(request).await?;
         let mut resource = json_resource(&headers, &body, ty)?;
+        drop(body); // memory: the parsed resource is what is kept
         if conditional
             && resource.get("id").is_none()
             && let Some(obj) = resource.as_object_mut()
@@ -355,6 +354,7 @@ impl Ctx<'_> {
         self.checked_references(&mut resource, grants, &tags).await?;
         let target = join_encoded(&self.upstream.base_path, &[ty.to_owned(), id.to_owned()]);
         let body = Some((FHIR_JSON, Bytes::from(resource.to_string())));
+        drop(resource);
         self.write_upstream(Method::PUT, &target, body, if_match(&version)?, ty, grants).await
     }
 
