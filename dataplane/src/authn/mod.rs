@@ -12,7 +12,8 @@
 //! settings are unchanged, and `exp` and the tenant are checked on every request.
 
 mod introspect;
-pub mod scopes;
+/// Scopes are policy (`policy::scopes`); re-exported here for the code that reads them off tokens.
+pub use crate::policy::scopes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
