@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 pub mod fixtures;
 pub mod issuer;
+pub mod postgres;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DATAPLANE_TOKEN: &str = "dataplane-token-for-tests-0123456789";
@@ -164,6 +165,15 @@ pub struct World {
     pub dir: tempfile::TempDir,
     /// When set, every binary started afterwards exports traces here (OTLP/gRPC).
     pub otlp_endpoint: Option<String>,
+    /// Prefix of this world's PostgreSQL databases (one database per store name), and those created so far.
+    pg_prefix: String,
+    pg_databases: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The control plane's store backend for the suites: `FHIRGW_TEST_STORE=postgres` runs them on the shared
+/// PostgreSQL (`postgres::Postgres::shared()`, one database per world and store name); anything else on SQLite.
+pub fn test_store_is_postgres() -> bool {
+    std::env::var("FHIRGW_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
 impl Default for World {
@@ -182,7 +192,8 @@ impl World {
         ] {
             std::fs::write(dir.path().join(file), format!("{token}\n")).unwrap();
         }
-        World { dir, otlp_endpoint: None }
+        let pg_prefix = format!("w{:08x}", rand::random::<u32>());
+        World { dir, otlp_endpoint: None, pg_prefix, pg_databases: Default::default() }
     }
 
     fn otel_env(&self, command: &mut Command, service: &str) {
@@ -225,6 +236,50 @@ impl World {
         self.control_plane_args(name, store, listen, &[]).await
     }
 
+    /// The `--store` flags for the store named `store`: a SQLite file in the world's directory, or (with
+    /// `FHIRGW_TEST_STORE=postgres`) this world's database of that name on the shared PostgreSQL.
+    pub fn store_args(&self, store: &str) -> Vec<String> {
+        if test_store_is_postgres() {
+            let db: String = format!("{}_{store}", self.pg_prefix)
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+                .collect();
+            self.pg_store_args(postgres::Postgres::shared(), &db)
+        } else {
+            vec!["--store".into(), self.path(store).display().to_string()]
+        }
+    }
+
+    /// The `--store` flags for database `db` on `pg` (created on first use), with the password from its file.
+    pub fn pg_store_args(&self, pg: &postgres::Postgres, db: &str) -> Vec<String> {
+        let key = format!("{}:{db}", pg.port);
+        if self.pg_databases.lock().unwrap().insert(key) {
+            pg.create_database(db);
+        }
+        vec!["--store".into(), pg.url(db), "--store-password-file".into(), pg.password_file().display().to_string()]
+    }
+
+    /// A control plane on the store given by `store_args` (see `store_args`, `pg_store_args`).
+    pub async fn control_plane_on(&self, name: &str, store_args: &[String], listen: &str, extra: &[&str]) -> Process {
+        let mut command = Command::new(binary("fhirgw-controlplane"));
+        command
+            .arg("--listen")
+            .arg(listen)
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .args(store_args)
+            .arg("--replica-id")
+            .arg(name)
+            .arg("--operator-token-file")
+            .arg(self.path("operator.token"))
+            .arg("--dataplane-token-file")
+            .arg(self.path("dataplane.token"))
+            .args(extra)
+            .env("RUST_LOG", "info,fhirgw_controlplane=debug");
+        self.otel_env(&mut command, "fhirgw-controlplane");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+
     pub async fn control_plane_args(&self, name: &str, store: &str, listen: &str, extra: &[&str]) -> Process {
         let mut command = Command::new(binary("fhirgw-controlplane"));
         command
@@ -232,8 +287,7 @@ impl World {
             .arg(listen)
             .arg("--admin-listen")
             .arg("127.0.0.1:0")
-            .arg("--store")
-            .arg(self.path(store))
+            .args(self.store_args(store))
             .arg("--operator-token-file")
             .arg(self.path("operator.token"))
             .arg("--dataplane-token-file")
