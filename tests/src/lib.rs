@@ -90,6 +90,11 @@ impl Process {
             .to_owned()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// SIGKILL and wait.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -351,6 +356,41 @@ pub fn grpc_url(cp: &Process) -> String {
 pub async fn admin(cp: &Process) -> Admin {
     let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
     AdminClient::with_interceptor(channel, operator_auth as fn(_) -> _)
+}
+
+/// Sends `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+pub struct TokenAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TokenAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type AdminAs = AdminClient<InterceptedService<Channel, TokenAuth>>;
+
+/// An admin client presenting `token` (a named operator's, say).
+pub async fn admin_as(cp: &Process, token: &str) -> AdminAs {
+    let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
+    AdminClient::with_interceptor(channel, TokenAuth(format!("Bearer {token}").parse().unwrap()))
+}
+
+/// SHA-256 of a token, hex, made the way the README tells operators to (`printf %s "$TOKEN" | sha256sum`): a line
+/// of an operators file is `name <this>`.
+pub fn token_hash(token: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(token.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
 
 /// Runs grpcurl exactly as an operator would: `grpcurl -plaintext -H 'authorization: Bearer …' FLAGS ADDRESS VERBS`.
