@@ -362,6 +362,12 @@ pub async fn admin(cp: &Process) -> Admin {
 #[derive(Clone)]
 pub struct TokenAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
+impl TokenAuth {
+    pub fn bearer(token: &str) -> TokenAuth {
+        TokenAuth(format!("Bearer {token}").parse().unwrap())
+    }
+}
+
 impl tonic::service::Interceptor for TokenAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
@@ -374,7 +380,7 @@ pub type AdminAs = AdminClient<InterceptedService<Channel, TokenAuth>>;
 /// An admin client presenting `token` (a named operator's, say).
 pub async fn admin_as(cp: &Process, token: &str) -> AdminAs {
     let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
-    AdminClient::with_interceptor(channel, TokenAuth(format!("Bearer {token}").parse().unwrap()))
+    AdminClient::with_interceptor(channel, TokenAuth::bearer(token))
 }
 
 /// SHA-256 of a token, hex, made the way the README tells operators to (`printf %s "$TOKEN" | sha256sum`): a line
