@@ -220,7 +220,7 @@ async fn list_audit_shows_every_write_with_its_operator_filtered_and_paged() {
     assert_eq!(body.type_url, "type.googleapis.com/fhirgw.config.v1.Tenant");
     assert_eq!(pb::Tenant::decode(body.value.as_slice()).unwrap().display_name, "tenant-a display");
     assert!(all.entries[0].body.is_none(), "a delete stores no body");
-    let at = all.entries[0].at.clone().unwrap();
+    let at = all.entries[0].at.unwrap();
     let since = prost_types::Timestamp::from(started - Duration::from_secs(1));
     assert!(at.seconds >= since.seconds);
     // No token anywhere in the trail.
@@ -236,12 +236,12 @@ async fn list_audit_shows_every_write_with_its_operator_filtered_and_paged() {
     assert_eq!(revisions(list(api::ListAuditRequest { name: "tenant-b".into(), ..Default::default() }).await), [2]);
     let future = prost_types::Timestamp::from(SystemTime::now() + Duration::from_secs(3600));
     assert_eq!(
-        revisions(list(api::ListAuditRequest { since: Some(future.clone()), ..Default::default() }).await),
+        revisions(list(api::ListAuditRequest { since: Some(future), ..Default::default() }).await),
         Vec::<u64>::new()
     );
     assert_eq!(
         revisions(
-            list(api::ListAuditRequest { since: Some(since.clone()), until: Some(future), ..Default::default() }).await
+            list(api::ListAuditRequest { since: Some(since), until: Some(future), ..Default::default() }).await
         )
         .len(),
         5
