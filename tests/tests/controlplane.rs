@@ -240,10 +240,8 @@ async fn list_audit_shows_every_write_with_its_operator_filtered_and_paged() {
         Vec::<u64>::new()
     );
     assert_eq!(
-        revisions(
-            list(api::ListAuditRequest { since: Some(since), until: Some(future), ..Default::default() }).await
-        )
-        .len(),
+        revisions(list(api::ListAuditRequest { since: Some(since), until: Some(future), ..Default::default() }).await)
+            .len(),
         5
     );
     assert_eq!(
