@@ -398,17 +398,7 @@ impl Admin for AdminService {
         let local = self.registry.report(&state, store_id, changed_since);
         // The other replicas' data planes, as they last published them; without the database, this replica's own.
         let since = now_millis().saturating_sub(i64::try_from(self.registry.stale_after().as_millis()).unwrap_or(0));
-        let remote = match tokio::time::timeout(Duration::from_secs(2), self.store.data_planes(since)).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                warn!(error = %e, "GetStatus: other replicas' data planes unavailable");
-                Vec::new()
-            }
-            Err(_) => {
-                warn!("GetStatus: other replicas' data planes unavailable (timed out)");
-                Vec::new()
-            }
-        };
+        let remote = if self.store.is_shared() { self.remote_data_planes(since).await } else { Vec::new() };
         let data_planes = self.registry.merge(local, remote, &state, store_id, changed_since);
         Ok(Response::new(api::StatusResponse {
             revision: state.revision,
@@ -433,6 +423,22 @@ impl Admin for AdminService {
         };
         let entries = records.into_iter().map(audit_entry).collect();
         Ok(Response::new(api::ListAuditResponse { entries, next_page_token }))
+    }
+}
+
+impl AdminService {
+    async fn remote_data_planes(&self, since: i64) -> Vec<crate::store::DataPlaneRow> {
+        match tokio::time::timeout(Duration::from_secs(2), self.store.data_planes(since)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                warn!(error = %e, "GetStatus: other replicas' data planes unavailable");
+                Vec::new()
+            }
+            Err(_) => {
+                warn!("GetStatus: other replicas' data planes unavailable (timed out)");
+                Vec::new()
+            }
+        }
     }
 }
 

@@ -313,6 +313,10 @@ fn lag(
 /// Publishes this replica's data planes to the store: at once after a change (debounced), and every `interval`
 /// as a heartbeat. On shutdown (`stop` turns true) it withdraws them.
 pub async fn publish(registry: Arc<Registry>, store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    if !store.is_shared() {
+        // One control plane per store: nobody else reads the rows.
+        return;
+    }
     let interval = registry.interval;
     loop {
         tokio::select! {

@@ -83,6 +83,9 @@ pub trait Backend: Send + Sync + 'static {
     /// What the store is, for logs (never a password).
     fn describe(&self) -> String;
 
+    /// Whether several control planes may share the store (an embedded store has exactly one).
+    fn is_shared(&self) -> bool;
+
     /// The whole store at one revision.
     async fn load(&self) -> Result<(u64, Objects), BackendError>;
 

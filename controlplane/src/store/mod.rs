@@ -206,6 +206,10 @@ impl Store {
     /// Catches up with writes made by other replicas; cheap when there are none.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let _guard = self.refresh_lock.lock().await;
+        self.refresh_locked().await
+    }
+
+    async fn refresh_locked(&self) -> Result<(), StoreError> {
         let current = self.state();
         let records = self.backend.changes_since(current.revision, REPLAY_LIMIT).await?;
         if records.is_empty() {
@@ -299,6 +303,9 @@ impl Store {
         for _ in 0..8 {
             let current = self.state();
             let (record, state) = self.prepare(actor, &change, expected, &check, &current)?;
+            // Commit and publish before the follower can replay this revision from the audit log: the published
+            // state is the one carrying the write's trace context.
+            let replay = self.refresh_lock.lock().await;
             let committed =
                 tokio::time::timeout(WRITE_TIMEOUT, self.backend.commit(&record)).await.map_err(|_| {
                     StoreError::Unavailable(format!("store unavailable: no answer within {WRITE_TIMEOUT:?}"))
@@ -308,6 +315,7 @@ impl Store {
                 self.publish(state);
                 return Ok(revision);
             }
+            drop(replay);
             tokio::time::timeout(WRITE_TIMEOUT, self.refresh()).await.map_err(|_| {
                 StoreError::Unavailable(format!("store unavailable: no answer within {WRITE_TIMEOUT:?}"))
             })??;
@@ -386,6 +394,11 @@ impl Store {
     /// The audit log, newest first.
     pub async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         Ok(self.backend.list_audit(query).await?)
+    }
+
+    /// Whether several control planes can share this store (and so need each other's data-plane rows).
+    pub fn is_shared(&self) -> bool {
+        self.backend.is_shared()
     }
 
     /// Replaces this replica's published data planes (what the other replicas' `GetStatus` shows).

@@ -137,6 +137,10 @@ impl Backend for PostgresBackend {
         self.describe.clone()
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     async fn load(&self) -> Result<(u64, Objects), BackendError> {
         // One snapshot for both reads: the revision and the objects agree.
         let mut tx = self.pool.begin().await.map_err(classify)?;

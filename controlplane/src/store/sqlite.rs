@@ -137,6 +137,10 @@ impl Backend for SqliteBackend {
         format!("sqlite://{}", self.path.display())
     }
 
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     async fn load(&self) -> Result<(u64, Objects), BackendError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let revision = Self::q_revision(&mut tx).await?;
