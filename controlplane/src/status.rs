@@ -320,7 +320,9 @@ pub async fn publish(registry: Arc<Registry>, store: Arc<Store>, mut stop: watch
     let interval = registry.interval;
     loop {
         tokio::select! {
-            () = registry.changed.notified() => tokio::time::sleep(Duration::from_millis(20)).await,
+            // At most a few publishes a second however busy the streams are: a write ACKed by a hundred data planes
+            // is one publish, not a hundred.
+            () = registry.changed.notified() => tokio::time::sleep(Duration::from_millis(200)).await,
             () = tokio::time::sleep(interval) => {}
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
