@@ -298,6 +298,14 @@ async fn postgres_restarted_under_the_replicas() {
             .unwrap();
         assert_eq!(r.status(), 200, "{} serves from memory", dp.name);
     }
+    let available = |cp: &Process| {
+        let url = format!("http://{}/metrics", cp.addr("admin"));
+        async move {
+            let text = http().get(url).send().await.unwrap().text().await.unwrap();
+            text.lines().find_map(|l| l.strip_prefix("fhirgw_cp_store_available ")).map(str::to_owned)
+        }
+    };
+    assert_eq!(available(&a).await.as_deref(), Some("0"), "the outage shows on /metrics");
 
     tokio::task::spawn_blocking({
         let pg = pg.clone();
@@ -315,6 +323,10 @@ async fn postgres_restarted_under_the_replicas() {
     })
     .await;
     assert_eq!(next, revision + 1, "the refused writes left no revision behind");
+    eventually("cp-a sees the store again", PROPAGATION, || async {
+        (available(&a).await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
     wait_in_sync(&admin_a, 2, next).await;
     wait_in_sync(&admin_b, 2, next).await;
     let audit = admin_a.list_audit(api::ListAuditRequest::default()).await.unwrap().into_inner();

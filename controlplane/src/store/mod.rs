@@ -149,6 +149,8 @@ pub struct Store {
     write_lock: Mutex<()>,
     refresh_lock: Mutex<()>,
     state: watch::Sender<Arc<State>>,
+    /// Whether the last operation on the database succeeded (the `store_available` gauge).
+    available: std::sync::atomic::AtomicBool,
     /// When recent revisions were first seen by this process, oldest first: the start of a data plane's lag.
     history: std::sync::Mutex<VecDeque<(u64, SystemTime)>>,
 }
@@ -177,6 +179,7 @@ impl Store {
             write_lock: Mutex::new(()),
             refresh_lock: Mutex::new(()),
             state: tx,
+            available: std::sync::atomic::AtomicBool::new(true),
             history: Default::default(),
         }))
     }
@@ -195,6 +198,16 @@ impl Store {
         self.backend.describe()
     }
 
+    /// Whether the database answered the last time this replica asked (writes, or following other replicas).
+    pub fn available(&self) -> bool {
+        self.available.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn mark<T>(&self, result: &Result<T, StoreError>) {
+        let up = !matches!(result, Err(StoreError::Unavailable(_)));
+        self.available.store(up, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn state(&self) -> Arc<State> {
         self.state.borrow().clone()
     }
@@ -206,7 +219,9 @@ impl Store {
     /// Catches up with writes made by other replicas; cheap when there are none.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let _guard = self.refresh_lock.lock().await;
-        self.refresh_locked().await
+        let result = self.refresh_locked().await;
+        self.mark(&result);
+        result
     }
 
     async fn refresh_locked(&self) -> Result<(), StoreError> {
@@ -292,6 +307,18 @@ impl Store {
     /// `check` sees the objects as they will be after the change and may refuse it. Fails with `Unavailable`, having
     /// written nothing, when the database cannot be reached in time.
     pub async fn write(
+        &self,
+        actor: &str,
+        change: Change,
+        expected: Expected,
+        check: impl Fn(&Objects) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let result = self.write_inner(actor, change, expected, check).await;
+        self.mark(&result);
+        result
+    }
+
+    async fn write_inner(
         &self,
         actor: &str,
         change: Change,
