@@ -82,11 +82,20 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(dir.join("data"))
-            .args(["-U", USER, "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8"])
+            .args([
+                "-U",
+                USER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "--no-locale",
+                "-E",
+                "UTF8",
+            ])
             .arg(format!("--pwfile={}", dir.join("pwfile").display()));
         let out = initdb.output().unwrap_or_else(|e| panic!("running initdb: {e}"));
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = Postgres {
+        let mut pg = Postgres {
             dir,
             // A static is never dropped: the shared server's supervisor removes the directory at exit instead.
             _tempdir: Some(tempdir),
@@ -95,7 +104,18 @@ impl Postgres {
             as_postgres,
             supervisor: Mutex::new(None),
         };
-        pg.spawn(shared);
+        // The free port may be taken by someone else before the server binds it: try another.
+        for attempt in 1..=3 {
+            match pg.try_spawn(shared) {
+                Ok(()) => return pg,
+                Err(e) if attempt < 3 => {
+                    eprintln!("postgres on port {} did not start ({e}); trying another port", pg.port);
+                    pg.stop();
+                    pg.port = free_port();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         pg
     }
 
@@ -111,6 +131,10 @@ impl Postgres {
 
     /// Starts the server under its supervisor and waits until it accepts connections.
     fn spawn(&self, remove_dir_at_exit: bool) {
+        self.try_spawn(remove_dir_at_exit).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_spawn(&self, remove_dir_at_exit: bool) -> Result<(), String> {
         let script = r#"
             "$PG_BIN/postgres" -D "$PG_DIR/data" -p "$PG_PORT" -k "$PG_DIR" -c listen_addresses=127.0.0.1 \
                 -c fsync=off -c full_page_writes=off -c max_connections=300 >>"$PG_DIR/postgres.log" 2>&1 &
@@ -131,21 +155,30 @@ impl Postgres {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = command.spawn().unwrap_or_else(|e| panic!("starting postgres: {e}"));
+        let child = command.spawn().map_err(|e| format!("starting postgres: {e}"))?;
         *self.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
         let started = Instant::now();
         loop {
+            let exited = self
+                .supervisor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
             let ready = Command::new(self.bin.join("pg_isready"))
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, "-d", "postgres"])
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
-                return;
+                return Ok(());
+            }
+            let log = || std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+            if log().contains("could not bind") || (exited && started.elapsed() > Duration::from_secs(1)) {
+                return Err(format!("postgres exited; log:\n{}", log()));
             }
             if started.elapsed() > Duration::from_secs(30) {
-                let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
-                panic!("postgres did not start within 30 s; log:\n{log}");
+                return Err(format!("postgres did not start within 30 s; log:\n{}", log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
