@@ -69,6 +69,43 @@ pub enum Interaction {
     Unknown,
 }
 
+impl Interaction {
+    /// The interaction's name as FHIR calls it (`read`, `search-type`, …), for logs, metrics and span attributes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Interaction::Capabilities => "capabilities",
+            Interaction::Read { .. } => "read",
+            Interaction::VRead { .. } => "vread",
+            Interaction::SearchType { .. } => "search-type",
+            Interaction::SearchSystem => "search-system",
+            Interaction::Compartment { .. } => "search-compartment",
+            Interaction::HistoryInstance { .. } => "history-instance",
+            Interaction::HistoryType { .. } => "history-type",
+            Interaction::HistorySystem => "history-system",
+            Interaction::Create { .. } => "create",
+            Interaction::Update { .. } => "update",
+            Interaction::Patch { .. } => "patch",
+            Interaction::Delete { .. } => "delete",
+            Interaction::Conditional { .. } => "conditional",
+            Interaction::BatchOrTransaction => "batch",
+            Interaction::Operation { .. } => "operation",
+            Interaction::Unknown => "unknown",
+        }
+    }
+
+    /// The interaction in words, for refusals.
+    pub fn describe(&self) -> String {
+        match self {
+            Interaction::Compartment { .. } => "Compartment search".into(),
+            Interaction::HistorySystem => "System-level history".into(),
+            Interaction::Conditional { .. } => "A conditional write".into(),
+            Interaction::BatchOrTransaction => "A batch or transaction".into(),
+            Interaction::Operation { name, .. } => format!("The operation {name}"),
+            _ => "This request".into(),
+        }
+    }
+}
+
 fn is_type(s: &str) -> bool {
     Class::Type.accepts(s)
 }

@@ -45,6 +45,25 @@ pub(super) struct Rules {
 }
 
 impl Rules {
+    /// The rules for one Bundle the executor streams back.
+    pub fn new(exec: &super::execute::Exec<'_>, expect: crate::policy::plan::BundleExpect) -> Self {
+        let access = exec.access;
+        Rules {
+            grants: access.grants.clone(),
+            scopes: access.scopes.clone(),
+            patient: access.patient.clone(),
+            upstream: exec.upstream.clone(),
+            public: exec.env.public.to_owned(),
+            signer: exec.env.signer.clone(),
+            tenant: access.tenant.clone(),
+            path: expect.path,
+            self_url: expect.self_url,
+            now: access.now,
+            narrowed: expect.narrowed,
+            origin: Rules::origin_finder(&exec.upstream),
+        }
+    }
+
     /// The finder for [`Rules::origin`].
     pub fn origin_finder(upstream: &Upstream) -> memmem::Finder<'static> {
         memmem::Finder::new(upstream.origin.to_ascii_lowercase().as_bytes()).into_owned()

@@ -3,33 +3,6 @@
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP) {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
 /// Builds the headers of a request to the upstream from the client's, by allow-list: only what FHIR needs passes,
 /// and the gateway adds its own afterwards (the credential in `UpstreamClient::send`, trace context, `Accept`,
 /// `Accept-Encoding: identity`, `Content-Type`, `If-Match` on the version it checked, a narrowed `If-None-Exist`).
