@@ -2,7 +2,7 @@
 //! data plane's own code; handlers here check only what depends on the request itself (required fields, the clock).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use fhirgw_config::resource::MAX_RESOURCE_BYTES;
 use fhirgw_config::tenant::{grant_fields, system_to_timestamp, tenant_fields};
@@ -11,12 +11,13 @@ use fhirgw_proto::admin::v1::admin_server::Admin;
 use fhirgw_proto::config::v1 as pb;
 use prost::Message;
 use tonic::{Request, Response, Status};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::objects::{ObjKind, Object, grant_key};
+use crate::operators::Operator;
 use crate::status::Registry;
-use crate::store::{Change, Expected, Store, StoreError};
+use crate::store::{AuditQuery, AuditRecord, Change, Expected, Store, StoreError, now_millis};
 
 pub struct AdminService {
     store: Arc<Store>,
@@ -30,7 +31,10 @@ impl AdminService {
     }
 }
 
-const ACTOR: &str = "operator";
+/// The authenticated operator's name (the interceptor put it there), for the audit log.
+fn actor<T>(request: &Request<T>) -> String {
+    request.extensions().get::<Operator>().map_or_else(|| crate::operators::SINGLE.to_owned(), |o| o.0.clone())
+}
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
@@ -41,7 +45,12 @@ fn to_status(e: StoreError) -> Status {
         StoreError::NotFound { .. } => Status::not_found(e.to_string()),
         StoreError::VersionMismatch { .. } | StoreError::Conflict(_) => Status::failed_precondition(e.to_string()),
         StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        StoreError::Db(_) | StoreError::Corrupt(_) => {
+        // Nothing was written; the operator retries (or another replica takes the call).
+        StoreError::Unavailable(_) => {
+            error!(error = %e, "store unavailable");
+            Status::unavailable(e.to_string())
+        }
+        StoreError::Backend(_) | StoreError::Corrupt(_) | StoreError::Locked(_) => {
             error!(error = %e, "store failure");
             Status::internal("store failure; see the control plane's log")
         }
@@ -71,24 +80,26 @@ fn decode<M: Message + Default>(obj: &Object) -> Result<M, Status> {
 impl AdminService {
     async fn put<M: Message>(
         &self,
+        actor: String,
         kind: ObjKind,
         name: String,
         msg: &M,
         expected: &str,
-        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+        check: impl Fn(&crate::objects::Objects) -> Result<(), StoreError>,
     ) -> Result<u64, Status> {
-        let result = self.put_inner(kind, name, msg, expected, check).await;
+        let result = self.put_inner(&actor, kind, name, msg, expected, check).await;
         self.metrics.write(kind, "put", result.as_ref().map(|_| ()).map_err(Status::code));
         result
     }
 
     async fn put_inner<M: Message>(
         &self,
+        actor: &str,
         kind: ObjKind,
         name: String,
         msg: &M,
         expected: &str,
-        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+        check: impl Fn(&crate::objects::Objects) -> Result<(), StoreError>,
     ) -> Result<u64, Status> {
         if name.is_empty() {
             return Err(invalid(format!("{kind} name is required")));
@@ -100,7 +111,7 @@ impl AdminService {
         let expected = Expected::parse(expected).map_err(invalid)?;
         // The write's span travels with the new revision to every data plane (ConfigResponse.trace_context).
         let span = tracing::info_span!("admin.put", %kind, %name);
-        let write = self.store.write(ACTOR, Change::Put { kind, name: name.clone(), body }, expected, check);
+        let write = self.store.write(actor, Change::Put { kind, name: name.clone(), body }, expected, check);
         let revision = tracing::Instrument::instrument(write, span).await.map_err(to_status)?;
         info!(%kind, %name, revision, "stored");
         Ok(revision)
@@ -108,29 +119,31 @@ impl AdminService {
 
     async fn delete(
         &self,
+        actor: String,
         kind: ObjKind,
         name: String,
         expected: &str,
-        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+        check: impl Fn(&crate::objects::Objects) -> Result<(), StoreError>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
-        let result = self.delete_inner(kind, name, expected, check).await;
+        let result = self.delete_inner(&actor, kind, name, expected, check).await;
         self.metrics.write(kind, "delete", result.as_ref().map(|_| ()).map_err(Status::code));
         result
     }
 
     async fn delete_inner(
         &self,
+        actor: &str,
         kind: ObjKind,
         name: String,
         expected: &str,
-        check: impl FnOnce(&crate::objects::Objects) -> Result<(), StoreError>,
+        check: impl Fn(&crate::objects::Objects) -> Result<(), StoreError>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let expected = Expected::parse(expected).map_err(invalid)?;
         if expected == Expected::Absent {
             return Err(invalid("expected_version \"0\" (absent) makes no sense for a delete"));
         }
         let span = tracing::info_span!("admin.delete", %kind, %name);
-        let write = self.store.write(ACTOR, Change::Delete { kind, name: name.clone() }, expected, check);
+        let write = self.store.write(actor, Change::Delete { kind, name: name.clone() }, expected, check);
         let revision = tracing::Instrument::instrument(write, span).await.map_err(to_status)?;
         info!(%kind, %name, revision, "deleted");
         Ok(Response::new(api::DeleteResponse { revision: revision.to_string() }))
@@ -174,11 +187,12 @@ fn grant_name(tenant: &str, tag: Option<&pb::Tag>) -> Result<String, Status> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn put_tenant(&self, request: Request<api::PutTenantRequest>) -> Result<Response<api::TenantEntry>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let tenant = required(req.tenant, "tenant")?;
         tenant_fields(&tenant).map_err(|e| invalid(e.to_string()))?;
         let revision =
-            self.put(ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
+            self.put(actor, ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta: now_meta(revision) }))
     }
 
@@ -200,9 +214,10 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let prefix = format!("{}/", req.name);
-        self.delete(ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
+        self.delete(actor, ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
             let grants = objects.keys().filter(|(k, n)| *k == ObjKind::Grant && n.starts_with(&prefix)).count();
             if grants > 0 {
                 return Err(StoreError::Conflict(format!(
@@ -216,10 +231,11 @@ impl Admin for AdminService {
     }
 
     async fn put_grant(&self, request: Request<api::PutGrantRequest>) -> Result<Response<api::GrantEntry>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let grant = required(req.grant, "grant")?;
         let name = check_grant(&grant)?;
-        let revision = self.put(ObjKind::Grant, name, &grant, &req.expected_version, |_| Ok(())).await?;
+        let revision = self.put(actor, ObjKind::Grant, name, &grant, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::GrantEntry { grant: Some(grant), meta: now_meta(revision) }))
     }
 
@@ -247,19 +263,22 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteGrantRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let name = grant_name(&req.tenant, req.tag.as_ref())?;
-        self.delete(ObjKind::Grant, name, &req.expected_version, |_| Ok(())).await
+        self.delete(actor, ObjKind::Grant, name, &req.expected_version, |_| Ok(())).await
     }
 
     async fn put_upstream(
         &self,
         request: Request<api::PutUpstreamRequest>,
     ) -> Result<Response<api::UpstreamEntry>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let upstream = required(req.upstream, "upstream")?;
-        let revision =
-            self.put(ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(())).await?;
+        let revision = self
+            .put(actor, ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(()))
+            .await?;
         Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta: now_meta(revision) }))
     }
 
@@ -284,18 +303,20 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
-        self.delete(ObjKind::Upstream, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete(actor, ObjKind::Upstream, req.name, &req.expected_version, |_| Ok(())).await
     }
 
     async fn put_route_table(
         &self,
         request: Request<api::PutRouteTableRequest>,
     ) -> Result<Response<api::RouteTableEntry>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let table = required(req.route_table, "route_table")?;
         let revision =
-            self.put(ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
+            self.put(actor, ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
         Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta: now_meta(revision) }))
     }
 
@@ -323,18 +344,21 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
-        self.delete(ObjKind::RouteTable, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete(actor, ObjKind::RouteTable, req.name, &req.expected_version, |_| Ok(())).await
     }
 
     async fn put_identity_provider(
         &self,
         request: Request<api::PutIdentityProviderRequest>,
     ) -> Result<Response<api::IdentityProviderEntry>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
         let idp = required(req.identity_provider, "identity_provider")?;
-        let revision =
-            self.put(ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(())).await?;
+        let revision = self
+            .put(actor, ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(()))
+            .await?;
         Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta: now_meta(revision) }))
     }
 
@@ -362,17 +386,121 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
         let req = request.into_inner();
-        self.delete(ObjKind::IdentityProvider, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete(actor, ObjKind::IdentityProvider, req.name, &req.expected_version, |_| Ok(())).await
     }
 
     async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
         let state = self.store.state();
-        let data_planes = self.registry.report(&state, |rev| self.store.changed_since(rev));
+        let store_id = self.store.store_id();
+        let changed_since = |rev| self.store.changed_since(rev);
+        let local = self.registry.report(&state, store_id, changed_since);
+        // The other replicas' data planes, as they last published them; without the database, this replica's own.
+        let since = now_millis().saturating_sub(i64::try_from(self.registry.stale_after().as_millis()).unwrap_or(0));
+        let remote = if self.store.is_shared() { self.remote_data_planes(since).await } else { Vec::new() };
+        let data_planes = self.registry.merge(local, remote, &state, store_id, changed_since);
         Ok(Response::new(api::StatusResponse {
             revision: state.revision,
             config_version: state.digest.clone(),
             data_planes,
+            store_id: store_id.to_owned(),
+            replica: self.store.replica().to_owned(),
         }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<api::ListAuditRequest>,
+    ) -> Result<Response<api::ListAuditResponse>, Status> {
+        let req = request.into_inner();
+        let query = audit_query(&req)?;
+        let records = self.store.list_audit(&query).await.map_err(to_status)?;
+        let next_page_token = if records.len() == query.limit as usize {
+            records.last().map(|r| r.revision.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let entries = records.into_iter().map(audit_entry).collect();
+        Ok(Response::new(api::ListAuditResponse { entries, next_page_token }))
+    }
+}
+
+impl AdminService {
+    async fn remote_data_planes(&self, since: i64) -> Vec<crate::store::DataPlaneRow> {
+        match tokio::time::timeout(Duration::from_secs(2), self.store.data_planes(since)).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                warn!(error = %e, "GetStatus: other replicas' data planes unavailable");
+                Vec::new()
+            }
+            Err(_) => {
+                warn!("GetStatus: other replicas' data planes unavailable (timed out)");
+                Vec::new()
+            }
+        }
+    }
+}
+
+const AUDIT_PAGE: u32 = 100;
+const AUDIT_PAGE_MAX: u32 = 1000;
+
+fn millis(t: &prost_types::Timestamp) -> i64 {
+    t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)
+}
+
+fn audit_query(req: &api::ListAuditRequest) -> Result<AuditQuery, Status> {
+    if !req.kind.is_empty() {
+        req.kind.parse::<ObjKind>().map_err(|_| {
+            invalid(format!(
+                "kind `{}` is not one of tenant, grant, upstream, route_table, identity_provider",
+                req.kind
+            ))
+        })?;
+    }
+    let before_revision = match req.page_token.as_str() {
+        "" => None,
+        token => Some(token.parse::<u64>().map_err(|_| invalid("page_token is not one this API issued"))?),
+    };
+    let limit = match req.page_size {
+        0 => AUDIT_PAGE,
+        n => n.min(AUDIT_PAGE_MAX),
+    };
+    Ok(AuditQuery {
+        kind: req.kind.clone(),
+        name: req.name.clone(),
+        actor: req.actor.clone(),
+        since: req.since.as_ref().map(millis),
+        until: req.until.as_ref().map(millis),
+        before_revision,
+        limit,
+    })
+}
+
+fn audit_entry(r: AuditRecord) -> api::AuditEntry {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(r.at).unwrap_or(0));
+    let message = match r.kind.parse::<ObjKind>() {
+        Ok(ObjKind::Tenant) => "Tenant",
+        Ok(ObjKind::Grant) => "Grant",
+        Ok(ObjKind::Upstream) => "Upstream",
+        Ok(ObjKind::RouteTable) => "RouteTable",
+        Ok(ObjKind::IdentityProvider) => "IdentityProvider",
+        Err(_) => "",
+    };
+    let body = r
+        .body
+        .filter(|_| !message.is_empty())
+        .map(|value| prost_types::Any { type_url: format!("type.googleapis.com/fhirgw.config.v1.{message}"), value });
+    api::AuditEntry {
+        revision: r.revision,
+        at: Some(system_to_timestamp(at)),
+        actor: r.actor,
+        version_after: if r.op == "delete" { String::new() } else { r.revision.to_string() },
+        operation: r.op,
+        kind: r.kind,
+        name: r.name,
+        version_before: r.version_before.map(|v| v.to_string()).unwrap_or_default(),
+        body,
+        replica: r.replica,
     }
 }

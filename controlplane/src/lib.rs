@@ -3,8 +3,10 @@
 pub mod admin;
 pub mod admin_http;
 pub mod auth;
+pub mod limits;
 pub mod metrics;
 pub mod objects;
+pub mod operators;
 pub mod push;
 pub mod status;
 pub mod store;

@@ -11,12 +11,15 @@ use clap::Parser;
 use fhirgw_controlplane::admin::AdminService;
 use fhirgw_controlplane::admin_http;
 use fhirgw_controlplane::auth::BearerAuth;
+use fhirgw_controlplane::limits::{MAX_ADMIN_MESSAGE_BYTES, ResourceExhausted};
 use fhirgw_controlplane::metrics::Metrics;
+use fhirgw_controlplane::operators::OperatorAuth;
 use fhirgw_controlplane::push::PushService;
-use fhirgw_controlplane::status::Registry;
-use fhirgw_controlplane::store::Store;
+use fhirgw_controlplane::status::{self, Registry};
+use fhirgw_controlplane::store::{Location, Store};
 use fhirgw_proto::admin::v1::admin_server::AdminServer;
 use fhirgw_proto::push::v1::config_discovery_server::ConfigDiscoveryServer;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
@@ -29,12 +32,24 @@ struct Args {
     /// Admin HTTP listen address (/metrics, /healthz).
     #[arg(long, env = "FHIRGW_CP_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
     admin_listen: SocketAddr,
-    /// SQLite database file of the embedded store (created if missing).
+    /// The store: a SQLite file (a path, or sqlite:///path; created if missing; one control plane only, held by an
+    /// exclusive lock), or a PostgreSQL URL (postgres://user@host:5432/db, several replicas). Give the PostgreSQL
+    /// password with --store-password-file or PGPASSWORD, not in the URL.
     #[arg(long, env = "FHIRGW_CP_STORE", default_value = "fhirgw-controlplane.db")]
-    store: PathBuf,
-    /// File holding the operator bearer token. Else FHIRGW_OPERATOR_TOKEN.
+    store: String,
+    /// File holding the PostgreSQL password (overrides the URL's and PGPASSWORD).
+    #[arg(long, env = "FHIRGW_CP_STORE_PASSWORD_FILE")]
+    store_password_file: Option<PathBuf>,
+    /// This replica's name in the audit log and GetStatus. Default: hostname-pid.
+    #[arg(long, env = "FHIRGW_CP_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// File holding the operator bearer token (the operator named `operator`). Else FHIRGW_OPERATOR_TOKEN.
     #[arg(long, env = "FHIRGW_OPERATOR_TOKEN_FILE")]
     operator_token_file: Option<PathBuf>,
+    /// File of named operator credentials, one `name sha256-hex-of-token` per line (`printf %s "$TOKEN" |
+    /// sha256sum`); re-read when it changes. Usable with or without the single token.
+    #[arg(long, env = "FHIRGW_OPERATORS_FILE")]
+    operators_file: Option<PathBuf>,
     /// File holding the token data planes present. Else FHIRGW_DATAPLANE_TOKEN.
     #[arg(long, env = "FHIRGW_DATAPLANE_TOKEN_FILE")]
     dataplane_token_file: Option<PathBuf>,
@@ -45,9 +60,17 @@ struct Args {
     /// grants are current. Keep it well below the data planes' --grant-ttl-secs.
     #[arg(long, env = "FHIRGW_CP_HEARTBEAT_SECS", default_value_t = 30)]
     heartbeat_secs: u64,
-    /// How often to look for writes by other replicas sharing the store.
+    /// How often to look for writes by other replicas sharing the store when no notification came (PostgreSQL's
+    /// LISTEN/NOTIFY brings them at once; this poll is the fallback).
     #[arg(long, env = "FHIRGW_CP_POLL_MS", default_value_t = 1000)]
     poll_ms: u64,
+    /// How often this replica publishes its connected data planes to the store for the other replicas' GetStatus.
+    #[arg(long, env = "FHIRGW_CP_STATUS_INTERVAL_MS", default_value_t = 1000)]
+    status_interval_ms: u64,
+    /// On SIGTERM every config stream ends at once (data planes reconnect to another replica); the process then
+    /// exits within this many seconds even if connections linger. Keep it below the pod's termination grace period.
+    #[arg(long, env = "FHIRGW_CP_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
+    shutdown_grace_secs: u64,
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -73,25 +96,40 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry =
         fhirgw_telemetry::init("fhirgw-controlplane", args.log_format == "json", "info,sqlx=warn,h2=warn,tower=warn")
             .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
-    let operator = BearerAuth::load(args.operator_token_file.as_deref(), "FHIRGW_OPERATOR_TOKEN", "operator")?;
+    let single = if args.operator_token_file.is_some() || std::env::var_os("FHIRGW_OPERATOR_TOKEN").is_some() {
+        Some(BearerAuth::load(args.operator_token_file.as_deref(), "FHIRGW_OPERATOR_TOKEN", "operator")?)
+    } else {
+        None
+    };
+    let operator = OperatorAuth::new(single, args.operators_file.as_deref())?;
+    tokio::spawn(operator.clone().watch(Duration::from_secs(2)));
     let dataplane = BearerAuth::load(args.dataplane_token_file.as_deref(), "FHIRGW_DATAPLANE_TOKEN", "data plane")?;
 
-    let store = Store::open(&args.store).await.with_context(|| format!("opening store {}", args.store.display()))?;
-    info!(store = %args.store.display(), revision = store.state().revision, "store open");
-    let registry = Arc::new(Registry::default());
+    let replica = args.replica_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let password = match &args.store_password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the store password file {}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let location = Location::parse(&args.store);
+    let store = Store::open(&location, password.as_deref(), &replica).await.context("opening the store")?;
+    info!(store = %store.describe(), store_id = store.store_id(), %replica, revision = store.state().revision, "store open");
+    let status_interval = Duration::from_millis(args.status_interval_ms.max(100));
+    let registry = Arc::new(Registry::new(&replica, status_interval));
     let metrics = Metrics::new(store.clone(), registry.clone());
 
-    let poller = store.clone();
-    let poll = Duration::from_millis(args.poll_ms.max(50));
+    // SIGTERM (or Ctrl-C) flips this once; everything that must end on shutdown watches it.
+    let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(poll);
-        loop {
-            tick.tick().await;
-            if let Err(e) = poller.refresh().await {
-                warn!(error = %e, "store refresh failed");
-            }
-        }
+        fhirgw_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
     });
+    tokio::spawn(store.clone().follow(Duration::from_millis(args.poll_ms.max(50))));
+    let publisher = tokio::spawn(status::publish(registry.clone(), store.clone(), stop.clone()));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
@@ -109,11 +147,12 @@ async fn main() -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let admin = tonic::service::interceptor::InterceptedService::new(
+    // Decode no more than an object can be: a larger message is refused from its length prefix, unread.
+    let admin = ResourceExhausted(tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService::new(store.clone(), registry.clone(), metrics.clone()))
-            .max_decoding_message_size(16 * 1024 * 1024),
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         operator,
-    );
+    ));
     let push = ConfigDiscoveryServer::with_interceptor(
         PushService::new(
             store.clone(),
@@ -121,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs(args.stream_lifetime_secs.max(10)),
             Duration::from_secs(args.heartbeat_secs.max(1)),
             metrics.clone(),
+            stop.clone(),
         ),
         dataplane,
     );
@@ -139,7 +179,8 @@ async fn main() -> anyhow::Result<()> {
     info!(%local, %admin_addr, "control plane listening");
     tokio::spawn(admin_http::serve(admin_listener, metrics));
 
-    tonic::transport::Server::builder()
+    let mut stopped = stop.clone();
+    let server = tonic::transport::Server::builder()
         .trace_fn(grpc_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -148,8 +189,35 @@ async fn main() -> anyhow::Result<()> {
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(push)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), fhirgw_telemetry::shutdown_signal())
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+    let mut server = tokio::spawn(server);
+    let mut signalled = stop.clone();
+    tokio::select! {
+        result = &mut server => result??,
+        _ = signalled.wait_for(|s| *s) => {
+            // Streams end at once (see PushService); what still lingers after the grace period is cut off, so the
+            // process is gone well within a Kubernetes termination grace period.
+            let grace = Duration::from_secs(args.shutdown_grace_secs);
+            info!(grace_secs = grace.as_secs(), "shutting down: config streams ended, draining");
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result??,
+                Err(_) => warn!("connections still open after the grace period; exiting anyway"),
+            }
+        }
+    }
+    // Withdraw this replica's data planes from the other replicas' GetStatus.
+    let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
     info!("control plane stopped");
     Ok(())
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "controlplane".to_owned())
 }

@@ -138,6 +138,13 @@ impl Collector for Fleet {
         gauge(&mut encoder, "store_revision", "Store revision (one per write).", state.revision)?;
         gauge(
             &mut encoder,
+            "store_available",
+            "1 when the store answered this replica's last read or write, 0 while it cannot be reached (writes fail \
+             UNAVAILABLE; config streams are served from memory).",
+            u64::from(self.store.available()),
+        )?;
+        gauge(
+            &mut encoder,
             "data_planes_connected",
             "Data planes with an open config stream.",
             summary.connected as u64,

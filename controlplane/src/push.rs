@@ -13,7 +13,7 @@ use fhirgw_config::{Kind, Rejection, ResourceKey};
 use fhirgw_proto::push::v1 as push;
 use fhirgw_proto::push::v1::config_discovery_server::ConfigDiscovery;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -28,6 +28,8 @@ pub struct PushService {
     max_lifetime: Duration,
     heartbeat: Duration,
     metrics: Arc<Metrics>,
+    /// Turns true on SIGTERM: every stream ends at once with UNAVAILABLE, so data planes move to another replica.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl PushService {
@@ -39,8 +41,9 @@ impl PushService {
         max_lifetime: Duration,
         heartbeat: Duration,
         metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Self { store, registry, max_lifetime, heartbeat, metrics }
+        Self { store, registry, max_lifetime, heartbeat, metrics, shutdown }
     }
 }
 
@@ -76,6 +79,9 @@ impl ConfigDiscovery for PushService {
         &self,
         request: Request<Streaming<push::ConfigRequest>>,
     ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        if *self.shutdown.borrow() {
+            return Err(Status::unavailable("control plane shutting down; connect to another replica"));
+        }
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
@@ -112,6 +118,8 @@ impl ConfigDiscovery for PushService {
             acked_revision: 0,
             last_ack: None,
             last_nack: None,
+            held_store_id: first.store_id.clone(),
+            held_system_version: first.held_system_version,
         });
         let (tx, rx) = mpsc::channel(4);
         let mut session = Session {
@@ -130,10 +138,11 @@ impl ConfigDiscovery for PushService {
         let lifetime = self.max_lifetime.mul_f64(rand::rng().random_range(0.8..1.0));
         let span = info_span!("config_stream", node = %node.id, peer = %peer);
         let heartbeat = self.heartbeat;
+        let shutdown = self.shutdown.clone();
         tokio::spawn(
             async move {
                 info!(initial = session.known.len(), "data plane connected");
-                let reason = session.run(inbound, tx, lifetime, heartbeat).await;
+                let reason = session.run(inbound, tx, lifetime, heartbeat, shutdown).await;
                 session.registry.remove(session.id);
                 info!(%reason, "data plane disconnected");
             }
@@ -150,6 +159,7 @@ impl Session {
         tx: Outbound,
         lifetime: Duration,
         heartbeat: Duration,
+        mut shutdown: watch::Receiver<bool>,
     ) -> String {
         let mut state_rx = self.store.subscribe();
         let deadline = tokio::time::sleep(lifetime);
@@ -163,6 +173,12 @@ impl Session {
         }
         loop {
             tokio::select! {
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                    // Ended, not abandoned: the data plane reconnects (to another replica) at once instead of
+                    // waiting for this process's heartbeats to stop.
+                    let _ = tx.send(Err(Status::unavailable("control plane shutting down; reconnect"))).await;
+                    return "control plane shutting down".into();
+                }
                 () = &mut deadline => {
                     let _ = tx.send(Err(Status::unavailable("maximum stream lifetime reached; reconnect"))).await;
                     return "maximum stream lifetime reached".into();
@@ -240,7 +256,7 @@ impl Session {
                 .map(|(kind, name)| push::ResourceRef { kind: kind.to_proto() as i32, name: name.clone() })
                 .collect(),
             trace_context: state.trace_context.clone(),
-            ..Default::default()
+            store_id: self.store.store_id().to_owned(),
         };
         self.pending = Some(Pending { nonce, revision: state.revision, sent, removed });
         tx.send(Ok(response)).await.map_err(|_| "data plane went away".to_owned())?;
@@ -265,7 +281,11 @@ impl Session {
                     self.known.remove(&key);
                 }
                 let known = self.known.clone();
+                let store_id = self.store.store_id().to_owned();
                 self.registry.update(self.id, |dp| {
+                    // It accepted this store's configuration: that is what it holds now.
+                    dp.held_store_id = store_id;
+                    dp.held_system_version = pending.revision;
                     dp.known = known;
                     dp.applied_version = request.applied_version;
                     dp.acked_revision = pending.revision;

@@ -30,6 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct ConfigClient {
+    /// One control-plane URL, or several separated by commas (see `run`).
     pub endpoint: String,
     pub token: String,
     pub node: push::Node,
@@ -59,13 +60,20 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl ConfigClient {
-    /// Runs until the process ends: connect, follow, reconnect with jittered exponential backoff.
+    /// Runs until the process ends: connect, follow, reconnect with jittered exponential backoff. With several
+    /// control planes (`endpoint` is a comma-separated list, and a name resolving to several addresses counts as
+    /// each), every new session goes to the next one, starting from a random one: a stream that drops (a replica
+    /// dying or shutting down, or the stream's lifetime ending) moves the data plane to another replica.
     pub async fn run(self) {
         let mut attempt = 0u32;
+        let mut next = rand::rng().random_range(0..64usize);
         loop {
-            let span = info_span!("config_session", control_plane = %self.endpoint, attempt);
+            let targets = control_planes(&self.endpoint).await;
+            let target = &targets[next % targets.len()];
+            next = next.wrapping_add(1);
+            let span = info_span!("config_session", control_plane = %target.url, attempt);
             let mut got_response = false;
-            let result = self.session(&mut got_response).instrument(span).await;
+            let result = self.session(target, &mut got_response).instrument(span).await;
             if got_response {
                 attempt = 0;
             }
@@ -73,11 +81,11 @@ impl ConfigClient {
             attempt = attempt.saturating_add(1);
             match result {
                 Err(SessionError::Stream(status)) if status.code() == tonic::Code::Unavailable && got_response => {
-                    info!(reason = %status.message(), "config stream ended; reconnecting");
+                    info!(control_plane = %target.url, reason = %status.message(), "config stream ended; reconnecting");
                 }
                 Err(e @ SessionError::Reconnect) => info!(reason = %e, "config stream closed; reconnecting"),
                 Err(e) => {
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed")
+                    warn!(control_plane = %target.url, error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed")
                 }
                 Ok(()) => {}
             }
@@ -112,9 +120,12 @@ impl ConfigClient {
         }
     }
 
-    async fn session(&self, got_response: &mut bool) -> Result<(), SessionError> {
-        let channel = Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|e| SessionError::Setup(e.to_string()))?
+    async fn session(&self, target: &Target, got_response: &mut bool) -> Result<(), SessionError> {
+        let mut endpoint = Endpoint::from_shared(target.url.clone()).map_err(|e| SessionError::Setup(e.to_string()))?;
+        if let Some(origin) = &target.origin {
+            endpoint = endpoint.origin(origin.clone());
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
@@ -279,9 +290,75 @@ impl ConfigClient {
     }
 }
 
+/// One control-plane address to connect to; `origin` keeps the configured name when `url` is one of its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    url: String,
+    origin: Option<http::Uri>,
+}
+
+/// The control planes named by `endpoints` (comma separated), each DNS name expanded to every address it resolves
+/// to now (re-resolved for each session, so a scaled or replaced replica set is followed). Never empty.
+async fn control_planes(endpoints: &str) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for url in endpoints.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        targets.extend(expand(url).await);
+    }
+    if targets.is_empty() {
+        targets.push(Target { url: endpoints.to_owned(), origin: None });
+    }
+    targets
+}
+
+async fn expand(url: &str) -> Vec<Target> {
+    let single = vec![Target { url: url.to_owned(), origin: None }];
+    let Ok(uri) = url.parse::<http::Uri>() else { return single };
+    let (Some(host), Some(scheme)) = (uri.host(), uri.scheme_str()) else { return single };
+    if host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok() {
+        return single;
+    }
+    let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let Ok(addrs) = tokio::net::lookup_host((host, port)).await else { return single };
+    let mut addrs: Vec<std::net::SocketAddr> = addrs.collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.len() <= 1 {
+        return single;
+    }
+    let path = uri.path_and_query().map_or("", |p| p.as_str()).trim_end_matches('/');
+    addrs
+        .into_iter()
+        .map(|addr| Target { url: format!("{scheme}://{addr}{path}"), origin: Some(uri.clone()) })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn several_control_planes() {
+        let urls = |t: Vec<Target>| t.into_iter().map(|t| (t.url, t.origin.is_some())).collect::<Vec<_>>();
+        assert_eq!(
+            urls(control_planes("http://127.0.0.1:1, http://[::1]:2,,http://10.0.0.3:3").await),
+            vec![
+                ("http://127.0.0.1:1".into(), false),
+                ("http://[::1]:2".into(), false),
+                ("http://10.0.0.3:3".into(), false)
+            ]
+        );
+        assert_eq!(urls(control_planes("").await), vec![(String::new(), false)]);
+        // localhost resolves to 127.0.0.1 and usually ::1: each address is a target named after the configured URL.
+        let local = control_planes("http://localhost:50051").await;
+        assert!(!local.is_empty());
+        if local.len() > 1 {
+            assert!(
+                local.iter().all(|t| t.origin.as_ref().is_some_and(|o| o.host() == Some("localhost"))),
+                "{local:?}"
+            );
+            assert!(local.iter().any(|t| t.url == "http://127.0.0.1:50051"), "{local:?}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -2,6 +2,7 @@
 
 pub mod admin_http;
 pub mod authn;
+pub mod body;
 pub mod body_budget;
 pub mod config_client;
 pub mod config_guard;

@@ -30,7 +30,8 @@ struct Args {
     /// Admin listen address (/healthz, /readyz, /config, /metrics).
     #[arg(long, env = "FHIRGW_DP_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
     admin_listen: SocketAddr,
-    /// Control plane gRPC URL.
+    /// Control plane gRPC URL, or several separated by commas (replicas on one PostgreSQL store); a name that
+    /// resolves to several addresses counts as each. When a stream drops, the next session goes to the next one.
     #[arg(long, env = "FHIRGW_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
     control_plane: String,
     /// File holding the data plane token for the control plane. Else FHIRGW_DATAPLANE_TOKEN.

@@ -23,8 +23,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::body::{Body, BoxError};
 use crate::state::{ConfigState, Source};
-use crate::upstream::{Body, BoxError};
 
 /// The `route` label of a request that matched no route (not ready, unknown path, SMART discovery).
 pub const NO_ROUTE: &str = "_none";

@@ -5,7 +5,7 @@ use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::upstream::Body;
+use crate::body::Body;
 
 pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
 

@@ -36,10 +36,10 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::body::{Body, BoxError};
 use crate::lifecycle::Phase;
 use crate::limits::Throttled;
 use crate::metrics::ListenerMetrics;
-use crate::upstream::{Body, BoxError};
 
 /// While stopping, a connection with nothing in flight closes once it has been quiet this long: long enough for a
 /// client that has just connected, or just read a response, to have sent the request it was about to send.

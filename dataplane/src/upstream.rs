@@ -4,13 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use fhirgw_config::upstream::{Upstream, UpstreamAuth};
 use fhirgw_config::{Kind, Rejection, Snapshot};
 use http::header::{AUTHORIZATION, HeaderValue};
 use http::{Request, Response};
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -20,8 +18,7 @@ use crate::credentials::{self, TokenSource};
 use crate::http_client::{self, Connector};
 use crate::metrics::{CacheCounter, Metrics};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+use crate::body::Body;
 
 /// How long a credential read from a file is reused before the file is read again (rotation).
 const FILE_CREDENTIAL_TTL: Duration = Duration::from_secs(30);

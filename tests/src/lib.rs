@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 pub mod fixtures;
 pub mod issuer;
 pub mod oidc;
+pub mod postgres;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
 pub const DATAPLANE_TOKEN: &str = "dataplane-token-for-tests-0123456789";
@@ -88,6 +89,11 @@ impl Process {
             .as_str()
             .unwrap_or_else(|| panic!("{} reported no `{key}`: {}", self.name, self.ready))
             .to_owned()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// SIGKILL and wait.
@@ -165,6 +171,15 @@ pub struct World {
     pub dir: tempfile::TempDir,
     /// When set, every binary started afterwards exports traces here (OTLP/gRPC).
     pub otlp_endpoint: Option<String>,
+    /// Prefix of this world's PostgreSQL databases (one database per store name), and those created so far.
+    pg_prefix: String,
+    pg_databases: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The control plane's store backend for the suites: `FHIRGW_TEST_STORE=postgres` runs them on the shared
+/// PostgreSQL (`postgres::Postgres::shared()`, one database per world and store name); anything else on SQLite.
+pub fn test_store_is_postgres() -> bool {
+    std::env::var("FHIRGW_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
 impl Default for World {
@@ -183,7 +198,8 @@ impl World {
         ] {
             std::fs::write(dir.path().join(file), format!("{token}\n")).unwrap();
         }
-        World { dir, otlp_endpoint: None }
+        let pg_prefix = format!("w{:08x}", rand::random::<u32>());
+        World { dir, otlp_endpoint: None, pg_prefix, pg_databases: Default::default() }
     }
 
     fn otel_env(&self, command: &mut Command, service: &str) {
@@ -231,6 +247,50 @@ impl World {
         self.control_plane_args(name, store, listen, &[]).await
     }
 
+    /// The `--store` flags for the store named `store`: a SQLite file in the world's directory, or (with
+    /// `FHIRGW_TEST_STORE=postgres`) this world's database of that name on the shared PostgreSQL.
+    pub fn store_args(&self, store: &str) -> Vec<String> {
+        if test_store_is_postgres() {
+            let db: String = format!("{}_{store}", self.pg_prefix)
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+                .collect();
+            self.pg_store_args(postgres::Postgres::shared(), &db)
+        } else {
+            vec!["--store".into(), self.path(store).display().to_string()]
+        }
+    }
+
+    /// The `--store` flags for database `db` on `pg` (created on first use), with the password from its file.
+    pub fn pg_store_args(&self, pg: &postgres::Postgres, db: &str) -> Vec<String> {
+        let key = format!("{}:{db}", pg.port);
+        if self.pg_databases.lock().unwrap().insert(key) {
+            pg.create_database(db);
+        }
+        vec!["--store".into(), pg.url(db), "--store-password-file".into(), pg.password_file().display().to_string()]
+    }
+
+    /// A control plane on the store given by `store_args` (see `store_args`, `pg_store_args`).
+    pub async fn control_plane_on(&self, name: &str, store_args: &[String], listen: &str, extra: &[&str]) -> Process {
+        let mut command = Command::new(binary("fhirgw-controlplane"));
+        command
+            .arg("--listen")
+            .arg(listen)
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .args(store_args)
+            .arg("--replica-id")
+            .arg(name)
+            .arg("--operator-token-file")
+            .arg(self.path("operator.token"))
+            .arg("--dataplane-token-file")
+            .arg(self.path("dataplane.token"))
+            .args(extra)
+            .env("RUST_LOG", "info,fhirgw_controlplane=debug");
+        self.otel_env(&mut command, "fhirgw-controlplane");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+
     pub async fn control_plane_args(&self, name: &str, store: &str, listen: &str, extra: &[&str]) -> Process {
         let mut command = Command::new(binary("fhirgw-controlplane"));
         command
@@ -238,8 +298,7 @@ impl World {
             .arg(listen)
             .arg("--admin-listen")
             .arg("127.0.0.1:0")
-            .arg("--store")
-            .arg(self.path(store))
+            .args(self.store_args(store))
             .arg("--operator-token-file")
             .arg(self.path("operator.token"))
             .arg("--dataplane-token-file")
@@ -325,6 +384,47 @@ pub fn grpc_url(cp: &Process) -> String {
 pub async fn admin(cp: &Process) -> Admin {
     let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
     AdminClient::with_interceptor(channel, operator_auth as fn(_) -> _)
+}
+
+/// Sends `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+pub struct TokenAuth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl TokenAuth {
+    pub fn bearer(token: &str) -> TokenAuth {
+        TokenAuth(format!("Bearer {token}").parse().unwrap())
+    }
+}
+
+impl tonic::service::Interceptor for TokenAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type AdminAs = AdminClient<InterceptedService<Channel, TokenAuth>>;
+
+/// An admin client presenting `token` (a named operator's, say).
+pub async fn admin_as(cp: &Process, token: &str) -> AdminAs {
+    let channel = Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
+    AdminClient::with_interceptor(channel, TokenAuth::bearer(token))
+}
+
+/// SHA-256 of a token, hex, made the way the README tells operators to (`printf %s "$TOKEN" | sha256sum`): a line
+/// of an operators file is `name <this>`.
+pub fn token_hash(token: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(token.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_owned()
 }
 
 /// Runs grpcurl exactly as an operator would: `grpcurl -plaintext -H 'authorization: Bearer …' FLAGS ADDRESS VERBS`.

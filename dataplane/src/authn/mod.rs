@@ -16,7 +16,8 @@
 
 mod introspect;
 mod jwks;
-pub mod scopes;
+/// Scopes are policy (`policy::scopes`); re-exported here for the code that reads them off tokens.
+pub use crate::policy::scopes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use super::paging::{PageError, PageSigner, unix};
 use super::query::{self, MAX_PARAMS, Params, QueryError, Use, is_date_time};
 use super::verify::Grants;
-use crate::authn::scopes::{Allowed, Permission, Scopes};
+use crate::policy::scopes::{Allowed, Permission, Scopes};
 
 /// How long status and file links stay valid.
 pub const EXPORT_TTL: Duration = Duration::from_secs(24 * 60 * 60);

@@ -24,13 +24,14 @@ use serde_json::{Value, json};
 
 use super::{Proxy, ProxyError, bundle_stream, headers, json_response, validators};
 use crate::authn::Caller;
-use crate::authn::scopes::{Allowed, Permission};
+use crate::body::Body;
 use crate::policy::classify::Interaction;
 use crate::policy::compartment::{self, Reach};
 use crate::policy::query::{self, PAGE_PARAM, Params, QueryError, Use};
 use crate::policy::raw;
+use crate::policy::scopes::{Allowed, Permission};
 use crate::policy::verify::{Grants, resource_visible};
-use crate::upstream::{Body, UpstreamError};
+use crate::upstream::UpstreamError;
 
 /// Largest single resource the gateway verifies.
 const READ_MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -339,7 +340,7 @@ impl Ctx<'_> {
                 if !resource_visible(&value, ty, id, grants) || !reach.admits(&value) {
                     return Err(ProxyError::ResourceNotFound);
                 }
-                super::links::rewrite_references(&mut value, &self.upstream, &self.public);
+                crate::policy::links::rewrite_references(&mut value, &self.upstream, &self.public);
                 Ok(json_response(StatusCode::OK, &value, &validators(&headers), head))
             }
             StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProxyError::ResourceNotFound),
@@ -355,7 +356,7 @@ impl Ctx<'_> {
         view.resource_type.as_deref() == Some(ty)
             && view.id.as_deref() == Some(id)
             && view.covered_by(grants)
-            && !super::links::mentions_origin(body, &self.upstream)
+            && !crate::policy::links::mentions_origin(body, &self.upstream)
     }
 
     /// The upstream target a signed page token stands for, if it was made for this tenant, this gateway path

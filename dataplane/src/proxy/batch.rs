@@ -27,13 +27,13 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::access::Ctx;
-use super::links::{rewrite_references, rewrite_url};
 use super::write::{json_body, stored_version, update_error};
 use super::{ProxyError, json_response};
-use crate::authn::scopes::Permission;
 use crate::policy::batch::{self, Kind, entry_request, request_field};
 use crate::policy::classify::{Interaction, classify};
+use crate::policy::links::{rewrite_references, rewrite_url};
 use crate::policy::query::{self, Use};
+use crate::policy::scopes::Permission;
 use crate::policy::verify::{Grants, filter_bundle, resource_visible, rewrite_full_url, rewrite_full_urls};
 use crate::policy::write::{check_tags, dataset_systems, granted_tags};
 
@@ -340,7 +340,7 @@ impl Ctx<'_> {
             if bundle.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
                 let scopes = &self.caller.scopes;
                 filter_bundle(bundle, grants, true, &|ty| {
-                    scopes.allows(ty, Permission::Read) == crate::authn::scopes::Allowed::Tenant
+                    scopes.allows(ty, Permission::Read) == crate::policy::scopes::Allowed::Tenant
                 });
                 rewrite_full_urls(bundle, &self.upstream.base_url, &self.public);
                 // Paging inside a batch is not offered: the page links would have to be signed per entry.
@@ -389,4 +389,4 @@ fn entry_resource<'a>(entry: &'a mut Value, ty: &str) -> Result<&'a mut Value, P
     Ok(resource)
 }
 
-use crate::upstream::Body;
+use crate::body::Body;

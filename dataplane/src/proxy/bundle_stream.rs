@@ -14,14 +14,14 @@ use memchr::memmem;
 use serde_json::{Value, json};
 
 use super::filtered_body::Labels;
-use super::links::{PageContext, rewrite_links, rewrite_references, rewrite_url};
-use crate::authn::scopes::{Allowed, Permission, Scopes};
+use crate::body::Body;
 use crate::policy::compartment;
+use crate::policy::links::{PageContext, rewrite_links, rewrite_references, rewrite_url};
 use crate::policy::paging::PageSigner;
 use crate::policy::raw;
+use crate::policy::scopes::{Allowed, Permission, Scopes};
 use crate::policy::stream::{BundleFilter, EntryPolicy, Options, RawVerdict};
 use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
-use crate::upstream::Body;
 
 /// Everything one Bundle's verification needs, owned: the body outlives the request handler.
 pub(super) struct Rules {

@@ -17,11 +17,11 @@ use hyper::body::Incoming;
 use super::ProxyError;
 use super::access::{Ctx, Prepared};
 use super::write::json_body;
-use crate::authn::scopes::Permission;
+use crate::body::Body;
 use crate::policy::docref;
 use crate::policy::query::{self, Use};
+use crate::policy::scopes::Permission;
 use crate::policy::verify::Grants;
-use crate::upstream::Body;
 
 const DOCUMENT_REFERENCE: &str = "DocumentReference";
 

@@ -29,13 +29,13 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::access::Ctx;
-use super::links::{rewrite_url, upstream_target};
 use super::ndjson_stream::{self, LineRules};
 use super::{ProxyError, json_response};
+use crate::body::Body;
 use crate::policy::export::{self, Binding, ExportClaims, FILE_OP, KickOffError, LinkKind, STATUS_OP, TOKEN_PARAM};
+use crate::policy::links::{rewrite_url, upstream_target};
 use crate::policy::query;
 use crate::policy::verify::Grants;
-use crate::upstream::Body;
 
 /// Largest completion manifest the gateway reads.
 const MANIFEST_MAX_BYTES: usize = 16 * 1024 * 1024;

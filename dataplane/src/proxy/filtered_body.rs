@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
 use tracing::{Span, debug};
 
+use crate::body::Body;
 use crate::metrics::Aborted;
-use crate::upstream::Body;
 
 /// An incremental, synchronous filter over the bytes of one response body.
 pub(super) trait ChunkFilter: Send + 'static {

@@ -21,7 +21,6 @@ mod docref;
 mod export;
 mod filtered_body;
 mod headers;
-mod links;
 mod ndjson_stream;
 mod public;
 mod references;
@@ -45,12 +44,13 @@ use serde_json::Value;
 use tracing::{Instrument, info_span, warn};
 
 use crate::authn::{AuthError, Authenticator};
+use crate::body::Body;
 use crate::outcome::{FHIR_JSON, Outcome};
 use crate::policy::classify::{Interaction, classify};
 use crate::policy::paging::{PageError, PageSigner};
 use crate::policy::query::QueryError;
 use crate::state::ConfigState;
-use crate::upstream::{Body, UpstreamClient, UpstreamError};
+use crate::upstream::{UpstreamClient, UpstreamError};
 
 pub struct Proxy {
     pub state: Arc<ConfigState>,

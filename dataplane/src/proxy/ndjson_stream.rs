@@ -10,12 +10,12 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::filtered_body::Labels;
-use super::links::rewrite_references;
-use crate::authn::scopes::{Allowed, Permission, Scopes};
+use crate::body::Body;
 use crate::policy::export::line_visible;
+use crate::policy::links::rewrite_references;
 use crate::policy::ndjson::{LineError, LineFilter, MAX_LINE_BYTES};
+use crate::policy::scopes::{Allowed, Permission, Scopes};
 use crate::policy::verify::Grants;
-use crate::upstream::Body;
 
 /// Everything one file's verification needs, owned: the body outlives the request handler.
 pub(super) struct LineRules {

@@ -15,13 +15,13 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::access::Ctx;
-use super::links::rewrite_url;
 use super::{ProxyError, json_response, validators};
-use crate::authn::scopes::Permission;
+use crate::body::Body;
+use crate::policy::links::rewrite_url;
 use crate::policy::query::{self, PAGE_PARAM, Use};
+use crate::policy::scopes::Permission;
 use crate::policy::verify::{Grants, resource_visible};
 use crate::policy::write::{check_json_patch, check_meta_change, check_tags, dataset_systems, granted_tags};
-use crate::upstream::Body;
 
 /// Largest resource or patch accepted for a write.
 const WRITE_MAX_BYTES: usize = 16 * 1024 * 1024;
@@ -452,7 +452,7 @@ impl Ctx<'_> {
         });
         let mut out = match visible {
             Some(mut value) => {
-                super::links::rewrite_references(&mut value, &self.upstream, &self.public);
+                crate::policy::links::rewrite_references(&mut value, &self.upstream, &self.public);
                 json_response(status, &value, &keep, false)
             }
             None => {
