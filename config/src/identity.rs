@@ -1,5 +1,7 @@
 //! Token issuers the data plane trusts.
 
+use std::time::Duration;
+
 use fhirgw_proto::config::v1 as pb;
 
 use crate::names::{self, NameError};
@@ -9,6 +11,14 @@ pub const DEFAULT_ALGORITHMS: &[&str] = &["RS256", "ES256", "PS256"];
 /// Every algorithm that may be configured: asymmetric only, so a public key can never verify an HMAC.
 pub const ALLOWED_ALGORITHMS: &[&str] =
     &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+/// How long a fetched JWKS is used when the provider does not say: the bound on how long a key the provider has
+/// removed keeps verifying tokens.
+pub const DEFAULT_JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+const JWKS_MAX_AGE_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+/// How long an active introspection answer is reused when the provider does not say: the bound on how long a token
+/// revoked at the provider keeps working.
+pub const DEFAULT_INTROSPECTION_MAX_AGE: Duration = Duration::from_secs(60);
+const INTROSPECTION_MAX_AGE_RANGE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(300));
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityProvider {
@@ -23,6 +33,8 @@ pub struct IdentityProvider {
     pub introspection_client_secret_file: Option<String>,
     pub authorization_endpoint: Option<String>,
     pub token_endpoint: Option<String>,
+    pub jwks_max_age: Duration,
+    pub introspection_max_age: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +62,20 @@ fn secure_url(what: &'static str, value: &str) -> Result<Option<String>, Identit
         return Err(IdentityError::Invalid(format!("{what} must be https (plain http only on loopback)")));
     }
     Ok(Some(url))
+}
+
+/// A cache lifetime within `range`, or `default` when unset.
+fn max_age(
+    what: &str,
+    value: Option<&prost_types::Duration>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+) -> Result<Duration, IdentityError> {
+    let Some(value) = value else { return Ok(default) };
+    match Duration::try_from(*value) {
+        Ok(d) if (min..=max).contains(&d) => Ok(d),
+        _ => Err(IdentityError::Invalid(format!("{what} must be between {}s and {}s", min.as_secs(), max.as_secs()))),
+    }
 }
 
 impl TryFrom<&pb::IdentityProvider> for IdentityProvider {
@@ -104,6 +130,13 @@ impl TryFrom<&pb::IdentityProvider> for IdentityProvider {
             introspection_client_secret_file,
             authorization_endpoint: optional_url("authorization_endpoint", &msg.authorization_endpoint)?,
             token_endpoint: optional_url("token_endpoint", &msg.token_endpoint)?,
+            jwks_max_age: max_age("jwks_max_age", msg.jwks_max_age.as_ref(), DEFAULT_JWKS_MAX_AGE, JWKS_MAX_AGE_RANGE)?,
+            introspection_max_age: max_age(
+                "introspection_max_age",
+                msg.introspection_max_age.as_ref(),
+                DEFAULT_INTROSPECTION_MAX_AGE,
+                INTROSPECTION_MAX_AGE_RANGE,
+            )?,
         })
     }
 }
@@ -144,6 +177,37 @@ mod tests {
             let mut msg = idp();
             msg.jwks_uri = url.into();
             assert_eq!(IdentityProvider::try_from(&msg).is_ok(), ok, "{url}");
+        }
+    }
+
+    #[test]
+    fn cache_lifetimes() {
+        type Age = Option<prost_types::Duration>;
+        type Want = Result<(u64, u64), &'static str>;
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        #[rustfmt::skip]
+        let cases: &[(Age, Age, Want)] = &[
+            (None, None, Ok((300, 60))),
+            (d(1, 0), d(0, 0), Ok((1, 0))),
+            (d(3600, 0), d(300, 0), Ok((3600, 300))),
+            (d(0, 500_000_000), None, Err("jwks_max_age")),
+            (d(0, 0), None, Err("jwks_max_age")),
+            (d(3601, 0), None, Err("jwks_max_age")),
+            (d(-5, 0), None, Err("jwks_max_age")),
+            (None, d(301, 0), Err("introspection_max_age")),
+            (None, d(-1, 0), Err("introspection_max_age")),
+        ];
+        for (jwks, introspection, want) in cases {
+            let mut msg = idp();
+            msg.jwks_max_age = *jwks;
+            msg.introspection_max_age = *introspection;
+            match (IdentityProvider::try_from(&msg), want) {
+                (Ok(got), Ok((j, i))) => {
+                    assert_eq!((got.jwks_max_age.as_secs(), got.introspection_max_age.as_secs()), (*j, *i));
+                }
+                (Err(e), Err(what)) => assert!(e.to_string().contains(what), "{jwks:?} {introspection:?}: {e}"),
+                (got, want) => panic!("{jwks:?} {introspection:?}: got {got:?}, want {want:?}"),
+            }
         }
     }
 

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 pub mod fixtures;
 pub mod issuer;
+pub mod oidc;
 pub mod postgres;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
@@ -231,6 +232,11 @@ impl World {
             .arg(self.path("upstream.token"))
             .args(extra);
         Process::spawn("fhir-server", command, self.dir.path()).await
+    }
+
+    /// The real OpenID provider (`tests/oidc-provider`, run on port 0), configured with `setup`.
+    pub async fn oidc_provider(&self, setup: oidc::Setup) -> oidc::OidcProvider {
+        oidc::OidcProvider::start(self, setup).await
     }
 
     pub async fn control_plane(&self, name: &str, store: &str) -> Process {

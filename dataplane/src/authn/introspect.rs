@@ -3,9 +3,10 @@
 //! The gateway authenticates to the endpoint as a confidential client (HTTP Basic, RFC 6749 §2.3.1, with the secret
 //! read from a file on the data plane) and accepts the token only if the answer says `active: true`, names this
 //! issuer if it names one, names one of the configured audiences if it names any, and has not passed its `exp`.
-//! An answer without `exp` is trusted for `DEFAULT_LIFETIME` only.
+//! An answer without `exp` is trusted for `DEFAULT_LIFETIME` only. An active answer is reused for the provider's
+//! `introspection_max_age` at most, the bound on how long a revoked token keeps working.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -36,6 +37,7 @@ pub(super) async fn introspect(
     http: &Client<Connector, Full<Bytes>>,
     idp: &IdentityProvider,
     token: &str,
+    now: Instant,
 ) -> Result<Verified, AuthError> {
     let Some(endpoint) = idp.introspection_endpoint.as_deref() else {
         return Err(AuthError::Invalid(format!("`{}` does not introspect", idp.name)));
@@ -72,7 +74,12 @@ pub(super) async fn introspect(
     let answer: Value = serde_json::from_slice(&body)
         .map_err(|e| unavailable(idp, format!("introspection answer is not JSON: {e}")))?;
     let exp = check_answer(idp, &answer, unix_now())?;
-    Ok(Verified { idp: idp.clone(), caller: caller_from_claims(idp, &answer)?, exp })
+    Ok(Verified {
+        idp: idp.clone(),
+        caller: caller_from_claims(idp, &answer)?,
+        exp,
+        until: now + idp.introspection_max_age,
+    })
 }
 
 /// Whether an introspection answer accepts the token at `now`; the `exp` to cache it until.
@@ -129,6 +136,8 @@ mod tests {
             introspection_client_secret_file: None,
             authorization_endpoint: None,
             token_endpoint: None,
+            jwks_max_age: fhirgw_config::identity::DEFAULT_JWKS_MAX_AGE,
+            introspection_max_age: fhirgw_config::identity::DEFAULT_INTROSPECTION_MAX_AGE,
         }
     }
 

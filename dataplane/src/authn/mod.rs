@@ -1,17 +1,21 @@
 //! Who is calling: bearer tokens validated against the pushed identity providers.
 //!
-//! A JWT's issuer is chosen by its exact `iss`; the key by `kid` from the issuer's JWKS, cached in moka and
-//! refetched (at most once per 10 s per issuer) when a `kid` is unknown, so key rotation works without letting random
-//! `kid`s hammer the issuer. Algorithms are allow-listed per issuer (asymmetric only, never `none` or HMAC), `aud`
-//! must be one of the issuer's configured audiences, `exp` is required, `exp`/`nbf` get 30 s of leeway. Opaque tokens
-//! (and JWTs of an issuer without a JWKS) go through RFC 7662 introspection (`introspect.rs`). The tenant comes from
-//! the configured claim and must be a tenant the control plane knows; a token without it is refused.
+//! A JWT's issuer is chosen by its exact `iss`; the key by `kid` from the issuer's JWKS (`jwks.rs`: used for the
+//! provider's `jwks_max_age`, refetched at once, at most every 10 s, when a `kid` is unknown). Algorithms are
+//! allow-listed per issuer (asymmetric only, never `none` or HMAC), `aud` must be one of the issuer's configured
+//! audiences, `exp` is required, `exp`/`nbf` get 30 s of leeway. Opaque tokens (and JWTs of an issuer without a JWKS)
+//! go through RFC 7662 introspection (`introspect.rs`). The tenant comes from the configured claim and must be a
+//! tenant the control plane knows; a token without it is refused.
 //!
-//! A verified token is cached by its SHA-256 until its `exp` (at most five minutes), so the signature check or the
-//! introspection call is paid once per token, not once per request. A cached result is used only while the provider's
-//! settings are unchanged, and `exp` and the tenant are checked on every request.
+//! A verified token is cached by its SHA-256, so the signature check or the introspection call is paid once per
+//! token, not once per request. A cached verification never outlives its basis: a JWT's is kept only while the key
+//! set that verified it is in date (so a key the provider removes stops working within `jwks_max_age`), an
+//! introspection answer for `introspection_max_age` (so a revoked token stops within that), and neither past the
+//! token's `exp` nor five minutes. It is used only while the provider's settings are unchanged, and `exp` and the
+//! tenant are checked on every request.
 
 mod introspect;
+mod jwks;
 /// Scopes are policy (`policy::scopes`); re-exported here for the code that reads them off tokens.
 pub use crate::policy::scopes;
 
@@ -21,14 +25,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use bytes::Bytes;
-use dashmap::DashMap;
 use fhirgw_config::Snapshot;
 use fhirgw_config::identity::IdentityProvider;
-use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, Full, Limited};
+use http::HeaderMap;
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use moka::future::Cache;
 use serde_json::Value;
@@ -39,12 +41,8 @@ use crate::metrics::CacheCounter;
 use scopes::Scopes;
 
 pub const LEEWAY_SECS: u64 = 30;
-const JWKS_TTL: Duration = Duration::from_secs(600);
-const JWKS_REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(10);
-const JWKS_MAX_BYTES: usize = 1024 * 1024;
-const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
-/// A verified token is re-verified at least this often, so a key dropped from the JWKS (or a token revoked at the
-/// introspection endpoint) stops working within this bound even if the token's `exp` is later.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A verified token is re-verified at least this often, whatever the provider's cache settings.
 const VERIFIED_MAX_AGE: Duration = Duration::from_secs(300);
 const VERIFIED_CAPACITY: u64 = 100_000;
 
@@ -75,13 +73,11 @@ pub enum AuthError {
 }
 
 pub struct Authenticator {
-    jwks: Cache<String, Arc<Vec<Jwk>>>,
-    last_forced: DashMap<String, Instant>,
+    jwks: jwks::Jwks,
     /// Tokens already verified (JWT signature checked, or introspected as active), keyed by the SHA-256 of the token,
-    /// each kept until its own `exp` and never longer than `VERIFIED_MAX_AGE`.
+    /// each kept until its `until`, its own `exp`, and never longer than `VERIFIED_MAX_AGE`.
     verified: Cache<[u8; 32], Arc<Verified>>,
     http: Client<Connector, Full<Bytes>>,
-    jwks_lookups: CacheCounter,
     verified_lookups: CacheCounter,
 }
 
@@ -93,14 +89,24 @@ struct Verified {
     caller: Caller,
     /// Unix seconds.
     exp: u64,
+    /// The verification's own basis runs out then: the key set it used is due for a refetch, or the introspection
+    /// answer is as old as the provider allows.
+    until: Instant,
+}
+
+impl Verified {
+    /// How long this verification may be reused from `now` (`now_unix` on the wall clock): zero if not at all.
+    fn reusable_for(&self, now: Instant, now_unix: u64) -> Duration {
+        let to_exp = Duration::from_secs((self.exp + LEEWAY_SECS).saturating_sub(now_unix));
+        self.until.saturating_duration_since(now).min(to_exp).min(VERIFIED_MAX_AGE)
+    }
 }
 
 struct VerifiedExpiry;
 
 impl moka::Expiry<[u8; 32], Arc<Verified>> for VerifiedExpiry {
-    fn expire_after_create(&self, _: &[u8; 32], value: &Arc<Verified>, _: std::time::Instant) -> Option<Duration> {
-        let left = (value.exp + LEEWAY_SECS).saturating_sub(unix_now());
-        Some(Duration::from_secs(left).min(VERIFIED_MAX_AGE))
+    fn expire_after_create(&self, _: &[u8; 32], value: &Arc<Verified>, now: Instant) -> Option<Duration> {
+        Some(value.reusable_for(now, unix_now()))
     }
 }
 
@@ -110,14 +116,7 @@ pub fn unix_now() -> u64 {
 
 impl Default for Authenticator {
     fn default() -> Self {
-        Authenticator {
-            jwks: Cache::builder().max_capacity(256).time_to_live(JWKS_TTL).build(),
-            last_forced: DashMap::new(),
-            verified: Cache::builder().max_capacity(VERIFIED_CAPACITY).expire_after(VerifiedExpiry).build(),
-            http: Client::builder(TokioExecutor::new()).build(http_client::connector(JWKS_TIMEOUT)),
-            jwks_lookups: CacheCounter::default(),
-            verified_lookups: CacheCounter::default(),
-        }
+        Self::build(CacheCounter::default(), CacheCounter::default())
     }
 }
 
@@ -201,21 +200,42 @@ pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Resu
 }
 
 impl Authenticator {
+    fn build(jwks_lookups: CacheCounter, verified_lookups: CacheCounter) -> Self {
+        let http = Client::builder(TokioExecutor::new()).build(http_client::connector(FETCH_TIMEOUT));
+        Authenticator {
+            jwks: jwks::Jwks::new(http.clone(), jwks_lookups),
+            verified: Cache::builder().max_capacity(VERIFIED_CAPACITY).expire_after(VerifiedExpiry).build(),
+            http,
+            verified_lookups,
+        }
+    }
+
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
     /// Counts hits and misses of the JWKS cache and of the verified-token cache.
     pub fn with_metrics(jwks_lookups: CacheCounter, verified_lookups: CacheCounter) -> Arc<Self> {
-        Arc::new(Self { jwks_lookups, verified_lookups, ..Self::default() })
+        Arc::new(Self::build(jwks_lookups, verified_lookups))
     }
 
     pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        self.authenticate_at(snapshot, headers, Instant::now()).await
+    }
+
+    /// `authenticate` as of `now` on the monotonic clock (tests move it forward; `exp` is read off the wall clock).
+    async fn authenticate_at(
+        &self,
+        snapshot: &Snapshot,
+        headers: &HeaderMap,
+        now: Instant,
+    ) -> Result<Caller, AuthError> {
         let token = bearer(headers)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = match self.verified.get(&key).await {
-            // Reuse only while the provider's settings are exactly those the token was verified against.
-            Some(hit) if snapshot.identity_providers.iter().any(|p| *p == hit.idp) => Some(hit),
+            // Reuse only while the verification's basis holds and the provider's settings are exactly those the
+            // token was verified against.
+            Some(hit) if hit.until > now && snapshot.identity_providers.iter().any(|p| *p == hit.idp) => Some(hit),
             Some(_) => {
                 self.verified.invalidate(&key).await;
                 None
@@ -226,8 +246,10 @@ impl Authenticator {
         let verified = match cached {
             Some(hit) => hit,
             None => {
-                let fresh = Arc::new(self.verify(snapshot, token).await?);
-                self.verified.insert(key, fresh.clone()).await;
+                let fresh = Arc::new(self.verify(snapshot, token, now).await?);
+                if !fresh.reusable_for(now, unix_now()).is_zero() {
+                    self.verified.insert(key, fresh.clone()).await;
+                }
                 fresh
             }
         };
@@ -241,13 +263,13 @@ impl Authenticator {
         Ok(verified.caller.clone())
     }
 
-    async fn verify(&self, snapshot: &Snapshot, token: &str) -> Result<Verified, AuthError> {
+    async fn verify(&self, snapshot: &Snapshot, token: &str, now: Instant) -> Result<Verified, AuthError> {
         if !looks_like_jwt(token) {
             // An opaque token carries no issuer: it goes to the one provider that introspects, never to several
             // (sending a caller's token to an issuer that did not mint it would leak it).
             let mut introspecting = snapshot.identity_providers.iter().filter(|p| p.introspection_endpoint.is_some());
             return match (introspecting.next(), introspecting.next()) {
-                (Some(idp), None) => introspect::introspect(&self.http, idp, token).await,
+                (Some(idp), None) => introspect::introspect(&self.http, idp, token, now).await,
                 (None, _) => Err(AuthError::Invalid("opaque token, and no identity provider introspects".into())),
                 (Some(_), Some(_)) => {
                     Err(AuthError::Invalid("opaque token, and more than one identity provider introspects".into()))
@@ -262,20 +284,20 @@ impl Authenticator {
             .ok_or_else(|| AuthError::Invalid(format!("issuer `{issuer}` is not trusted")))?;
         if idp.jwks_uri.is_empty() {
             return match idp.introspection_endpoint {
-                Some(_) => introspect::introspect(&self.http, idp, token).await,
+                Some(_) => introspect::introspect(&self.http, idp, token, now).await,
                 None => Err(AuthError::Invalid(format!("`{}` has neither JWKS nor introspection", idp.name))),
             };
         }
-        self.verify_jwt(idp, token).await
+        self.verify_jwt(idp, token, now).await
     }
 
-    async fn verify_jwt(&self, idp: &IdentityProvider, token: &str) -> Result<Verified, AuthError> {
+    async fn verify_jwt(&self, idp: &IdentityProvider, token: &str, now: Instant) -> Result<Verified, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
         let alg = algorithm_name(header.alg);
         if !idp.algorithms.iter().any(|a| a == alg) {
             return Err(AuthError::Invalid(format!("algorithm {alg} is not allowed for `{}`", idp.name)));
         }
-        let jwk = self.key(idp, header.kid.as_deref()).await?;
+        let (jwk, key_set) = self.jwks.key(idp, header.kid.as_deref(), now).await?;
         if let Some(key_alg) = jwk.common.key_algorithm
             && format!("{key_alg:?}") != alg
         {
@@ -292,82 +314,17 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| AuthError::Invalid(format!("verification: {e}")))?;
         let exp = data.claims.get("exp").and_then(Value::as_u64).ok_or_else(|| AuthError::Invalid("no exp".into()))?;
-        Ok(Verified { idp: idp.clone(), caller: caller_from_claims(idp, &data.claims)?, exp })
-    }
-
-    async fn key(&self, idp: &IdentityProvider, kid: Option<&str>) -> Result<Jwk, AuthError> {
-        let find = |keys: &[Jwk]| -> Option<Jwk> {
-            match kid {
-                Some(kid) => keys.iter().find(|k| k.common.key_id.as_deref() == Some(kid)).cloned(),
-                // Without a kid, only an unambiguous set will do.
-                None if keys.len() == 1 => keys.first().cloned(),
-                None => None,
-            }
-        };
-        let keys = self.keys(idp).await?;
-        if let Some(jwk) = find(&keys) {
-            return Ok(jwk);
-        }
-        // Unknown kid: the issuer may have rotated. Refetch, but not more than once per interval.
-        let due = self.last_forced.get(&idp.jwks_uri).is_none_or(|at| at.elapsed() >= JWKS_REFRESH_MIN_INTERVAL);
-        if due && kid.is_some() {
-            self.last_forced.insert(idp.jwks_uri.clone(), Instant::now());
-            self.jwks.invalidate(&idp.jwks_uri).await;
-            let keys = self.keys(idp).await?;
-            if let Some(jwk) = find(&keys) {
-                return Ok(jwk);
-            }
-        }
-        Err(AuthError::Invalid(format!("no key `{}` in the JWKS of `{}`", kid.unwrap_or("(none)"), idp.name)))
-    }
-
-    async fn keys(&self, idp: &IdentityProvider) -> Result<Arc<Vec<Jwk>>, AuthError> {
-        let uri = idp.jwks_uri.clone();
-        let http = self.http.clone();
-        let mut fetched = false;
-        let keys = self
-            .jwks
-            .try_get_with(uri.clone(), async {
-                fetched = true;
-                fetch_jwks(&http, &uri).await.map(Arc::new)
-            })
-            .await;
-        self.jwks_lookups.record(!fetched);
-        keys.map_err(|e: Arc<String>| AuthError::IssuerUnavailable {
-            issuer: idp.issuer.clone(),
-            reason: e.to_string(),
+        Ok(Verified {
+            idp: idp.clone(),
+            caller: caller_from_claims(idp, &data.claims)?,
+            exp,
+            until: key_set.good_until(idp),
         })
     }
 }
 
-async fn fetch_jwks(http: &Client<Connector, Full<Bytes>>, uri: &str) -> Result<Vec<Jwk>, String> {
-    let request = Request::get(uri)
-        .header(http::header::ACCEPT, "application/json")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let response = tokio::time::timeout(JWKS_TIMEOUT, http.request(request))
-        .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
-    let body = tokio::time::timeout(JWKS_TIMEOUT, Limited::new(response.into_body(), JWKS_MAX_BYTES).collect())
-        .await
-        .map_err(|_| "timed out reading".to_owned())?
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    // Parse key by key: one key of an unsupported type must not take the others down with it.
-    let value: Value = serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
-    let keys: Vec<Jwk> = value
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or("no `keys` array")?
-        .iter()
-        .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
-        .collect();
-    Ok(keys)
-}
+#[cfg(test)]
+mod cache_tests;
 
 #[cfg(test)]
 mod tests {
