@@ -6,6 +6,7 @@
 //!
 //! Pure: no I/O, no clocks except where a caller passes the time in.
 
+pub mod audit;
 pub mod identity;
 pub mod names;
 pub mod path;

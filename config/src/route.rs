@@ -3,6 +3,7 @@
 use fhirgw_proto::config::v1 as pb;
 use http::{Method, StatusCode};
 
+use crate::audit::AuditPolicy;
 use crate::names;
 use crate::pattern::{Pattern, Rank};
 
@@ -144,6 +145,8 @@ pub struct Route {
     pub guard: QueryGuard,
     /// Extra client headers this route passes to the upstream (see `forward_header`).
     pub forward_headers: Vec<http::HeaderName>,
+    /// Auditing on this route (see `audit::effective`).
+    pub audit: AuditPolicy,
     rank: Rank,
 }
 
@@ -324,8 +327,9 @@ fn parse_route(msg: &pb::Route) -> Result<Route, TableError> {
             forward_headers.push(header);
         }
     }
+    let audit = AuditPolicy::parse(msg.audit.as_ref()).map_err(|e| err(e.to_string()))?;
     let rank = pattern.rank();
-    Ok(Route { id: msg.id.clone(), pattern, methods, action, guard, forward_headers, rank })
+    Ok(Route { id: msg.id.clone(), pattern, methods, action, guard, forward_headers, audit, rank })
 }
 
 impl TryFrom<&pb::RouteTable> for RouteTable {
@@ -384,6 +388,7 @@ mod tests {
             action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "hapi".into() })),
             query_guard: None,
             forward_headers: Vec::new(),
+            audit: None,
         }
     }
 

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fhirgw_proto::config::v1 as pb;
 
+use crate::audit::{AuditPolicy, AuditPolicyError};
 use crate::names::{self, NameError};
 
 /// Most grants one tenant may hold.
@@ -48,6 +49,8 @@ pub struct Tenant {
     pub name: String,
     pub display_name: String,
     pub grants: Vec<Grant>,
+    /// What the data planes record of this tenant's requests.
+    pub audit: AuditPolicy,
 }
 
 impl Tenant {
@@ -62,6 +65,8 @@ impl Tenant {
 pub enum TenantError {
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Audit(#[from] AuditPolicyError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -80,10 +85,11 @@ pub fn system_to_timestamp(at: SystemTime) -> prost_types::Timestamp {
     }
 }
 
-pub fn tenant_fields(msg: &pb::Tenant) -> Result<(), TenantError> {
+/// Checks a tenant's own fields; returns its audit policy.
+pub fn tenant_fields(msg: &pb::Tenant) -> Result<AuditPolicy, TenantError> {
     names::object_name("tenant name", &msg.name)?;
     names::text("display_name", &msg.display_name)?;
-    Ok(())
+    Ok(AuditPolicy::parse(msg.audit.as_ref())?)
 }
 
 /// Checks a grant's own fields (not whether its tenant exists, nor whether it already expired).
@@ -106,7 +112,7 @@ impl TryFrom<&pb::TenantConfig> for Tenant {
         let Some(tenant) = &msg.tenant else {
             return Err(TenantError::Invalid("tenant config has no tenant".into()));
         };
-        tenant_fields(tenant)?;
+        let audit = tenant_fields(tenant)?;
         if msg.grants.len() > MAX_GRANTS_PER_TENANT {
             return Err(TenantError::Invalid(format!("more than {MAX_GRANTS_PER_TENANT} grants")));
         }
@@ -121,7 +127,7 @@ impl TryFrom<&pb::TenantConfig> for Tenant {
             }
             grants.push(grant);
         }
-        Ok(Tenant { name: tenant.name.clone(), display_name: tenant.display_name.clone(), grants })
+        Ok(Tenant { name: tenant.name.clone(), display_name: tenant.display_name.clone(), grants, audit })
     }
 }
 
@@ -140,7 +146,7 @@ mod tests {
     #[test]
     fn expiry_is_evaluated_at_use() {
         let cfg = pb::TenantConfig {
-            tenant: Some(pb::Tenant { name: "a".into(), display_name: String::new() }),
+            tenant: Some(pb::Tenant { name: "a".into(), ..Default::default() }),
             grants: vec![grant("a", "x", Some(1_000)), grant("a", "y", None)],
         };
         let t = Tenant::try_from(&cfg).unwrap_or_else(|e| panic!("{e}"));
@@ -153,7 +159,7 @@ mod tests {
 
     #[test]
     fn invalid_tenant_configs() {
-        let tenant = Some(pb::Tenant { name: "a".into(), display_name: String::new() });
+        let tenant = Some(pb::Tenant { name: "a".into(), ..Default::default() });
         let cases = [
             ("no tenant", pb::TenantConfig { tenant: None, grants: vec![] }),
             ("foreign grant", pb::TenantConfig { tenant: tenant.clone(), grants: vec![grant("b", "x", None)] }),

@@ -39,6 +39,7 @@ fn proxy(id: &str, path: &str, methods: &[&str]) -> pb::Route {
         action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "fhir".into() })),
         query_guard: None,
         forward_headers: Vec::new(),
+        audit: None,
     }
 }
 
@@ -50,6 +51,7 @@ fn handler(id: &str, path: &str, methods: &[&str], name: &str) -> pb::Route {
         action: Some(pb::route::Action::Handler(pb::HandlerAction { name: name.into(), upstream: "fhir".into() })),
         query_guard: None,
         forward_headers: Vec::new(),
+        audit: None,
     }
 }
 
@@ -111,7 +113,7 @@ pub async fn configure(admin: &mut Admin, world: &World, fhir_base: &str, issuer
     admin.put_identity_provider(idp).await.unwrap();
     let mut revision = 0;
     for name in ["tenant-a", "tenant-b"] {
-        let tenant = pb::Tenant { name: name.into(), display_name: format!("Tenant {name}") };
+        let tenant = pb::Tenant { name: name.into(), display_name: format!("Tenant {name}"), audit: None };
         admin.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: none() }).await.unwrap();
         let put = api::PutGrantRequest { grant: Some(grant(name, name)), expected_version: none() };
         let entry = admin.put_grant(put).await.unwrap().into_inner();

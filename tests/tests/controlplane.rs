@@ -94,7 +94,7 @@ async fn data_planes_that_hold_another_store_or_refuse_this_one_are_shown() {
     let world = World::new();
     let cp = world.control_plane_on("cp", &world.store_args("cp.db"), "127.0.0.1:0", &[]).await;
     let mut admin = admin(&cp).await;
-    let tenant = pb::Tenant { name: "tenant-a".into(), display_name: String::new() };
+    let tenant = pb::Tenant { name: "tenant-a".into(), display_name: String::new(), audit: None };
     admin.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() }).await.unwrap();
     let s = status(&mut admin).await;
     let (store_id, revision) = (s.store_id.clone(), s.revision);
@@ -162,7 +162,7 @@ async fn list_audit_shows_every_write_with_its_operator_filtered_and_paged() {
 
     let started = SystemTime::now();
     let tenant = |name: &str| api::PutTenantRequest {
-        tenant: Some(pb::Tenant { name: name.into(), display_name: format!("{name} display") }),
+        tenant: Some(pb::Tenant { name: name.into(), display_name: format!("{name} display"), audit: None }),
         expected_version: String::new(),
     };
     alice.put_tenant(tenant("tenant-a")).await.unwrap();

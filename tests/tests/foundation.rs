@@ -284,7 +284,7 @@ async fn admin_api_refuses_missing_and_wrong_credentials() {
     let cp = world.control_plane("cp", "cp.db").await;
     let channel = tonic::transport::Channel::from_shared(grpc_url(&cp)).unwrap().connect().await.unwrap();
     let tenant = || api::PutTenantRequest {
-        tenant: Some(pb::Tenant { name: "intruder".into(), display_name: String::new() }),
+        tenant: Some(pb::Tenant { name: "intruder".into(), display_name: String::new(), audit: None }),
         expected_version: String::new(),
     };
 
@@ -375,6 +375,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         action: Some(pb::route::Action::Proxy(pb::ProxyAction { upstream: "fhir".into() })),
         query_guard: None,
         forward_headers: Vec::new(),
+        audit: None,
     });
     let err = admin
         .put_route_table(api::PutRouteTableRequest { route_table: Some(table), expected_version: String::new() })
@@ -395,13 +396,13 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
 
     // Oversized payload: an object just over the 1 MiB object limit is refused by the store's check; a message
     // past what any object can be is refused by gRPC from its length prefix, unread, with RESOURCE_EXHAUSTED.
-    let big = pb::Tenant { name: "big".into(), display_name: "x".repeat(1024 * 1024 + 16) };
+    let big = pb::Tenant { name: "big".into(), display_name: "x".repeat(1024 * 1024 + 16), audit: None };
     let err = admin
         .put_tenant(api::PutTenantRequest { tenant: Some(big), expected_version: String::new() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let huge = pb::Tenant { name: "big".into(), display_name: "x".repeat(2 * 1024 * 1024) };
+    let huge = pb::Tenant { name: "big".into(), display_name: "x".repeat(2 * 1024 * 1024), audit: None };
     let err = admin
         .put_tenant(api::PutTenantRequest { tenant: Some(huge), expected_version: String::new() })
         .await

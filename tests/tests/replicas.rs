@@ -202,7 +202,7 @@ async fn operators_racing_on_one_grant_through_two_replicas() {
     let a = world.control_plane_on("cp-a", &store, "127.0.0.1:0", &["--operators-file", &operators]).await;
     let b = world.control_plane_on("cp-b", &store, "127.0.0.1:0", &["--operators-file", &operators]).await;
     let (mut alice, mut bob) = (admin_as(&a, alice_token).await, admin_as(&b, bob_token).await);
-    let tenant = fhirgw_proto::config::v1::Tenant { name: "tenant-a".into(), display_name: String::new() };
+    let tenant = fhirgw_proto::config::v1::Tenant { name: "tenant-a".into(), display_name: String::new(), audit: None };
     alice.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() }).await.unwrap();
     let first = alice
         .put_grant(api::PutGrantRequest { grant: Some(grant("tenant-a", "race")), expected_version: "0".into() })

@@ -140,7 +140,10 @@ impl Provider {
 fn snapshot(idp: IdentityProvider) -> Snapshot {
     let mut snapshot = Snapshot::empty();
     snapshot.identity_providers = vec![idp];
-    snapshot.tenants.insert("t1".into(), Tenant { name: "t1".into(), display_name: "T1".into(), grants: Vec::new() });
+    snapshot.tenants.insert(
+        "t1".into(),
+        Tenant { name: "t1".into(), display_name: "T1".into(), grants: Vec::new(), audit: Default::default() },
+    );
     snapshot
 }
 

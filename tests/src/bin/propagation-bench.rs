@@ -76,7 +76,7 @@ async fn seed(admin: &mut Admin) {
         let name = format!("tenant-{i}");
         admin
             .put_tenant(api::PutTenantRequest {
-                tenant: Some(pb::Tenant { name: name.clone(), display_name: String::new() }),
+                tenant: Some(pb::Tenant { name: name.clone(), display_name: String::new(), audit: None }),
                 expected_version: String::new(),
             })
             .await

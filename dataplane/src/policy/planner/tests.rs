@@ -62,7 +62,7 @@ fn snapshot() -> Snapshot {
         ],
     };
     let tenant = |name: &str| pb::TenantConfig {
-        tenant: Some(pb::Tenant { name: name.into(), display_name: name.into() }),
+        tenant: Some(pb::Tenant { name: name.into(), display_name: name.into(), audit: None }),
         grants: vec![pb::Grant {
             tenant: name.into(),
             tag: Some(pb::Tag { system: DS.into(), code: name.into() }),
