@@ -213,7 +213,8 @@ mod tests {
         };
         let unset = p(None, &[]);
         #[rustfmt::skip]
-        let cases: Vec<(Option<AuditPolicy>, Option<AuditPolicy>, AuditMode, AuditInteraction, AuditMode)> = vec![
+        type Case = (Option<AuditPolicy>, Option<AuditPolicy>, AuditMode, AuditInteraction, AuditMode);
+        let cases: Vec<Case> = vec![
             // A tenant alone.
             (Some(unset), None, Strict, Read, Off),
             (Some(p(Some(Relaxed), &[])), None, Off, Read, Relaxed),

@@ -1,6 +1,7 @@
 //! The fhirgw data plane.
 
 pub mod admin_http;
+pub mod audit;
 pub mod authn;
 pub mod body;
 pub mod body_budget;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use fhirgw_config::audit::AuditMode;
+use fhirgw_dataplane::audit;
 use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
 use fhirgw_dataplane::lifecycle::{Lifecycle, Phase};
@@ -90,6 +92,77 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Directory of the audit spool (AuditEvents on their way to the sinks; it holds PHI). Unset: no spool, so
+    /// requests of tenants or routes audited in strict mode are answered 503 and relaxed events are dropped.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_DIR")]
+    audit_dir: Option<PathBuf>,
+    /// Size limit of the audit spool. When it is full, strict requests are answered 503 and relaxed events dropped.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
+    audit_spool_max_bytes: u64,
+    /// Size at which a spool segment file is closed and a new one started (a segment is deleted once every sink has
+    /// all its events).
+    #[arg(long, env = "FHIRGW_DP_AUDIT_SEGMENT_BYTES", default_value_t = 16 << 20)]
+    audit_segment_bytes: u64,
+    /// Relaxed-mode events waiting to be written, at most; more are dropped (counted, logged), never waited for.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_QUEUE_EVENTS", default_value_t = 10_000)]
+    audit_queue_events: usize,
+    /// How requests refused without a caller (401, malformed requests) are audited: off, relaxed or strict (a
+    /// route's own audit mode applies too). Only with --audit-dir.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_UNAUTHENTICATED", default_value = "relaxed")]
+    audit_unauthenticated: String,
+    /// FHIR server that receives the AuditEvents (its base URL): batches of `PUT AuditEvent/<id>`.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_FHIR_URL")]
+    audit_fhir_url: Option<String>,
+    /// The FHIR sink's credential, written as an upstream's `auth` in proto3 JSON, e.g.
+    /// '{"static_token":{"token_file":"/run/secrets/audit.token"}}' or '{"client_credentials":{...}}'.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_FHIR_AUTH")]
+    audit_fhir_auth: Option<String>,
+    /// AuditEvents per request to the FHIR sink, at most.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_FHIR_BATCH", default_value_t = 100)]
+    audit_fhir_batch: usize,
+    /// NDJSON sink: one AuditEvent per line, appended (and fsynced) to this file, or on stdout for `-`.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_NDJSON")]
+    audit_ndjson: Option<String>,
+    /// First delay before a failed delivery to a sink is retried (doubling, jittered, up to the max).
+    #[arg(long, env = "FHIRGW_DP_AUDIT_RETRY_INITIAL_MS", default_value_t = 500)]
+    audit_retry_initial_ms: u64,
+    /// Longest delay between two delivery attempts.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_RETRY_MAX_MS", default_value_t = 30_000)]
+    audit_retry_max_ms: u64,
+}
+
+/// The audit settings from the flags.
+fn audit_settings(args: &Args, node: &str) -> anyhow::Result<audit::Settings> {
+    let unauthenticated = AuditMode::parse(&args.audit_unauthenticated).with_context(|| {
+        format!("--audit-unauthenticated {}: use off, relaxed or strict", args.audit_unauthenticated)
+    })?;
+    let mut sinks = Vec::new();
+    if let Some(url) = &args.audit_fhir_url {
+        let upstream = audit::sink::fhir_sink(url, args.audit_fhir_auth.as_deref()).map_err(anyhow::Error::msg)?;
+        sinks.push(audit::ship::SinkConfig::Fhir { upstream, batch: args.audit_fhir_batch.clamp(1, 1000) });
+    } else if args.audit_fhir_auth.is_some() {
+        anyhow::bail!("--audit-fhir-auth needs --audit-fhir-url");
+    }
+    if let Some(path) = &args.audit_ndjson {
+        let path = (path != "-").then(|| PathBuf::from(path));
+        sinks.push(audit::ship::SinkConfig::Ndjson { path });
+    }
+    anyhow::ensure!(args.audit_dir.is_some() || sinks.is_empty(), "audit sinks need a spool: set --audit-dir");
+    anyhow::ensure!(args.audit_segment_bytes >= 4096, "--audit-segment-bytes must be at least 4096");
+    anyhow::ensure!(args.audit_spool_max_bytes >= 8192, "--audit-spool-max-bytes must be at least 8192");
+    Ok(audit::Settings {
+        dir: args.audit_dir.clone(),
+        max_bytes: args.audit_spool_max_bytes,
+        segment_bytes: args.audit_segment_bytes.min(args.audit_spool_max_bytes / 2),
+        relaxed_queue: args.audit_queue_events,
+        unauthenticated,
+        node: node.to_owned(),
+        sinks,
+        backoff: audit::ship::Backoff {
+            initial: Duration::from_millis(args.audit_retry_initial_ms.max(1)),
+            max: Duration::from_millis(args.audit_retry_max_ms.max(args.audit_retry_initial_ms).max(1)),
+        },
+    })
 }
 
 fn hostname() -> String {
@@ -176,9 +249,13 @@ async fn main() -> anyhow::Result<()> {
             key
         }
     };
+    let upstreams = UpstreamClient::new(metrics.clone());
+    // Opened (and recovered) before the first request; the shippers start with what earlier runs left unshipped.
+    let auditor = audit::Auditor::start(audit_settings(&args, &node_id)?, &metrics, upstreams.clone())
+        .context("opening the audit spool")?;
     let proxy = Arc::new(Proxy {
         state: state.clone(),
-        upstreams: UpstreamClient::new(metrics.clone()),
+        upstreams,
         authn: Authenticator::with_metrics(metrics.cache("jwks"), metrics.cache("verified_token")),
         pages: PageSigner::new(&paging_key),
         grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
@@ -189,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
             args.body_budget_bytes,
             metrics.body_reserved(),
         ),
+        audit: auditor.clone(),
     });
     let nofile = limits::raise_nofile_limit();
     let max_connections = match args.max_connections {
@@ -201,17 +279,13 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.idle_timeout_secs.max(1)),
     );
     let lifecycle = Lifecycle::new();
+    let drain = Duration::from_secs(args.drain_secs);
     // The admin port outlives the FHIR drain: liveness probes and scrapes keep answering until the end.
     let admin_lifecycle = Lifecycle::new();
     let fhir_server = server::serve(
         fhir,
         move |req, peer| Box::pin(proxy.clone().handle(req, peer)),
-        server::Limits {
-            max_connections,
-            first_request_timeout,
-            idle_timeout,
-            drain: Duration::from_secs(args.drain_secs),
-        },
+        server::Limits { max_connections, first_request_timeout, idle_timeout, drain },
         lifecycle.subscribe(),
         metrics.listener("fhir"),
         "fhir",
@@ -232,6 +306,8 @@ async fn main() -> anyhow::Result<()> {
         "admin",
     );
     let delay = Duration::from_secs(args.shutdown_delay_secs);
+    // When the FHIR listener closes: the drain window the audit trail shares with the requests still in flight.
+    let (drain_deadline_tx, drain_deadline) = tokio::sync::oneshot::channel::<std::time::Instant>();
     tokio::spawn({
         let lifecycle = lifecycle.clone();
         async move {
@@ -246,11 +322,15 @@ async fn main() -> anyhow::Result<()> {
                 () = fhirgw_telemetry::shutdown_signal() => info!("second shutdown signal: skipping the rest of the delay"),
             }
             info!("closing the FHIR listener; answering what has arrived");
+            let _ = drain_deadline_tx.send(std::time::Instant::now() + drain);
             lifecycle.advance(Phase::Stopping);
         }
     });
     let fhir_then_admin = async {
         fhir_server.await;
+        // No request is in flight any more: the audit spool gets the rest of the drain window to reach the sinks.
+        let deadline = drain_deadline.await.unwrap_or_else(|_| std::time::Instant::now());
+        auditor.drain(deadline).await;
         admin_lifecycle.advance(Phase::Stopping);
     };
     tokio::join!(fhir_then_admin, admin_server);

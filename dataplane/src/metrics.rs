@@ -74,6 +74,16 @@ struct ListenerReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditSinkLabels {
+    sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuditReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AbortLabels {
     route: String,
     reason: &'static str,
@@ -102,6 +112,8 @@ pub struct Metrics {
     connections_closed: Family<ListenerReasonLabels, Counter>,
     aborted: Family<AbortLabels, Counter>,
     body_reserved: Gauge,
+    audit: AuditCounters,
+    audit_gauges: Arc<std::sync::OnceLock<Arc<dyn AuditGauges>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +141,8 @@ impl Metrics {
             connections_closed: Family::default(),
             aborted: Family::default(),
             body_reserved: Gauge::default(),
+            audit: AuditCounters::default(),
+            audit_gauges: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,6 +204,8 @@ impl Metrics {
             "Request body bytes reserved from the body budget right now (--body-budget-bytes)",
             m.body_reserved.clone(),
         );
+        m.audit.register(&mut registry);
+        registry.register_collector(Box::new(AuditCollector(m.audit_gauges.clone())));
         registry.register_collector(Box::new(ConfigCollector(state)));
         Arc::new(Metrics { registry, ..m })
     }
@@ -230,6 +246,16 @@ impl Metrics {
     /// The gauge the body budget reports into.
     pub fn body_reserved(&self) -> Gauge {
         self.body_reserved.clone()
+    }
+
+    /// The audit counters (see `audit`).
+    pub fn audit(&self) -> AuditCounters {
+        self.audit.clone()
+    }
+
+    /// Where the audit gauges are read at each scrape (set once, when the spool is open).
+    pub fn set_audit_gauges(&self, gauges: Arc<dyn AuditGauges>) {
+        let _ = self.audit_gauges.set(gauges);
     }
 
     pub fn config_refused(&self) {
@@ -427,6 +453,108 @@ impl http_body::Body for Counted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The audit trail's counters (`fhirgw_dp_audit_*`): events made durable in the spool, shipped and retried per sink,
+/// dropped per reason, and requests refused (503) in strict mode because their event could not be made durable.
+#[derive(Clone, Debug, Default)]
+pub struct AuditCounters {
+    written: Counter,
+    shipped: Family<AuditSinkLabels, Counter>,
+    retried: Family<AuditSinkLabels, Counter>,
+    dropped: Family<AuditReasonLabels, Counter>,
+    refused: Counter,
+}
+
+impl AuditCounters {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("audit_events_written", "Audit events made durable in the spool", self.written.clone());
+        registry.register(
+            "audit_events_shipped",
+            "Audit events delivered, by sink (fhir, ndjson)",
+            self.shipped.clone(),
+        );
+        registry.register(
+            "audit_events_retried",
+            "Audit events whose delivery failed and will be tried again, by sink",
+            self.retried.clone(),
+        );
+        registry.register(
+            "audit_events_dropped",
+            "Audit events lost, by reason (queue_full, spool_full, spool_error: relaxed mode; rejected: refused by a sink for good, kept in the spool directory's rejected.ndjson; too_large)",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "audit_strict_refusals",
+            "Requests answered 503 in strict mode because their audit event could not be made durable",
+            self.refused.clone(),
+        );
+    }
+
+    pub fn written(&self, events: u64) {
+        self.written.inc_by(events);
+    }
+
+    pub fn shipped(&self, sink: &'static str, events: u64) {
+        self.shipped.get_or_create(&AuditSinkLabels { sink }).inc_by(events);
+    }
+
+    pub fn retried(&self, sink: &'static str, events: u64) {
+        self.retried.get_or_create(&AuditSinkLabels { sink }).inc_by(events);
+    }
+
+    pub fn dropped(&self, reason: &'static str, events: u64) {
+        self.dropped.get_or_create(&AuditReasonLabels { reason }).inc_by(events);
+    }
+
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+}
+
+/// What the audit spool reports at scrape time.
+pub trait AuditGauges: Send + Sync {
+    /// Bytes in spool segments.
+    fn spool_bytes(&self) -> u64;
+    /// The spool's size limit.
+    fn spool_capacity(&self) -> u64;
+    /// Age of the oldest event some sink has not received (zero when every sink is caught up).
+    fn oldest_unshipped(&self) -> std::time::Duration;
+}
+
+struct AuditCollector(Arc<std::sync::OnceLock<Arc<dyn AuditGauges>>>);
+
+impl std::fmt::Debug for AuditCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditCollector")
+    }
+}
+
+impl Collector for AuditCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(gauges) = self.0.get() else { return Ok(()) };
+        let bytes = ConstGauge::new(i64::try_from(gauges.spool_bytes()).unwrap_or(i64::MAX));
+        bytes.encode(encoder.encode_descriptor(
+            "audit_spool_bytes",
+            "Bytes in the audit spool's segment files (events not yet delivered to every sink, and the segment being written)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let capacity = ConstGauge::new(i64::try_from(gauges.spool_capacity()).unwrap_or(i64::MAX));
+        capacity.encode(encoder.encode_descriptor(
+            "audit_spool_capacity_bytes",
+            "The audit spool's size limit (--audit-spool-max-bytes)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(gauges.oldest_unshipped().as_secs_f64()).encode(encoder.encode_descriptor(
+            "audit_oldest_unshipped_seconds",
+            "Age of the oldest audit event not yet delivered to every sink (0 when all are delivered)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Caller {
     pub scopes: Scopes,
     /// The `patient` claim (SMART launch context), if any.
     pub patient: Option<String>,
+    /// The client application (`client_id`, RFC 9068; else `azp`), for the audit trail.
+    pub client_id: Option<String>,
+    /// The identity provider's issuer, which scopes `subject` and `client_id`.
+    pub issuer: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +200,8 @@ pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Resu
         subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned(),
         scopes,
         patient: claims.get("patient").and_then(Value::as_str).map(str::to_owned),
+        client_id: ["client_id", "azp"].iter().find_map(|c| claims.get(*c).and_then(Value::as_str)).map(str::to_owned),
+        issuer: idp.issuer.clone(),
     })
 }
 

@@ -99,6 +99,37 @@ pub fn contains(resource: &Value, patient: &str) -> bool {
     })
 }
 
+/// The ids of the patients whose compartment `resource` is in, as read off the same elements (for the audit trail).
+pub fn patients_of(resource: &Value) -> Vec<String> {
+    let Some(ty) = resource.get("resourceType").and_then(Value::as_str) else { return Vec::new() };
+    if ty == "Patient" {
+        return resource.get("id").and_then(Value::as_str).map(|id| vec![id.to_owned()]).unwrap_or_default();
+    }
+    let Some((_, _, elements)) = TABLE.iter().find(|(t, _, _)| *t == ty) else { return Vec::new() };
+    let mut out: Vec<String> = Vec::new();
+    for element in *elements {
+        let items = match resource.get(*element) {
+            Some(Value::Array(items)) => items.iter().collect(),
+            Some(v) => vec![v],
+            None => Vec::new(),
+        };
+        for reference in items.into_iter().filter_map(|v| v.get("reference").and_then(Value::as_str)) {
+            if let Some(id) = patient_id(reference).filter(|id| !out.iter().any(|o| o == id)) {
+                out.push(id.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The id a reference names if it is a Patient (`Patient/1`, `Patient/1/_history/2`, `…/Patient/1`).
+pub fn patient_id(reference: &str) -> Option<&str> {
+    let unversioned = reference.split("/_history/").next().unwrap_or_default();
+    let (before, id) = unversioned.rsplit_once('/')?;
+    let is_patient = before == "Patient" || before.ends_with("/Patient");
+    (is_patient && fhirgw_config::pattern::Class::Id.accepts(id)).then_some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -131,6 +162,27 @@ mod tests {
         for (resource, want) in cases {
             assert_eq!(contains(&resource, "p1"), want, "{resource}");
         }
+    }
+
+    #[test]
+    fn patients_read_off_a_resource() {
+        let cases = [
+            (json!({"resourceType": "Patient", "id": "p1"}), vec!["p1"]),
+            (json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1/_history/3"}}), vec!["p1"]),
+            (json!({"resourceType": "Observation", "subject": {"reference": "https://x/fhir/Patient/p2"}}), vec!["p2"]),
+            (json!({"resourceType": "Observation", "subject": {"reference": "Group/g1"}}), vec![]),
+            (json!({"resourceType": "Observation", "performer": [{"reference": "Patient/p1"}]}), vec![]),
+            (json!({"resourceType": "Practitioner", "id": "p1"}), vec![]),
+            (
+                json!({"resourceType": "Account", "subject": [{"reference": "Patient/a"}, {"reference": "Patient/b"}, {"reference": "Patient/a"}]}),
+                vec!["a", "b"],
+            ),
+        ];
+        for (resource, want) in cases {
+            assert_eq!(patients_of(&resource), want, "{resource}");
+        }
+        assert_eq!(patient_id("Patient/x y"), None);
+        assert_eq!(patient_id("Patient"), None);
     }
 
     #[test]

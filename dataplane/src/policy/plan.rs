@@ -75,6 +75,11 @@ impl Facts {
         self.0.contains_key(query)
     }
 
+    /// Every fact read so far.
+    pub fn iter(&self) -> impl Iterator<Item = (&Query, &Fact)> {
+        self.0.iter()
+    }
+
     /// The resource `query` read, if it was read: `Some(None)` when it is missing.
     pub fn resource(&self, query: &Query) -> Option<Option<&Value>> {
         match self.0.get(query)? {

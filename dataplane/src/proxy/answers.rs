@@ -58,10 +58,17 @@ impl Exec<'_> {
         let body = buffer(response, RESOURCE_MAX_BYTES).await?;
         let grants = &self.access.grants;
         if *reach == Reach::Tenant && self.passes_verbatim(&body, ty, id) {
+            if self.trail.wants_patients(ty) {
+                self.trail.answered(ty, id, serde_json::from_slice::<Value>(&body).ok().as_ref(), true);
+            }
             return Ok(super::bytes_response_with(StatusCode::OK, body, keep, head));
         }
         let mut value: Value = serde_json::from_slice(&body).map_err(|_| ProxyError::from(Refusal::NotFound))?;
-        if !resource_visible(&value, ty, id, grants) || !reach.admits(&value) {
+        let shown = resource_visible(&value, ty, id, grants) && reach.admits(&value);
+        if !shown || self.trail.wants_patients(ty) {
+            self.trail.answered(ty, id, Some(&value), shown);
+        }
+        if !shown {
             return Err(Refusal::NotFound.into());
         }
         rewrite_references(&mut value, &self.upstream, self.env.public);
@@ -184,11 +191,15 @@ impl Exec<'_> {
             )));
         }
         let mut out = Vec::with_capacity(expect.entries.len());
+        let mut hidden = Vec::new();
         for (index, entry) in expect.entries.into_iter().enumerate() {
             out.push(match entry {
                 EntryExpect::Answered(value) => value,
                 EntryExpect::Forwarded(check) => {
-                    let (value, ok) = self.verify_entry(answers.next().unwrap_or_default(), &check);
+                    let (value, ok, was_hidden) = self.verify_entry(answers.next().unwrap_or_default(), &check);
+                    if let (true, EntryCheck::Read { ty, id }) = (was_hidden, &check) {
+                        hidden.push((ty.clone(), id.clone()));
+                    }
                     if expect.transaction && !ok {
                         return Err(ProxyError::Unverifiable(format!(
                             "entry {index} of a successful transaction failed or could not be verified"
@@ -198,17 +209,19 @@ impl Exec<'_> {
                 }
             });
         }
+        self.trail.entries(&out, &hidden);
         let bundle = json!({ "resourceType": "Bundle", "type": response_type, "entry": out });
         Ok(json_response(StatusCode::OK, &bundle, &HeaderMap::new(), false))
     }
 
-    /// One response entry: only what the caller may see, with public URLs and no upstream diagnostics; and whether
-    /// the entry succeeded as sent (a success status, and a read's resource visible).
-    fn verify_entry(&self, mut answer: Value, check: &EntryCheck) -> (Value, bool) {
+    /// One response entry: only what the caller may see, with public URLs and no upstream diagnostics; whether
+    /// the entry succeeded as sent (a success status, and a read's resource visible); and whether a read found a
+    /// resource it then hid (for the audit trail: hidden and missing look alike to the client only).
+    fn verify_entry(&self, mut answer: Value, check: &EntryCheck) -> (Value, bool, bool) {
         let grants = &self.access.grants;
         let public = self.env.public;
         let Some(obj) = answer.as_object_mut() else {
-            return (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false);
+            return (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false, false);
         };
         let mut status = String::from("502 Bad Gateway");
         if let Some(response) = obj.get_mut("response").and_then(Value::as_object_mut) {
@@ -260,7 +273,7 @@ impl Exec<'_> {
             match check {
                 // Out of grant looks exactly like missing.
                 EntryCheck::Read { .. } => {
-                    return (json!({ "response": { "status": status_line(StatusCode::NOT_FOUND) } }), false);
+                    return (json!({ "response": { "status": status_line(StatusCode::NOT_FOUND) } }), false, true);
                 }
                 _ => {
                     obj.remove("resource");
@@ -275,11 +288,11 @@ impl Exec<'_> {
                     rewrite_references(resource, &self.upstream, public);
                 }
                 answer["response"]["status"] = Value::String(status_line(code));
-                (answer, true)
+                (answer, true, false)
             }
             // A failed entry says only its status, in one canonical form: no resource, no upstream diagnostics.
-            Some(code) => (json!({ "response": { "status": status_line(code) } }), false),
-            None => (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false),
+            Some(code) => (json!({ "response": { "status": status_line(code) } }), false, false),
+            None => (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false, false),
         }
     }
 

@@ -37,6 +37,9 @@ pub(crate) enum ProxyError {
     Unverifiable(String),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// Strict auditing: the request's AuditEvent cannot be made durable (no room in the spool, or it fails).
+    #[error("the audit event cannot be made durable")]
+    AuditUnavailable,
 }
 
 impl From<crate::policy::query::QueryError> for ProxyError {
@@ -125,6 +128,12 @@ impl ProxyError {
                 "The upstream server sent a response the gateway cannot pass on.",
             ),
             Refused(refusal) => refusal.outcome(),
+            AuditUnavailable => Outcome::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "The gateway cannot record this access right now.",
+            )
+            .retry_after(5),
         }
     }
 }

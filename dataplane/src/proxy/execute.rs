@@ -40,6 +40,8 @@ pub(super) struct Exec<'a> {
     pub access: &'a Access,
     /// The client's allow-listed headers, the start of every upstream request (`headers::for_upstream`).
     pub forwarded: &'a HeaderMap,
+    /// The request's audit record: told the final step and what the answers showed.
+    pub trail: &'a crate::audit::Trail,
 }
 
 impl Exec<'_> {
@@ -47,7 +49,11 @@ impl Exec<'_> {
     pub async fn run(&self, input: &Input) -> Result<Response<Body>, ProxyError> {
         let mut facts = Facts::default();
         for _ in 0..MAX_ROUNDS {
-            match planner::plan(input, &self.env, self.access, &facts) {
+            let step = planner::plan(input, &self.env, self.access, &facts);
+            if !matches!(step, Step::Need(_)) {
+                self.trail.step(&step, &facts, &self.upstream.base_path);
+            }
+            match step {
                 Step::Need(queries) => {
                     self.gather(queries, &mut facts).instrument(tracing::info_span!("facts")).await?;
                 }

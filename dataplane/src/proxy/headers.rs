@@ -20,11 +20,7 @@ pub fn for_upstream(client: &HeaderMap, method: &Method, route: &[HeaderName], s
             out.append(header::ACCEPT_LANGUAGE, value.clone());
         }
     }
-    let mut ids = client.get_all(REQUEST_ID).iter();
-    if let (Some(id), None) = (ids.next(), ids.next())
-        && (1..=128).contains(&id.len())
-        && id.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
+    if let Some(id) = request_id(client) {
         out.insert(REQUEST_ID, id.clone());
     }
     if let Ok(Some(prefer)) = prefer(client, method) {
@@ -39,6 +35,23 @@ pub fn for_upstream(client: &HeaderMap, method: &Method, route: &[HeaderName], s
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's one `X-Request-Id`, if it has a plain form (`[A-Za-z0-9._:-]`, at most 128 bytes).
+pub fn request_id(client: &HeaderMap) -> Option<&HeaderValue> {
+    let mut ids = client.get_all(REQUEST_ID).iter();
+    match (ids.next(), ids.next()) {
+        (Some(id), None)
+            if (1..=128).contains(&id.len())
+                && id
+                    .as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) =>
+        {
+            Some(id)
+        }
+        _ => None,
+    }
+}
 const PREFER: HeaderName = HeaderName::from_static("prefer");
 
 /// The `Prefer` the upstream gets: the client's preferences the gateway understands for `method`, rebuilt. Two

@@ -27,6 +27,7 @@ mod ndjson_stream;
 mod public;
 mod respond;
 
+pub(crate) use headers::request_id;
 pub use public::{PublicConfig, PublicConfigError};
 
 use std::convert::Infallible;
@@ -73,6 +74,8 @@ pub struct Proxy {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Bounds the request bodies buffered at once, process-wide (see `body_budget`).
     pub body_budget: Arc<crate::body_budget::BodyBudget>,
+    /// Records every interaction as an AuditEvent (see `audit`).
+    pub audit: Arc<crate::audit::Auditor>,
 }
 
 impl Proxy {
@@ -98,17 +101,31 @@ impl Proxy {
         let trace_id_for_abort = trace_id.clone();
         // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
         let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
-        let result = self.pipeline(request, peer, &mut route).instrument(span.clone()).await;
-        let response = match result {
-            Ok(response) => response,
+        let trail = self.audit.begin(&request, peer, &self.public);
+        let result = self.pipeline(request, peer, &mut route, &trail).instrument(span.clone()).await;
+        let (response, error) = match result {
+            Ok(response) => (response, None),
             Err(error) => {
                 let mut outcome = error.outcome();
-                outcome.trace_id = trace_id;
+                outcome.trace_id.clone_from(&trace_id);
                 if outcome.status.is_server_error() {
                     warn!(parent: &span, error = %error, "request failed");
                 } else {
                     tracing::debug!(parent: &span, error = %error, "request refused");
                 }
+                (outcome.into_response(), Some(error))
+            }
+        };
+        // Recorded before the response head is sent: in strict mode an event that cannot be made durable turns the
+        // answer into a 503 (whatever was done upstream is still recorded in the log).
+        let error_text = error.as_ref().map(|e| e as &(dyn std::fmt::Display + Sync));
+        let recorded = self.audit.finish(&trail, response.status(), response.headers(), error_text, trace_id.clone());
+        let response = match recorded.instrument(span.clone()).await {
+            Ok(()) => response,
+            Err(crate::audit::Unrecorded) => {
+                warn!(parent: &span, status = response.status().as_u16(), "answered 503: the request's audit event is not durable");
+                let mut outcome = ProxyError::AuditUnavailable.outcome();
+                outcome.trace_id = trace_id;
                 outcome.into_response()
             }
         };
@@ -122,6 +139,7 @@ impl Proxy {
         request: Request<Incoming>,
         peer: std::net::SocketAddr,
         route: &mut Option<String>,
+        trail: &crate::audit::Trail,
     ) -> Result<Response<Body>, ProxyError> {
         let snapshot = self.state.load().ok_or(ProxyError::NotReady)?;
         let span = tracing::Span::current();
@@ -130,6 +148,7 @@ impl Proxy {
         headers::check_unambiguous(request.headers(), request.method())?;
         let (table, relative) = snapshot.table_for(&path).ok_or(Refusal::NoRoute)?;
         let public = self.public.base(peer, request.uri(), request.headers(), &table.base_path);
+        trail.public_base(&public);
         if relative == [".well-known", "smart-configuration"] && request.method() == Method::GET {
             let doc = discovery::smart_configuration(&snapshot).ok_or(Refusal::NoRoute)?;
             let mut response = json_response(StatusCode::OK, &doc, &HeaderMap::new(), false);
@@ -137,21 +156,34 @@ impl Proxy {
             return Ok(response);
         }
         let interaction = classify(request.method(), relative, request.uri().query().is_some());
+        trail.interaction(&interaction, relative);
         // Only the CapabilityStatement is public; everything else needs a caller.
         let caller = if interaction == Interaction::Capabilities {
             None
         } else {
-            let caller = self
+            let authenticated = self
                 .authn
                 .authenticate(&snapshot, request.headers())
                 .instrument(tracing::info_span!("authenticate"))
-                .await?;
+                .await;
+            let caller = match authenticated {
+                Ok(caller) => caller,
+                Err(e) => {
+                    // Recorded under the route it was meant for (which may turn auditing off).
+                    if let Some(matched) = table.route(request.method(), relative) {
+                        trail.route(matched.route);
+                    }
+                    return Err(e.into());
+                }
+            };
             span.record("tenant", caller.tenant.as_str());
+            trail.caller(&caller, snapshot.tenants.get(&caller.tenant));
             Some(caller)
         };
         let Some(matched) = table.route(request.method(), relative) else {
             return Err(if table.path_known(relative) { Refusal::MethodNotAllowed } else { Refusal::NoRoute }.into());
         };
+        trail.route(matched.route);
         span.record("route", matched.route.id.as_str());
         *route = Some(matched.route.id.clone());
         let guard = &matched.route.guard;
@@ -175,6 +207,9 @@ impl Proxy {
             Action::Handler { handler, upstream } => (upstream_of(&snapshot, upstream)?, Some(*handler)),
             Action::Proxy { upstream } => (upstream_of(&snapshot, upstream)?, None),
         };
+        trail.handler(handler);
+        // Strict auditing: nothing is carried out that could not be recorded.
+        self.audit.admit(trail).map_err(|_| ProxyError::AuditUnavailable)?;
         let forwarded = headers::for_upstream(
             request.headers(),
             request.method(),
@@ -187,7 +222,7 @@ impl Proxy {
             if handler.is_some() {
                 return Err(AuthError::Missing.into());
             }
-            return self.capability_statement(&request, relative, &env, &upstream, &forwarded).await;
+            return self.capability_statement(&request, relative, &env, &upstream, &forwarded, trail).await;
         };
         let now = SystemTime::now();
         // Cut off from the control plane for longer than the grant TTL: grants may have been revoked meanwhile.
@@ -197,8 +232,15 @@ impl Proxy {
         }
         let access = Access::new(&caller.tenant, caller.scopes.clone(), caller.patient.clone(), &snapshot, now);
         let input = read_input(request, interaction, handler, relative).await?;
-        let exec =
-            execute::Exec { proxy: self, env, upstream: upstream.clone(), access: &access, forwarded: &forwarded };
+        trail.input(&input, &env);
+        let exec = execute::Exec {
+            proxy: self,
+            env,
+            upstream: upstream.clone(),
+            access: &access,
+            forwarded: &forwarded,
+            trail,
+        };
         let name = handler.map_or(input.interaction.name(), |h| {
             if h == fhirgw_config::route::Handler::DocRef { "docref" } else { "export" }
         });
@@ -214,6 +256,7 @@ impl Proxy {
         env: &Env<'_>,
         upstream: &Arc<Upstream>,
         forwarded: &HeaderMap,
+        trail: &crate::audit::Trail,
     ) -> Result<Response<Body>, ProxyError> {
         let target = request.uri().path_and_query().map(|pq| pq.as_str().to_owned()).unwrap_or_default();
         let key = (env.snapshot.digest.clone(), env.public.to_owned(), target);
@@ -232,7 +275,8 @@ impl Proxy {
         let call = planner::capabilities(&input, env);
         // No caller: an access that sees nothing (the CapabilityStatement is checked for its shape, not for grants).
         let access = Access::new("", crate::policy::scopes::Scopes::parse(""), None, env.snapshot, SystemTime::now());
-        let exec = execute::Exec { proxy: self, env: *env, upstream: upstream.clone(), access: &access, forwarded };
+        let exec =
+            execute::Exec { proxy: self, env: *env, upstream: upstream.clone(), access: &access, forwarded, trail };
         let response = exec.request(call.method, &call.target, None, &call.headers).await?;
         let body = exec.capabilities(response).await?;
         self.capabilities.insert(key, body.clone()).await;

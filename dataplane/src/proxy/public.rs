@@ -52,10 +52,7 @@ impl PublicConfig {
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
@@ -103,6 +100,36 @@ impl PublicConfig {
         format!("{scheme}://{host}{prefix}{base_path}")
     }
 
+    /// The caller's own network address: the TCP peer, or, when the peer is a trusted proxy, the address the
+    /// outermost trusted proxy received the request from (RFC 7239 `for`, walked as for the base; else
+    /// `X-Forwarded-For` from the right while each address is trusted). What cannot be read stops the walk at the
+    /// last proxy known.
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = unmapped(peer.ip());
+        if !self.trusts(peer) {
+            return peer;
+        }
+        if headers.contains_key("forwarded") {
+            return self.forwarded_hop(headers).and_then(|hop| hop.for_ip).map_or(peer, unmapped);
+        }
+        let chain: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in chain.iter().rev() {
+            let Ok(ip) = hop.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else { break };
+            client = unmapped(ip);
+            if !self.trusts(client) {
+                break;
+            }
+        }
+        client
+    }
+
     /// The `Forwarded` element added by the outermost trusted proxy: walk from the nearest hop back while the
     /// hop's `for` is trusted too.
     fn forwarded_hop(&self, headers: &HeaderMap) -> Option<Hop> {
@@ -122,6 +149,14 @@ impl PublicConfig {
             }
         }
         chosen
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -235,6 +270,31 @@ mod tests {
 
     /// (what, config, peer, headers, expected base)
     type Case<'a> = (&'a str, &'a PublicConfig, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+
+    #[test]
+    fn client_address_table() {
+        let trusted = PublicConfig::new(None, &["10.0.0.0/8".into()]).unwrap_or_default();
+        let none = PublicConfig::default();
+        let xff = |v: &'static str| vec![("x-forwarded-for", v)];
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("no proxy", &none, "203.0.113.9", vec![], "203.0.113.9"),
+            ("untrusted peer's headers ignored", &none, "203.0.113.9", xff("198.51.100.1"), "203.0.113.9"),
+            ("one trusted proxy", &trusted, "10.0.0.5", xff("198.51.100.1"), "198.51.100.1"),
+            ("a client-forged hop before the real one", &trusted, "10.0.0.5", xff("1.2.3.4, 198.51.100.1"), "198.51.100.1"),
+            ("trusted hops walked", &trusted, "10.0.0.5", xff("198.51.100.1, 10.0.0.9"), "198.51.100.1"),
+            ("two headers", &trusted, "10.0.0.5", vec![("x-forwarded-for", "198.51.100.1"), ("x-forwarded-for", "10.0.0.9")], "198.51.100.1"),
+            ("garbage stops at the last proxy", &trusted, "10.0.0.5", xff("nonsense, 10.0.0.9"), "10.0.0.9"),
+            ("no header", &trusted, "10.0.0.5", vec![], "10.0.0.5"),
+            ("ipv4-mapped peer", &none, "::ffff:203.0.113.9", vec![], "203.0.113.9"),
+            ("Forwarded wins", &trusted, "10.0.0.5", vec![("forwarded", "for=198.51.100.7;proto=https"), ("x-forwarded-for", "1.2.3.4")], "198.51.100.7"),
+            ("Forwarded v6", &trusted, "10.0.0.5", vec![("forwarded", "for=\"[2001:db8::1]:4711\", for=10.0.0.9")], "2001:db8::1"),
+            ("Forwarded obfuscated", &trusted, "10.0.0.5", vec![("forwarded", "for=_hidden")], "10.0.0.5"),
+        ];
+        for (what, config, from, hdrs, want) in cases {
+            assert_eq!(config.client_ip(peer(from), &headers(&hdrs)).to_string(), want, "{what}");
+        }
+    }
 
     #[test]
     fn public_base_table() {

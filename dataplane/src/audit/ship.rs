@@ -1,0 +1,279 @@
+//! Shipping: one task per sink reads the spool from its cursor, delivers a batch, and only then moves the cursor
+//! (at least once: a crash between delivery and cursor means the batch is delivered again, which a FHIR sink absorbs
+//! because every event keeps its id and is written with `PUT AuditEvent/<id>`). A failed delivery is retried with
+//! exponential backoff (jittered, from `initial` to `max`) for as long as it takes; the spool holds the events
+//! meanwhile. An event a sink refuses for good (a 4xx for that entry) is kept in `rejected.ndjson` in the spool
+//! directory and counted, so one bad event cannot stop the trail.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fhirgw_config::upstream::Upstream;
+use http::{Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Limited};
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::spool::{Record, Spool};
+use crate::limits::Throttled;
+use crate::metrics::AuditCounters;
+use crate::upstream::UpstreamClient;
+
+/// Largest answer read from a FHIR sink.
+const ANSWER_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of events per delivery, at most (besides the count limit).
+const BATCH_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    /// A FHIR server: batches of `PUT AuditEvent/<id>` with its own credential (an upstream definition built from
+    /// the data plane's flags, so every upstream credential source works).
+    Fhir { upstream: Arc<Upstream>, batch: usize },
+    /// NDJSON lines on stdout (`None`) or appended to a file, for log pipelines.
+    Ndjson { path: Option<PathBuf> },
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkConfig::Fhir { .. } => "fhir",
+            SinkConfig::Ndjson { .. } => "ndjson",
+        }
+    }
+}
+
+/// Retry delays.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// A delivery that failed as a whole (retried).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failed(String);
+
+pub struct Shipper {
+    pub spool: Arc<Spool>,
+    pub sink: SinkConfig,
+    pub upstreams: Arc<UpstreamClient>,
+    pub backoff: Backoff,
+    pub counters: AuditCounters,
+}
+
+impl Shipper {
+    /// Ships until `stop` turns true (checked between deliveries and while waiting).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let name = self.sink.name();
+        let mut durable = self.spool.subscribe();
+        let failures = Throttled::new(Duration::from_secs(10));
+        let Some(mut cursor) = self.spool.cursor(name) else { return };
+        let batch = match &self.sink {
+            SinkConfig::Fhir { batch, .. } => (*batch).max(1),
+            SinkConfig::Ndjson { .. } => 1000,
+        };
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let spool = self.spool.clone();
+            let read = tokio::task::spawn_blocking(move || spool.read(cursor, batch, BATCH_MAX_BYTES)).await;
+            let records = match read {
+                Ok(Ok(records)) => records,
+                Ok(Err(e)) => {
+                    tracing::error!(sink = name, error = %e, "audit: cannot read the spool; retrying");
+                    if sleep_or_stop(self.backoff.max, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let Some(last) = records.last().map(|r| r.next) else {
+                tokio::select! {
+                    changed = durable.changed() => if changed.is_err() { return },
+                    changed = stop.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
+            let mut delay = self.backoff.initial;
+            let rejected = loop {
+                match self.deliver(&records).await {
+                    Ok(rejected) => break rejected,
+                    Err(e) => {
+                        self.counters.retried(name, records.len() as u64);
+                        if let Some(n) = failures.hit() {
+                            tracing::warn!(sink = name, error = %e, events = records.len(), failures = n, retry_in_ms = delay.as_millis() as u64, "audit: delivery failed; the events stay in the spool and are retried");
+                        }
+                        if sleep_or_stop(jitter(delay), &mut stop).await {
+                            return;
+                        }
+                        delay = (delay * 2).min(self.backoff.max);
+                    }
+                }
+            };
+            if !rejected.is_empty() {
+                self.reject(&records, &rejected).await;
+            }
+            let spool = self.spool.clone();
+            match tokio::task::spawn_blocking(move || spool.commit(name, last)).await {
+                Ok(Ok(())) => {}
+                // Delivered but not recorded as delivered: shipped again later (at least once).
+                Ok(Err(e)) => tracing::error!(sink = name, error = %e, "audit: cannot store the sink's cursor"),
+                Err(_) => return,
+            }
+            cursor = last;
+            self.counters.shipped(name, (records.len() - rejected.len()) as u64);
+        }
+    }
+
+    /// Delivers `records`; returns the indices the sink refused for good.
+    async fn deliver(&self, records: &[Record]) -> Result<Vec<usize>, Failed> {
+        match &self.sink {
+            SinkConfig::Ndjson { path } => {
+                let mut lines = Vec::with_capacity(records.iter().map(|r| r.payload.len() + 1).sum());
+                for record in records {
+                    lines.extend_from_slice(&record.payload);
+                    lines.push(b'\n');
+                }
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || write_lines(path.as_deref(), &lines))
+                    .await
+                    .map_err(|e| Failed(e.to_string()))?
+                    .map_err(|e| Failed(e.to_string()))?;
+                Ok(Vec::new())
+            }
+            SinkConfig::Fhir { upstream, .. } => self.deliver_fhir(upstream, records).await,
+        }
+    }
+
+    /// One `batch` Bundle of `PUT AuditEvent/<id>` entries; each entry's answer is read.
+    async fn deliver_fhir(&self, upstream: &Arc<Upstream>, records: &[Record]) -> Result<Vec<usize>, Failed> {
+        let mut body = Vec::with_capacity(records.iter().map(|r| r.payload.len() + 96).sum::<usize>() + 64);
+        body.extend_from_slice(br#"{"resourceType":"Bundle","type":"batch","entry":["#);
+        for (i, record) in records.iter().enumerate() {
+            let id = event_id(&record.payload).ok_or_else(|| Failed("an event in the spool has no id".into()))?;
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(br#"{"request":{"method":"PUT","url":"AuditEvent/"#);
+            body.extend_from_slice(id.as_bytes());
+            body.extend_from_slice(br#""},"resource":"#);
+            body.extend_from_slice(&record.payload);
+            body.push(b'}');
+        }
+        body.extend_from_slice(b"]}");
+        let base = if upstream.base_path.is_empty() { "/" } else { upstream.base_path.as_str() };
+        let uri = Uri::try_from(format!("{}{base}", upstream.origin)).map_err(|e| Failed(e.to_string()))?;
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/fhir+json")
+            .header(header::ACCEPT, "application/fhir+json")
+            .header(header::ACCEPT_ENCODING, "identity")
+            .header("prefer", "return=minimal")
+            .body(crate::body::full(Bytes::from(body)))
+            .map_err(|e| Failed(e.to_string()))?;
+        request.headers_mut().remove(header::AUTHORIZATION);
+        let response = self.upstreams.send(upstream, request).await.map_err(|e| Failed(e.to_string()))?;
+        let status = response.status();
+        let answer = Limited::new(response.into_body(), ANSWER_MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| Failed(format!("reading the answer: {e}")))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(Failed(format!("the audit server answered {status}")));
+        }
+        let answer: Value =
+            serde_json::from_slice(&answer).map_err(|e| Failed(format!("the answer is not JSON: {e}")))?;
+        let entries = answer.get("entry").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        if entries.len() != records.len() {
+            return Err(Failed(format!("{} answers for {} events", entries.len(), records.len())));
+        }
+        let mut rejected = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let code: u16 = entry
+                .get("response")
+                .and_then(|r| r.get("status"))
+                .and_then(Value::as_str)
+                .and_then(|s| s.get(..3))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            match code {
+                200..=299 => {}
+                // Refused for good: this event can never be written there.
+                400..=499 if code != 408 && code != 429 => rejected.push(i),
+                _ => return Err(Failed(format!("event {i} of the batch answered {code}"))),
+            }
+        }
+        Ok(rejected)
+    }
+
+    /// Keeps events a sink refused for good in `rejected.ndjson`, so none is silently lost.
+    async fn reject(&self, records: &[Record], rejected: &[usize]) {
+        let mut lines = Vec::new();
+        for i in rejected {
+            if let Some(record) = records.get(*i) {
+                lines.extend_from_slice(&record.payload);
+                lines.push(b'\n');
+                tracing::error!(
+                    sink = self.sink.name(),
+                    id = event_id(&record.payload).unwrap_or_default(),
+                    "audit: the sink refused an event; kept in rejected.ndjson"
+                );
+            }
+        }
+        let path = self.spool.dir().join("rejected.ndjson");
+        let written = tokio::task::spawn_blocking(move || write_lines(Some(&path), &lines)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(sink = self.sink.name(), "audit: cannot keep refused events in rejected.ndjson");
+        }
+        self.counters.dropped("rejected", rejected.len() as u64);
+    }
+}
+
+/// Appends `lines` to `path` durably, or writes them to stdout.
+fn write_lines(path: Option<&std::path::Path>, lines: &[u8]) -> std::io::Result<()> {
+    match path {
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            file.write_all(lines)?;
+            file.sync_data()
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(lines)?;
+            out.flush()
+        }
+    }
+}
+
+/// The `id` of an event as spooled.
+pub fn event_id(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    serde_json::from_slice::<Id>(payload).ok().map(|i| i.id)
+}
+
+fn jitter(delay: Duration) -> Duration {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+/// Sleeps, or returns true at once when `stop` turns true.
+async fn sleep_or_stop(delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let slept = tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    };
+    !slept || *stop.borrow()
+}
