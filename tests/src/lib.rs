@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 pub mod fixtures;
 pub mod issuer;
 pub mod oidc;
+pub mod outage;
 pub mod postgres;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";

@@ -201,7 +201,11 @@ pub fn build(
         event.insert("subtype".into(), Value::Array(subtype));
     }
     event.insert("action".into(), json!(act.action.code()));
-    let recorded = time::OffsetDateTime::from(context.recorded)
+    // Milliseconds, as FHIR servers usually keep them.
+    let at = time::OffsetDateTime::from(context.recorded);
+    let recorded = at
+        .replace_millisecond(at.millisecond())
+        .unwrap_or(at)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
     event.insert("recorded".into(), json!(recorded));

@@ -177,7 +177,6 @@ impl Shipper {
             .header(header::CONTENT_TYPE, "application/fhir+json")
             .header(header::ACCEPT, "application/fhir+json")
             .header(header::ACCEPT_ENCODING, "identity")
-            .header("prefer", "return=minimal")
             .body(crate::body::full(Bytes::from(body)))
             .map_err(|e| Failed(e.to_string()))?;
         request.headers_mut().remove(header::AUTHORIZATION);
