@@ -546,6 +546,22 @@ async fn every_interaction_kind_is_recorded_as_a_valid_balp_event() {
     }
     let subtypes: BTreeSet<&str> = events.iter().map(|e| e["subtype"][0]["code"].as_str().unwrap()).collect();
     assert_eq!(subtypes, BTreeSet::from(["create", "read"]));
+    // A transaction refused whole for another tenant's entry: each entry recorded as refused, only that one as
+    // hidden.
+    let refused = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": "Patient/a-pat-1"}},
+        {"request": {"method": "GET", "url": "Patient/b-pat-1"}},
+    ]});
+    let id = c.id();
+    let r = http().post(s.url("/fhir")).bearer_auth(&write).header("x-request-id", &id).json(&refused).send().await;
+    assert_eq!(r.unwrap().status(), 404);
+    for event in s.events_for(&id, 2).await {
+        c.valid(&event).await;
+        assert_eq!(event["outcome"], "4");
+        let patient = entity(&event, "1").unwrap()["what"]["reference"].as_str().unwrap().to_owned();
+        let hidden = event["outcomeDesc"].as_str().unwrap().contains("outside");
+        assert_eq!(hidden, patient.ends_with("/b-pat-1"), "{event:#}");
+    }
 
     // Tenant B is not audited: nothing of its requests arrives.
     let b = s.issuer.token("tenant-b", READ_SCOPES);

@@ -22,6 +22,7 @@ use crate::policy::classify::Interaction;
 use crate::policy::compartment::{self, Reach};
 use crate::policy::input::{Env, Input, RequestBody};
 use crate::policy::plan::{Answer, Expect, Fact, Facts, Step};
+use crate::policy::verify::{Grants, resource_visible};
 
 /// What the pipeline learned about one request.
 #[derive(Debug, Default)]
@@ -198,8 +199,8 @@ impl Trail {
         });
     }
 
-    /// The planner's final step (and the facts it was decided on).
-    pub fn step(&self, step: &Step, facts: &Facts, upstream_base: &str) {
+    /// The planner's final step (and the facts it was decided on, with the grants they were judged by).
+    pub fn step(&self, step: &Step, facts: &Facts, upstream_base: &str, grants: &Grants) {
         self.with(|r| {
             for (query, fact) in facts.iter() {
                 if let (crate::policy::plan::Query::Resource { ty, id, .. }, Fact::Resource(Some(resource))) =
@@ -228,10 +229,11 @@ impl Trail {
                 }
                 Step::Refuse(refusal) => {
                     r.refusal = Some(refusal.to_string());
-                    // A refused resource that the facts show exists was hidden, not missing.
+                    // A resource the facts show exists outside the grants was hidden, not missing.
                     for (query, fact) in facts.iter() {
-                        if let (crate::policy::plan::Query::Resource { ty, id, .. }, Fact::Resource(Some(_))) =
+                        if let (crate::policy::plan::Query::Resource { ty, id, .. }, Fact::Resource(Some(resource))) =
                             (query, fact)
+                            && !resource_visible(resource, ty, id, grants)
                         {
                             r.hidden.push((ty.clone(), id.clone()));
                         }

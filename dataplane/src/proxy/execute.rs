@@ -51,7 +51,7 @@ impl Exec<'_> {
         for _ in 0..MAX_ROUNDS {
             let step = planner::plan(input, &self.env, self.access, &facts);
             if !matches!(step, Step::Need(_)) {
-                self.trail.step(&step, &facts, &self.upstream.base_path);
+                self.trail.step(&step, &facts, &self.upstream.base_path, &self.access.grants);
             }
             match step {
                 Step::Need(queries) => {
