@@ -14,6 +14,10 @@
 #   PERF_DIR=DIR         after the measurements, profile the data plane (perf record, DWARF call graphs, 10 s per
 #                        route) into DIR: DIR/dp_*.self.txt (flat) and DIR/dp_*.children.txt (inclusive)
 #
+# Auditing (issue 15) is measured on a second data plane with a spool (--audit-dir in the work dir) and an NDJSON file
+# sink: verified reads by a tenant not audited, one audited in relaxed mode and one in strict mode, against the
+# first data plane's reads (no spool at all) in the same run.
+#
 # All traffic stays on 127.0.0.1. Every wait is bounded; every process started here is stopped on exit.
 set -euo pipefail
 
@@ -154,6 +158,14 @@ dp_line="$(wait_for_line "$work/dp.out")"
 dp_addr="$(json_get fhir <<<"$dp_line")"
 dp_admin="$(json_get admin <<<"$dp_line")"
 audience="http://$dp_addr/fhir"
+# The same, auditing: a spool on this disk, shipped to an NDJSON file (fsynced per batch).
+"$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
+  --token-file "$work/dataplane.token" --state-dir "$work/dp-audit" --paging-key-file "$work/paging.key" \
+  --audit-dir "$work/audit-spool" --audit-ndjson "$work/audit.ndjson" \
+  >"$work/dpa.out" 2>"$work/dpa.log" & dpa_pid=$!; pids+=("$dpa_pid")
+dpa_line="$(wait_for_line "$work/dpa.out")"
+dpa_addr="$(json_get fhir <<<"$dpa_line")"
+dpa_admin="$(json_get admin <<<"$dpa_line")"
 "$bin/fhirgw-dev-issuer" 127.0.0.1:0 "$audience" >"$work/issuer.out" 2>"$work/issuer.log" & pids+=($!)
 issuer_url="$(wait_for_line "$work/issuer.out" | json_get url)"
 
@@ -183,14 +195,25 @@ g PutIdentityProvider <<JSON
 JSON
 g PutTenant <<<'{"tenant": {"name": "bench"}}'
 g PutGrant <<<'{"grant": {"tenant": "bench", "tag": {"system": "https://fhirgw.dev/dataset", "code": "bench"}}}'
+for m in relaxed strict; do
+  g PutTenant <<<"{\"tenant\": {\"name\": \"bench-$m\", \"audit\": {\"mode\": \"AUDIT_MODE_${m^^}\"}}}"
+  g PutGrant <<<"{\"grant\": {\"tenant\": \"bench-$m\", \"tag\": {\"system\": \"https://fhirgw.dev/dataset\", \"code\": \"bench\"}}}"
+done
 
-mint() { # a fresh token (they live 300 s; the run is longer)
-  auth="Authorization: Bearer $(curl -sf --max-time 5 -d client_id=bench -d 'scope=user/*.read' "$issuer_url/token" | json_get access_token)"
+token_for() { # tenant -> an Authorization header with a fresh token (they live 300 s; the run is longer)
+  echo "Authorization: Bearer $(curl -sf --max-time 5 -d "client_id=$1" -d 'scope=user/*.read' "$issuer_url/token" | json_get access_token)"
+}
+mint() {
+  auth="$(token_for bench)"
+  auth_relaxed="$(token_for bench-relaxed)"
+  auth_strict="$(token_for bench-strict)"
 }
 mint
 wait_http "http://$dp_admin/readyz" 200
 wait_http "http://$dp_addr/fhir/metadata" 200
 wait_http "http://$dp_addr/fhir/Patient/p1" 200 -H "$auth"
+wait_http "http://$dpa_addr/fhir/Patient/p1" 200 -H "$auth_strict"
+wait_http "http://$dpa_addr/fhir/Patient/p1" 200 -H "$auth_relaxed"
 wait_route "http://$dp_addr/big/metadata" -r 0-0
 wait_http "http://127.0.0.1:$proxy_port/fhir/metadata" 200
 # Sanity: every path answers the same resource.
@@ -271,6 +294,17 @@ if [[ -x "$bin/bare-proxy" ]]; then
     kill -TERM "$bare_pid" 2>/dev/null || true
   done
 fi
+# Auditing, on the second data plane: a tenant not audited, one relaxed, one strict (same read, same upstream).
+mint
+run_wrk dpa_off "http://$dpa_addr$read_path" "$dpa_pid" "$auth"
+run_wrk dpa_relaxed "http://$dpa_addr$read_path" "$dpa_pid" "$auth_relaxed"
+run_wrk dpa_strict "http://$dpa_addr$read_path" "$dpa_pid" "$auth_strict"
+audit_metric() { curl -s --max-time 5 "http://$dpa_admin/metrics" | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { print s + 0 }'; }
+for _ in $(seq 1 100); do [[ "$(audit_metric fhirgw_dp_audit_oldest_unshipped_seconds)" == 0 ]] && break; sleep 0.1; done
+audit_written="$(audit_metric fhirgw_dp_audit_events_written_total)"
+audit_dropped="$(audit_metric fhirgw_dp_audit_events_dropped_total)"
+audit_shipped="$(audit_metric fhirgw_dp_audit_events_shipped_total)"
+audit_lines="$(wc -l <"$work/audit.ndjson")"
 after_wrk_rss_kb="$(proc_kb "$dp_pid" VmRSS)"
 after_wrk_hwm_kb="$(proc_kb "$dp_pid" VmHWM)"
 
@@ -436,6 +470,27 @@ for kind in meta read; do
   label="GET $meta"; [[ "$kind" == read ]] && label="GET $read_path"
   echo "| $label | $r | $(verdict "$t_ok") | $da ms | $na ms | $(verdict "$l_ok") |"
 done
+echo
+echo "#### 1b. Verified reads with auditing (second data plane: --audit-dir, NDJSON file sink; same run)"
+echo
+echo "| path | tenant audit mode | req/s | p50 ms | p99 ms | CPU cores: wrk / upstream / proxy / softirq / other | proxy CPU µs/req | CPU/read vs (c) | goal | errors |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"
+arow() { # key label goal-ratio
+  local k="$1" r ok goal="–"
+  r="$(ratio "${R[$k,us_per_req]}" "${R[dp_read,us_per_req]}")"
+  if [[ -n "$3" ]]; then
+    ok="$(awk -v r="$r" -v g="$3" 'BEGIN { print (r <= g) ? 1 : 0 }')"
+    goal="≤ $3: $(verdict "$ok")"
+  fi
+  echo "| (c) fhirgw data plane, audit spool on | $2 | ${R[$k,rps]} | ${R[$k,p50]} | ${R[$k,p99]} | ${R[$k,cpu_wrk]} / ${R[$k,cpu_up]} / ${R[$k,cpu_proxy]} / ${R[$k,cpu_irq]} / ${R[$k,cpu_other]} | ${R[$k,us_per_req]} | $r | $goal | ${R[$k,errors]} |"
+}
+echo "| (c) fhirgw data plane, no spool (row c above) | – | ${R[dp_read,rps]} | ${R[dp_read,p50]} | ${R[dp_read,p99]} | ${R[dp_read,cpu_wrk]} / ${R[dp_read,cpu_up]} / ${R[dp_read,cpu_proxy]} / ${R[dp_read,cpu_irq]} / ${R[dp_read,cpu_other]} | ${R[dp_read,us_per_req]} | 1.00 | | ${R[dp_read,errors]} |"
+arow dpa_off "off (not audited)" ""
+arow dpa_relaxed "relaxed" "1.10"
+arow dpa_strict "strict (each answer waits for its fsync)" "1.25"
+echo
+echo "Audit events: $audit_written written to the spool, $audit_shipped shipped, $audit_dropped dropped;" \
+  "$audit_lines lines in the NDJSON sink; spool on $(df -P "$work" | awk 'NR == 2 { print $1 }')."
 echo
 echo "#### 2. Streaming large responses (curl -o /dev/null; median of $STREAM_REPEAT downloads of the octet-stream, $BUNDLE_REPEAT of the Bundle; MiB/s of upstream bytes)"
 echo
