@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use fhirgw_config::audit::AuditInteraction;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 const BALP: &str = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.";
 const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
@@ -123,8 +123,128 @@ pub struct Context {
     pub trace_id: Option<String>,
 }
 
-fn coding(system: &str, code: &str, display: &str) -> Value {
-    json!({ "system": system, "code": code, "display": display })
+// The AuditEvent as typed, borrowed parts: serialised straight to bytes on the request path, no JSON tree.
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent<'a> {
+    resource_type: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<Meta>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    extension: Vec<Extension<'a>>,
+    #[serde(rename = "type")]
+    kind: Coding<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    subtype: Vec<Coding<'a>>,
+    action: &'static str,
+    recorded: String,
+    outcome: &'static str,
+    outcome_desc: String,
+    agent: Vec<Agent<'a>>,
+    source: Source<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    entity: Vec<Entity<'a>>,
+}
+
+#[derive(Serialize)]
+struct Meta {
+    profile: [String; 1],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Extension<'a> {
+    url: &'static str,
+    value_string: &'a str,
+}
+
+#[derive(Serialize, Default)]
+struct Coding<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    display: Option<&'a str>,
+}
+
+fn coding<'a>(system: &'a str, code: &'a str, display: &'a str) -> Coding<'a> {
+    Coding { system: Some(system), code: Some(code), display: Some(display) }
+}
+
+#[derive(Serialize)]
+struct Concept<'a> {
+    coding: [Coding<'a>; 1],
+}
+
+#[derive(Serialize, Default)]
+struct Reference<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reference: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identifier: Option<Identifier<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    display: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Identifier<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    value: &'a str,
+}
+
+#[derive(Serialize)]
+struct Agent<'a> {
+    #[serde(rename = "type")]
+    kind: Concept<'a>,
+    who: Reference<'a>,
+    requestor: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<Network<'a>>,
+}
+
+#[derive(Serialize)]
+struct Network<'a> {
+    address: std::borrow::Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct Source<'a> {
+    site: &'a str,
+    observer: Reference<'a>,
+    #[serde(rename = "type")]
+    kind: [Coding<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Entity<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    what: Option<Reference<'a>>,
+    #[serde(rename = "type")]
+    kind: Coding<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Coding<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    detail: Vec<Detail<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Detail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    value_string: std::borrow::Cow<'a, str>,
 }
 
 /// R4 `AuditEvent.outcome`: 0 success, 4 minor failure (the client's request refused), 8 serious failure (the
@@ -164,52 +284,35 @@ fn reference(base: &str, ty: &str, id: &str, vid: Option<&str>) -> String {
     }
 }
 
+/// `recorded`: RFC 3339 in milliseconds, as FHIR servers usually keep instants.
+fn instant(at: SystemTime) -> String {
+    let at = time::OffsetDateTime::from(at);
+    at.replace_millisecond(at.millisecond())
+        .unwrap_or(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
 /// The AuditEvent `id` records `act` by `who` (`None`: unauthenticated) with `outcome`, for `patient` (one of
-/// `act.patients`, BALP's patient variants having exactly one).
-pub fn build(
-    id: &str,
-    context: &Context,
-    who: Option<&Who>,
-    act: &Act,
-    outcome: &Outcome,
-    patient: Option<&str>,
-) -> Value {
+/// `act.patients`, BALP's patient variants having exactly one). Serialise it with `serde_json`.
+pub fn build<'a>(
+    id: &'a str,
+    context: &'a Context,
+    who: Option<&'a Who>,
+    act: &'a Act,
+    outcome: &'a Outcome,
+    patient: Option<&'a str>,
+) -> AuditEvent<'a> {
     let success = outcome_code(outcome.status) == "0";
-    let mut event = Map::new();
-    event.insert("resourceType".into(), json!("AuditEvent"));
-    event.insert("id".into(), json!(id));
-    if let Some(profile) = profile(act, patient.is_some()).filter(|_| success) {
-        event.insert("meta".into(), json!({ "profile": [profile] }));
-    }
-    if let Some(who) = who {
-        event.insert("extension".into(), json!([{ "url": TENANT_EXTENSION, "valueString": who.tenant }]));
-    }
-    event.insert(
-        "type".into(),
-        coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation"),
-    );
     let mut subtype = Vec::new();
     if let Some(code) = act.subtype {
         subtype.push(coding(RESTFUL, code, code));
     }
     match &act.operation {
         Some((Some(canonical), name)) => subtype.push(coding("urn:ietf:rfc:3986", canonical, name)),
-        Some((None, name)) => subtype.push(json!({ "display": name })),
+        Some((None, name)) => subtype.push(Coding { display: Some(name), ..Coding::default() }),
         None => {}
     }
-    if !subtype.is_empty() {
-        event.insert("subtype".into(), Value::Array(subtype));
-    }
-    event.insert("action".into(), json!(act.action.code()));
-    // Milliseconds, as FHIR servers usually keep them.
-    let at = time::OffsetDateTime::from(context.recorded);
-    let recorded = at
-        .replace_millisecond(at.millisecond())
-        .unwrap_or(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
-    event.insert("recorded".into(), json!(recorded));
-    event.insert("outcome".into(), json!(outcome_code(outcome.status)));
     let mut desc = format!("{} {}", outcome.status, reason(outcome.status));
     if let Some(detail) = &outcome.detail {
         desc.push_str(": ");
@@ -219,27 +322,32 @@ pub fn build(
         desc.push_str("; trace ");
         desc.push_str(trace);
     }
-    event.insert("outcomeDesc".into(), json!(desc));
-    event.insert("agent".into(), Value::Array(agents(context, who, act)));
-    event.insert(
-        "source".into(),
-        json!({
-            "site": context.public_base,
-            "observer": {
-                "identifier": { "system": NODE_SYSTEM, "value": context.node },
-                "display": format!("fhirgw data plane {}", context.node),
+    AuditEvent {
+        resource_type: "AuditEvent",
+        id,
+        meta: profile(act, patient.is_some()).filter(|_| success).map(|p| Meta { profile: [p] }),
+        extension: who.map(|w| Extension { url: TENANT_EXTENSION, value_string: &w.tenant }).into_iter().collect(),
+        kind: coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation"),
+        subtype,
+        action: act.action.code(),
+        recorded: instant(context.recorded),
+        outcome: outcome_code(outcome.status),
+        outcome_desc: desc,
+        agent: agents(context, who, act),
+        source: Source {
+            site: &context.public_base,
+            observer: Reference {
+                identifier: Some(Identifier { system: Some(NODE_SYSTEM), value: &context.node }),
+                display: Some(format!("fhirgw data plane {}", context.node)),
+                ..Reference::default()
             },
-            "type": [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")],
-        }),
-    );
-    let entities = entities(context, act, patient);
-    if !entities.is_empty() {
-        event.insert("entity".into(), Value::Array(entities));
+            kind: [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")],
+        },
+        entity: entities(context, act, patient),
     }
-    Value::Object(event)
 }
 
-fn agents(context: &Context, who: Option<&Who>, act: &Act) -> Vec<Value> {
+fn agents<'a>(context: &'a Context, who: Option<&'a Who>, act: &Act) -> Vec<Agent<'a>> {
     // BALP: the client is the Source Role ID and the server the Destination, except in the Read pattern.
     let (client_role, server_role) = if act.action == Action::Read {
         (("110152", "Destination Role ID"), ("110153", "Source Role ID"))
@@ -247,95 +355,107 @@ fn agents(context: &Context, who: Option<&Who>, act: &Act) -> Vec<Value> {
         (("110153", "Source Role ID"), ("110152", "Destination Role ID"))
     };
     let client_who = match who {
-        Some(Who { client_id: Some(client), issuer, .. }) => {
-            let mut identifier = json!({ "value": client });
-            if let Some(issuer) = issuer {
-                identifier["system"] = json!(issuer);
-            }
-            json!({ "identifier": identifier })
-        }
-        Some(who) => json!({ "display": format!("a client of tenant {}", who.tenant) }),
-        None => json!({ "display": "unauthenticated client" }),
+        Some(Who { client_id: Some(client), issuer, .. }) => Reference {
+            identifier: Some(Identifier { system: issuer.as_deref(), value: client }),
+            ..Reference::default()
+        },
+        Some(who) => Reference { display: Some(format!("a client of tenant {}", who.tenant)), ..Reference::default() },
+        None => Reference { display: Some("unauthenticated client".to_owned()), ..Reference::default() },
     };
     let mut agents = vec![
-        json!({
-            "type": { "coding": [coding(DCM, client_role.0, client_role.1)] },
-            "who": client_who,
-            "requestor": false,
-            "network": { "address": context.client.to_string(), "type": "2" },
-        }),
-        json!({
-            "type": { "coding": [coding(DCM, server_role.0, server_role.1)] },
-            "who": { "identifier": { "system": "urn:ietf:rfc:3986", "value": context.public_base } },
-            "requestor": false,
-            "network": { "address": context.public_base, "type": "5" },
-        }),
+        Agent {
+            kind: Concept { coding: [coding(DCM, client_role.0, client_role.1)] },
+            who: client_who,
+            requestor: false,
+            network: Some(Network { address: context.client.to_string().into(), kind: "2" }),
+        },
+        Agent {
+            kind: Concept { coding: [coding(DCM, server_role.0, server_role.1)] },
+            who: Reference {
+                identifier: Some(Identifier { system: Some("urn:ietf:rfc:3986"), value: &context.public_base }),
+                ..Reference::default()
+            },
+            requestor: false,
+            network: Some(Network { address: context.public_base.as_str().into(), kind: "5" }),
+        },
     ];
     if let Some(who) = who.filter(|w| !w.subject.is_empty()) {
         let user_role = match act.action {
             Action::Create | Action::Update | Action::Delete => ("AUT", "author"),
             Action::Read | Action::Execute => ("IRCP", "information recipient"),
         };
-        let mut identifier = json!({ "value": who.subject });
-        if let Some(issuer) = &who.issuer {
-            identifier["system"] = json!(issuer);
-        }
-        agents.push(json!({
-            "type": { "coding": [coding(PARTICIPATION, user_role.0, user_role.1)] },
-            "who": { "identifier": identifier },
-            "requestor": true,
-        }));
+        agents.push(Agent {
+            kind: Concept { coding: [coding(PARTICIPATION, user_role.0, user_role.1)] },
+            who: Reference {
+                identifier: Some(Identifier { system: who.issuer.as_deref(), value: &who.subject }),
+                ..Reference::default()
+            },
+            requestor: true,
+            network: None,
+        });
     }
     agents
 }
 
-fn entities(context: &Context, act: &Act, patient: Option<&str>) -> Vec<Value> {
+fn entities<'a>(context: &'a Context, act: &'a Act, patient: Option<&'a str>) -> Vec<Entity<'a>> {
     let base = &context.public_base;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(4);
     if let Some(patient) = patient {
-        out.push(json!({
-            "what": { "reference": reference(base, "Patient", patient, None), "type": "Patient" },
-            "type": coding(ENTITY_TYPE, "1", "Person"),
-            "role": coding(OBJECT_ROLE, "1", "Patient"),
-        }));
+        out.push(Entity {
+            what: Some(Reference {
+                reference: Some(reference(base, "Patient", patient, None)),
+                kind: Some("Patient"),
+                ..Reference::default()
+            }),
+            kind: coding(ENTITY_TYPE, "1", "Person"),
+            role: Some(coding(OBJECT_ROLE, "1", "Patient")),
+            description: None,
+            query: None,
+            detail: Vec::new(),
+        });
     }
     if let Some((ty, id, vid)) = &act.resource {
-        let what = match id {
-            Some(id) => json!({ "reference": reference(base, ty, id, vid.as_deref()), "type": ty }),
-            None => json!({ "type": ty }),
-        };
-        out.push(json!({
-            "what": what,
-            "type": coding(ENTITY_TYPE, "2", "System Object"),
-            "role": coding(OBJECT_ROLE, "4", "Domain Resource"),
-        }));
+        out.push(Entity {
+            what: Some(Reference {
+                reference: id.as_ref().map(|id| reference(base, ty, id, vid.as_deref())),
+                kind: Some(ty),
+                ..Reference::default()
+            }),
+            kind: coding(ENTITY_TYPE, "2", "System Object"),
+            role: Some(coding(OBJECT_ROLE, "4", "Domain Resource")),
+            description: None,
+            query: None,
+            detail: Vec::new(),
+        });
     }
     if let Some(query) = &act.query {
-        let mut entity = json!({
-            "type": coding(ENTITY_TYPE, "2", "System Object"),
-            "role": coding(OBJECT_ROLE, "24", "Query"),
-            "query": STANDARD.encode(query),
+        out.push(Entity {
+            what: None,
+            kind: coding(ENTITY_TYPE, "2", "System Object"),
+            role: Some(coding(OBJECT_ROLE, "24", "Query")),
+            description: act.executed.as_deref(),
+            query: Some(STANDARD.encode(query)),
+            detail: Vec::new(),
         });
-        if let Some(executed) = &act.executed {
-            entity["description"] = json!(executed);
-        }
-        out.push(entity);
     }
-    let mut transaction = json!({
-        "what": { "identifier": { "value": context.transaction } },
-        "type": { "system": BALP_ENTITY_TYPE, "code": "XrequestId" },
-    });
     let mut detail = Vec::new();
     if let Some(trace) = context.trace_id.as_ref().filter(|t| **t != context.transaction) {
-        detail.push(json!({ "type": "trace-id", "valueString": trace }));
+        detail.push(Detail { kind: "trace-id", value_string: trace.as_str().into() });
     }
     if let Some(index) = act.entry {
-        detail.push(json!({ "type": "bundle-entry", "valueString": index.to_string() }));
+        detail.push(Detail { kind: "bundle-entry", value_string: index.to_string().into() });
     }
-    if !detail.is_empty() {
-        transaction["detail"] = Value::Array(detail);
-    }
-    out.push(transaction);
+    out.push(Entity {
+        what: Some(Reference {
+            identifier: Some(Identifier { system: None, value: &context.transaction }),
+            ..Reference::default()
+        }),
+        kind: Coding { system: Some(BALP_ENTITY_TYPE), code: Some("XrequestId"), display: None },
+        role: None,
+        description: None,
+        query: None,
+        detail,
+    });
     out
 }
 

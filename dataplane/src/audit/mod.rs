@@ -114,7 +114,13 @@ pub fn new_id() -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 fn now_ms() -> u64 {
@@ -221,6 +227,7 @@ impl Auditor {
         if ok {
             Ok(())
         } else {
+            trail.refused_unrecordable();
             self.counters.refused();
             if let Some(n) = self.drops.hit() {
                 tracing::warn!(
@@ -251,9 +258,8 @@ impl Auditor {
         let at = now_ms();
         let mut records = Vec::with_capacity(events.len() * 2048);
         let mut count = 0;
-        for (_, event) in &events {
-            let payload = serde_json::to_vec(event).unwrap_or_default();
-            match spool::frame(&payload, at, &mut records) {
+        for (_, payload) in &events {
+            match spool::frame(payload, at, &mut records) {
                 Ok(()) => count += 1,
                 Err(e) => {
                     tracing::error!(error = %e, "audit: an event is too large to record");
@@ -263,7 +269,7 @@ impl Auditor {
         }
         let Some(running) = &self.running else {
             if strict {
-                self.counters.refused();
+                // Counted once: the admission check already refused it.
                 return Err(Unrecorded);
             }
             self.dropped("no_spool", count);
@@ -273,7 +279,9 @@ impl Auditor {
             match tokio::time::timeout(STRICT_WAIT, running.appender.strict(records, count)).await {
                 Ok(Ok(())) => Ok(()),
                 outcome => {
-                    self.counters.refused();
+                    if !trail.was_refused_unrecordable() {
+                        self.counters.refused();
+                    }
                     tracing::warn!(reason = ?outcome, "audit: a strict request's event is not durable; answering 503");
                     Err(Unrecorded)
                 }

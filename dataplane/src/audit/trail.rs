@@ -59,6 +59,8 @@ struct Record {
 pub struct Trail {
     /// False once the request is known not to be recorded.
     active: AtomicBool,
+    /// Refused (503) by the strict admission check: counted there, not again if its own event cannot be written.
+    unrecordable: AtomicBool,
     /// Whether the data plane keeps a spool (else only the mode is decided: strict fails closed).
     spooled: bool,
     started: SystemTime,
@@ -81,7 +83,21 @@ impl Trail {
             request_id: id.map(str::to_owned),
             ..Record::default()
         };
-        Trail { active: AtomicBool::new(true), spooled, started: SystemTime::now(), record: Mutex::new(record) }
+        Trail {
+            active: AtomicBool::new(true),
+            unrecordable: AtomicBool::new(false),
+            spooled,
+            started: SystemTime::now(),
+            record: Mutex::new(record),
+        }
+    }
+
+    pub(super) fn refused_unrecordable(&self) {
+        self.unrecordable.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn was_refused_unrecordable(&self) -> bool {
+        self.unrecordable.load(Ordering::Relaxed)
     }
 
     fn active(&self) -> bool {
@@ -291,7 +307,7 @@ impl Trail {
         trace_id: Option<String>,
         node: &str,
         unauthenticated: AuditMode,
-    ) -> Vec<(AuditMode, Value)> {
+    ) -> Vec<(AuditMode, Vec<u8>)> {
         if !self.active() {
             return Vec::new();
         }
@@ -373,11 +389,18 @@ impl Trail {
             };
             let outcome = Outcome { status: code, detail };
             let who = record.who.as_ref();
-            if act.patients.is_empty() {
-                out.push((mode, event::build(&super::new_id(), &context, who, &act, &outcome, None)));
-            }
-            for patient in &act.patients {
-                out.push((mode, event::build(&super::new_id(), &context, who, &act, &outcome, Some(patient))));
+            let patients: Vec<Option<&str>> = if act.patients.is_empty() {
+                vec![None]
+            } else {
+                act.patients.iter().map(|p| Some(p.as_str())).collect()
+            };
+            for patient in patients {
+                let id = super::new_id();
+                let event = event::build(&id, &context, who, &act, &outcome, patient);
+                match serde_json::to_vec(&event) {
+                    Ok(bytes) => out.push((mode, bytes)),
+                    Err(e) => tracing::error!(error = %e, "audit: an event cannot be serialised"),
+                }
             }
         }
         out
