@@ -330,11 +330,15 @@ impl Spool {
         Ok(())
     }
 
-    /// Deletes the segments every sink has passed (never the one being written).
+    /// Deletes the segments every sink has passed (never the one being written; nothing without a sink, whose
+    /// events wait for one).
     fn release(&self) {
         let writing = self.end().segment;
         let doomed: Vec<u64> = {
             let state = self.lock();
+            if state.cursors.is_empty() {
+                return;
+            }
             let oldest = state
                 .cursors
                 .values()

@@ -166,3 +166,14 @@ fn unshipped_events_are_read_again_after_a_restart() {
     let (spool, _writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
     assert_eq!(spool.read(start(&spool, "fhir"), 100, usize::MAX).unwrap().len(), 10);
 }
+
+#[test]
+fn without_a_sink_nothing_is_deleted_and_a_sink_added_later_gets_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let (spool, mut writer) = Spool::open(dir.path(), LIMITS, &[]).unwrap();
+        spool.append(&mut writer, &framed(&[&format!("run {i}")])).unwrap();
+    }
+    let (spool, _writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
+    assert_eq!(texts(&spool.read(start(&spool, "fhir"), 100, usize::MAX).unwrap()), ["run 0", "run 1", "run 2"]);
+}
