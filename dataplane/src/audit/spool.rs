@@ -57,6 +57,8 @@ pub enum SpoolError {
     Full { bytes: u64, max: u64 },
     #[error("an audit event of {0} bytes is larger than a record may be")]
     TooLarge(usize),
+    #[error("another process holds the audit spool {0} (one data plane per spool directory)")]
+    Locked(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
@@ -97,6 +99,8 @@ struct State {
 /// The spool's shared state: read by shippers and metrics, advanced by the [`Writer`].
 pub struct Spool {
     dir: PathBuf,
+    /// Held for the spool's lifetime: one data plane per spool directory.
+    _lock: File,
     limits: Limits,
     state: Mutex<State>,
     /// The end of what is durable (advanced after each fsync).
@@ -128,6 +132,14 @@ impl Spool {
     /// configured sink: only their cursors hold segments back.
     pub fn open(dir: &Path, limits: Limits, sinks: &[&str]) -> Result<(Spool, Writer), SpoolError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("lock");
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(dir.display().to_string())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
         let mut segments = BTreeMap::new();
         for entry in fs::read_dir(dir).map_err(io(dir))? {
             let name = entry.map_err(io(dir))?.file_name();
@@ -163,6 +175,7 @@ impl Spool {
         let position = Position { segment: next, offset: HEADER };
         let spool = Spool {
             dir: dir.to_owned(),
+            _lock: lock,
             limits,
             state: Mutex::new(State { segments, cursors }),
             end: watch::channel(position).0,

@@ -177,3 +177,12 @@ fn without_a_sink_nothing_is_deleted_and_a_sink_added_later_gets_everything() {
     let (spool, _writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
     assert_eq!(texts(&spool.read(start(&spool, "fhir"), 100, usize::MAX).unwrap()), ["run 0", "run 1", "run 2"]);
 }
+
+#[test]
+fn one_process_per_spool_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
+    assert!(matches!(Spool::open(dir.path(), LIMITS, &["fhir"]), Err(SpoolError::Locked(_))));
+    drop((spool, writer));
+    assert!(Spool::open(dir.path(), LIMITS, &["fhir"]).is_ok());
+}
