@@ -563,6 +563,11 @@ async fn every_interaction_kind_is_recorded_as_a_valid_balp_event() {
         assert_eq!(hidden, patient.ends_with("/b-pat-1"), "{event:#}");
     }
 
+    // A Bundle with no entries is recorded as the request itself.
+    let empty =
+        http().post(s.url("/fhir")).bearer_auth(&read).json(&json!({"resourceType": "Bundle", "type": "batch"}));
+    c.check("empty batch", empty, Want { query: Some(format!("POST {public}")), ..want(200, "batch", "E") }).await;
+
     // Tenant B is not audited: nothing of its requests arrives.
     let b = s.issuer.token("tenant-b", READ_SCOPES);
     let r = get("/fhir/Patient/b-pat-1", &b).header("x-request-id", "tenant-b-read").send().await;

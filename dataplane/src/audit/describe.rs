@@ -42,7 +42,11 @@ pub fn query_form(
     query: Option<&str>,
     form: Option<&str>,
 ) -> String {
-    let mut out = format!("{method} {public}/{}", relative.join("/"));
+    let mut out = if relative.is_empty() {
+        format!("{method} {public}")
+    } else {
+        format!("{method} {public}/{}", relative.join("/"))
+    };
     if let Some(q) = query.filter(|q| !q.is_empty()) {
         out.push('?');
         out.push_str(&redact(q));

@@ -188,8 +188,9 @@ impl Trail {
         self.with(|r| {
             let public = env.public;
             if input.interaction == Interaction::BatchOrTransaction && input.handler.is_none() {
+                // An empty Bundle (or none that parses) is recorded as the request itself.
                 if let RequestBody::Json(bundle) = &input.body
-                    && let Some(entries) = describe::entries(bundle, env.table, public)
+                    && let Some(entries) = describe::entries(bundle, env.table, public).filter(|e| !e.is_empty())
                 {
                     r.acts = Some(entries);
                 }
@@ -323,11 +324,16 @@ impl Trail {
                 None => describe::act(&Interaction::Unknown, None, &record.method, &[]),
             };
             if act.query.is_some() {
-                let mut form = format!("{} {public}{}", record.method, record.path);
-                if let Some(q) = &record.query {
-                    form = format!("{form}?{}", describe::redact(q));
-                }
-                act.query = Some(form);
+                act.query = Some(match &record.interaction {
+                    Some((_, _, relative)) => {
+                        query_form(&record.method, &public, relative, record.query.as_deref(), None)
+                    }
+                    // Not even classified (an irregular path): the request target as received.
+                    None => match &record.query {
+                        Some(q) => format!("{} {}?{}", record.method, record.path, describe::redact(q)),
+                        None => format!("{} {}", record.method, record.path),
+                    },
+                });
             }
             vec![Entry { act, route: record.route }]
         });
