@@ -27,6 +27,8 @@ use crate::upstream::UpstreamClient;
 const ANSWER_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes of events per delivery, at most (besides the count limit).
 const BATCH_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Once caught up, a shipper waits this long after new events arrive before it delivers them.
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Where events go.
 #[derive(Debug, Clone)]
@@ -99,6 +101,10 @@ impl Shipper {
                 tokio::select! {
                     changed = durable.changed() => if changed.is_err() { return },
                     changed = stop.changed() => if changed.is_err() { return },
+                }
+                // Caught up: let a batch gather rather than deliver (and sync a cursor) per write.
+                if sleep_or_stop(LINGER, &mut stop).await {
+                    return;
                 }
                 continue;
             };

@@ -37,7 +37,7 @@ fn appended_records_read_back_across_segments_and_shipped_segments_are_deleted()
     let events: Vec<String> = (0..40).map(|i| format!("{{\"event\":{i},\"pad\":\"{}\"}}", "x".repeat(40))).collect();
     for chunk in events.chunks(3) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        spool.append(&mut writer, &framed(&refs)).unwrap();
+        spool.append(&mut writer, &framed(&refs), true).unwrap();
     }
     assert!(segments(dir.path()).len() > 3, "small segments roll: {:?}", segments(dir.path()));
     let all = spool.read(start(&spool, "fhir"), 1000, usize::MAX).unwrap();
@@ -63,7 +63,7 @@ fn a_torn_tail_is_cut_and_kept_aside_and_the_cursor_survives_a_restart() {
     let limits = Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 };
     {
         let (spool, mut writer) = Spool::open(dir.path(), limits, &["fhir"]).unwrap();
-        spool.append(&mut writer, &framed(&["one", "two", "three"])).unwrap();
+        spool.append(&mut writer, &framed(&["one", "two", "three"]), true).unwrap();
         let first = spool.read(start(&spool, "fhir"), 1, usize::MAX).unwrap();
         spool.commit("fhir", first[0].next).unwrap();
     }
@@ -85,7 +85,7 @@ fn a_torn_tail_is_cut_and_kept_aside_and_the_cursor_survives_a_restart() {
         .collect();
     assert_eq!(aside.len(), 1, "the torn tail is kept for inspection");
     assert_eq!(fs::read(dir.path().join(&aside[0])).unwrap(), half);
-    spool.append(&mut writer, &framed(&["five"])).unwrap();
+    spool.append(&mut writer, &framed(&["five"]), true).unwrap();
     assert_eq!(texts(&spool.read(start(&spool, "fhir"), 100, usize::MAX).unwrap()), ["two", "three", "five"]);
 }
 
@@ -95,7 +95,7 @@ fn a_corrupt_record_ends_its_segment() {
     let limits = Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 };
     {
         let (spool, mut writer) = Spool::open(dir.path(), limits, &["fhir"]).unwrap();
-        spool.append(&mut writer, &framed(&["alpha", "bravo", "charlie"])).unwrap();
+        spool.append(&mut writer, &framed(&["alpha", "bravo", "charlie"]), true).unwrap();
     }
     let path = dir.path().join(segments(dir.path()).pop().unwrap());
     let mut bytes = fs::read(&path).unwrap();
@@ -112,9 +112,9 @@ fn a_full_spool_refuses_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits { max_bytes: 200, segment_bytes: 1 << 20 };
     let (spool, mut writer) = Spool::open(dir.path(), limits, &["fhir"]).unwrap();
-    spool.append(&mut writer, &framed(&[&"a".repeat(100)])).unwrap();
+    spool.append(&mut writer, &framed(&[&"a".repeat(100)]), true).unwrap();
     let before = spool.bytes();
-    assert!(matches!(spool.append(&mut writer, &framed(&[&"b".repeat(100)])), Err(SpoolError::Full { .. })));
+    assert!(matches!(spool.append(&mut writer, &framed(&[&"b".repeat(100)]), true), Err(SpoolError::Full { .. })));
     assert_eq!(spool.bytes(), before);
     // Shipping frees nothing in the segment being written, but the writer rolls and the old one goes.
     assert_eq!(spool.read(start(&spool, "fhir"), 10, usize::MAX).unwrap().len(), 1);
@@ -126,7 +126,7 @@ fn a_segment_is_kept_until_every_sink_has_passed_it() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, mut writer) = Spool::open(dir.path(), LIMITS, &["fhir", "ndjson"]).unwrap();
     for i in 0..20 {
-        spool.append(&mut writer, &framed(&[&format!("event {i} {}", "y".repeat(60))])).unwrap();
+        spool.append(&mut writer, &framed(&[&format!("event {i} {}", "y".repeat(60))]), true).unwrap();
     }
     let before = segments(dir.path()).len();
     let end = spool.end();
@@ -151,7 +151,7 @@ fn unshipped_events_are_read_again_after_a_restart() {
     {
         let (spool, mut writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
         for i in 0..10 {
-            spool.append(&mut writer, &framed(&[&format!("e{i}")])).unwrap();
+            spool.append(&mut writer, &framed(&[&format!("e{i}")]), true).unwrap();
         }
         let first = spool.read(start(&spool, "fhir"), 4, usize::MAX).unwrap();
         spool.commit("fhir", first[3].next).unwrap();
@@ -172,7 +172,7 @@ fn without_a_sink_nothing_is_deleted_and_a_sink_added_later_gets_everything() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..3 {
         let (spool, mut writer) = Spool::open(dir.path(), LIMITS, &[]).unwrap();
-        spool.append(&mut writer, &framed(&[&format!("run {i}")])).unwrap();
+        spool.append(&mut writer, &framed(&[&format!("run {i}")]), true).unwrap();
     }
     let (spool, _writer) = Spool::open(dir.path(), LIMITS, &["fhir"]).unwrap();
     assert_eq!(texts(&spool.read(start(&spool, "fhir"), 100, usize::MAX).unwrap()), ["run 0", "run 1", "run 2"]);

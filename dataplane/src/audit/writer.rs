@@ -1,12 +1,16 @@
 //! The one writer of the spool: a thread of its own (writes and fsyncs block) fed by a queue. Each turn it takes
-//! everything queued, appends it, and makes it durable with one `fdatasync` (group commit): under load many events
-//! share one sync, and a request in strict mode waits for at most the sync in progress plus its own.
+//! everything queued and appends it with one write.
 //!
-//! Strict events carry a channel on which they learn whether they are durable; relaxed ones do not, and are refused
-//! at the door when the queue already holds `relaxed_capacity` of them (a drop, counted), so a slow disk never
-//! slows relaxed traffic. Strict events are not bounded by count: each belongs to a request waiting for it.
+//! Strict events carry a channel on which they learn that they are durable: a turn with a strict event ends with one
+//! `fdatasync` for everything written so far (group commit: under load many events share one sync, and a request
+//! waits for at most the sync in progress plus its own). Relaxed events are not waited for: the writer lets them
+//! gather for `RELAXED_LINGER` (cut short by a strict event) and syncs them within `RELAXED_SYNC`, so relaxed
+//! traffic costs a few writes and syncs per second rather than one per request. They are refused at the door when
+//! the queue already holds `relaxed_capacity` of them (a drop, counted), so a slow disk never slows relaxed
+//! traffic. Strict events are not bounded by count: each belongs to a request waiting for it.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -44,10 +48,16 @@ struct Item {
     done: Option<oneshot::Sender<Result<(), NotDurable>>>,
 }
 
+/// How long relaxed events may gather before they are written.
+const RELAXED_LINGER: Duration = Duration::from_millis(5);
+/// Written relaxed events are made durable at least this often (a strict event syncs them at once).
+const RELAXED_SYNC: Duration = Duration::from_millis(200);
+
 #[derive(Default)]
 struct Queue {
     items: Vec<Item>,
     relaxed_events: usize,
+    strict_items: usize,
     bytes: usize,
     closed: bool,
 }
@@ -59,7 +69,7 @@ pub struct Appender {
     relaxed_capacity: usize,
     counters: AuditCounters,
     /// When a write last failed.
-    failed_at: Mutex<Option<std::time::Instant>>,
+    failed_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Appender {
@@ -91,7 +101,7 @@ impl Appender {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Bytes queued, not yet written (for the strict mode's room check).
@@ -100,7 +110,7 @@ impl Appender {
     }
 
     /// Whether a write failed within `window`.
-    pub fn failed_within(&self, window: std::time::Duration) -> bool {
+    pub fn failed_within(&self, window: Duration) -> bool {
         self.failed_at.lock().ok().and_then(|at| *at).is_some_and(|at| at.elapsed() < window)
     }
 
@@ -113,15 +123,17 @@ impl Appender {
                 return Err(NotDurable::Stopped);
             }
             queue.bytes += records.len();
+            queue.strict_items += 1;
             queue.items.push(Item { records, events, done: Some(tx) });
         }
+        // A strict event cuts a relaxed linger short: it is written and synced now.
         self.wake.notify_one();
         rx.await.unwrap_or(Err(NotDurable::Stopped))
     }
 
     /// Queues framed records without waiting; refused when the queue holds its capacity of relaxed events.
     pub fn relaxed(&self, records: Vec<u8>, events: u64) -> Result<(), NotDurable> {
-        {
+        let was_empty = {
             let mut queue = self.lock();
             if queue.closed {
                 return Err(NotDurable::Stopped);
@@ -133,8 +145,12 @@ impl Appender {
             queue.relaxed_events += count;
             queue.bytes += records.len();
             queue.items.push(Item { records, events, done: None });
+            queue.items.len() == 1
+        };
+        // Only the first event of a turn wakes the writer; the others join its linger.
+        if was_empty {
+            self.wake.notify_one();
         }
-        self.wake.notify_one();
         Ok(())
     }
 
@@ -145,27 +161,52 @@ impl Appender {
     }
 
     fn run(&self, spool: &Spool, mut segment: SegmentWriter) {
+        let mut synced_at = Instant::now();
+        let mut unsynced = false;
         loop {
-            let batch = {
+            let (batch, strict, closing) = {
                 let mut queue = self.lock();
+                // Nothing queued: sleep until something is, or until written relaxed events are due to be synced.
                 while queue.items.is_empty() && !queue.closed {
-                    queue = self.wake.wait(queue).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if !unsynced {
+                        queue = self.wake.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                        continue;
+                    }
+                    let due = RELAXED_SYNC.saturating_sub(synced_at.elapsed());
+                    if due.is_zero() {
+                        break;
+                    }
+                    queue = self.wake.wait_timeout(queue, due).unwrap_or_else(PoisonError::into_inner).0;
                 }
-                if queue.items.is_empty() {
+                // Only relaxed events: let more gather (a strict one, or closing, ends the wait).
+                if !queue.items.is_empty() && queue.strict_items == 0 && !queue.closed {
+                    queue = self.wake.wait_timeout(queue, RELAXED_LINGER).unwrap_or_else(PoisonError::into_inner).0;
+                }
+                if queue.items.is_empty() && queue.closed && !unsynced {
                     return;
                 }
+                let strict = queue.strict_items > 0;
                 queue.relaxed_events = 0;
+                queue.strict_items = 0;
                 queue.bytes = 0;
-                std::mem::take(&mut queue.items)
+                (std::mem::take(&mut queue.items), strict, queue.closed)
             };
-            self.write(spool, &mut segment, batch);
+            let sync = strict || closing || synced_at.elapsed() >= RELAXED_SYNC;
+            let wrote = !batch.is_empty();
+            self.write(spool, &mut segment, batch, sync);
+            if sync {
+                synced_at = Instant::now();
+                unsynced = false;
+            } else if wrote {
+                unsynced = true;
+            }
         }
     }
 
-    /// Appends a batch with one sync; an item that no longer fits is refused alone.
-    fn write(&self, spool: &Spool, segment: &mut SegmentWriter, batch: Vec<Item>) {
+    /// Appends a batch with one write (and, with `sync`, one fsync); an item that no longer fits is refused alone.
+    fn write(&self, spool: &Spool, segment: &mut SegmentWriter, batch: Vec<Item>, sync: bool) {
         let room = spool.limits().max_bytes.saturating_sub(spool.bytes()).saturating_sub(64);
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(batch.iter().map(|i| i.records.len()).sum());
         let mut accepted = Vec::with_capacity(batch.len());
         for item in batch {
             if (records.len() + item.records.len()) as u64 > room {
@@ -175,13 +216,13 @@ impl Appender {
             records.extend_from_slice(&item.records);
             accepted.push(item);
         }
-        let result = match spool.append(segment, &records) {
+        let result = match spool.append(segment, &records, sync) {
             Ok(_) => Ok(()),
             Err(SpoolError::Full { .. }) => Err(NotDurable::Full),
             Err(e) => {
                 tracing::error!(error = %e, "audit spool write failed; the events of this batch are not durable");
                 if let Ok(mut at) = self.failed_at.lock() {
-                    *at = Some(std::time::Instant::now());
+                    *at = Some(Instant::now());
                 }
                 Err(NotDurable::Failed)
             }
@@ -201,5 +242,45 @@ impl Appender {
         if let Some(done) = item.done {
             let _ = done.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::audit::spool::{Limits, frame};
+
+    fn record(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame(text.as_bytes(), 1, &mut out).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn strict_waits_relaxed_gathers_and_close_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, segment) =
+            Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
+        let spool = Arc::new(spool);
+        let (appender, thread) = Appender::start(spool.clone(), segment, 3, AuditCounters::default()).unwrap();
+        let start = spool.cursor("s").unwrap();
+        // Relaxed: accepted at once, written within the linger, a fourth over capacity refused.
+        for i in 0..3 {
+            appender.relaxed(record(&format!("r{i}")), 1).unwrap();
+        }
+        assert_eq!(appender.relaxed(record("r3"), 1), Err(NotDurable::QueueFull));
+        // Strict: returns once written and synced, relaxed events queued before it included.
+        appender.strict(record("s0"), 1).await.unwrap();
+        let texts = |records: Vec<crate::audit::spool::Record>| {
+            records.into_iter().map(|r| String::from_utf8(r.payload).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()), ["r0", "r1", "r2", "s0"]);
+        appender.relaxed(record("r4"), 1).unwrap();
+        appender.close();
+        thread.join().unwrap();
+        assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()).last().map(String::as_str), Some("r4"));
+        assert_eq!(appender.relaxed(record("late"), 1), Err(NotDurable::Stopped));
     }
 }
