@@ -16,15 +16,9 @@ use std::time::SystemTime;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use fhirgw_config::audit::AuditInteraction;
-use serde::Serialize;
 
 const BALP: &str = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.";
 const RESTFUL: &str = "http://hl7.org/fhir/restful-interaction";
-const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
-const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
-const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
-const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
-const BALP_ENTITY_TYPE: &str = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType";
 /// The tenant a caller acted for (an extension of the gateway's own).
 pub const TENANT_EXTENSION: &str = "https://fhirgw.dev/fhir/StructureDefinition/audit-tenant";
 /// The data plane that recorded the event.
@@ -123,129 +117,87 @@ pub struct Context {
     pub trace_id: Option<String>,
 }
 
-// The AuditEvent as typed, borrowed parts: serialised straight to bytes on the request path, no JSON tree.
+/// Writes JSON: the fixed parts of an AuditEvent (code systems, codes, displays) as they are, only the strings that
+/// vary escaped. An event is written on every audited request, and most of its 2 KiB never changes.
+struct Json<'o>(&'o mut Vec<u8>);
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuditEvent<'a> {
-    resource_type: &'static str,
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    meta: Option<Meta>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    extension: Vec<Extension<'a>>,
-    #[serde(rename = "type")]
-    kind: Coding<'a>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    subtype: Vec<Coding<'a>>,
-    action: &'static str,
-    recorded: String,
-    outcome: &'static str,
-    outcome_desc: String,
-    agent: Vec<Agent<'a>>,
-    source: Source<'a>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    entity: Vec<Entity<'a>>,
+impl Json<'_> {
+    fn raw(&mut self, text: &str) {
+        self.0.extend_from_slice(text.as_bytes());
+    }
+
+    /// A JSON string (quoted, escaped).
+    fn text(&mut self, text: &str) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.0, text);
+    }
+
+    /// `"name":"value"` with the value escaped, after a comma.
+    fn field(&mut self, name: &str, value: &str) {
+        self.raw(",\"");
+        self.raw(name);
+        self.raw("\":");
+        self.text(value);
+    }
 }
 
-#[derive(Serialize)]
-struct Meta {
-    profile: [String; 1],
+/// A Coding of fixed code system, code and display, as JSON.
+macro_rules! coding {
+    ($system:expr, $code:expr, $display:expr) => {
+        concat!(r#"{"system":""#, $system, r#"","code":""#, $code, r#"","display":""#, $display, r#""}"#)
+    };
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Extension<'a> {
-    url: &'static str,
-    value_string: &'a str,
+macro_rules! dcm {
+    () => {
+        "http://dicom.nema.org/resources/ontology/DCM"
+    };
+}
+macro_rules! entity_type {
+    () => {
+        "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+    };
+}
+macro_rules! object_role {
+    () => {
+        "http://terminology.hl7.org/CodeSystem/object-role"
+    };
 }
 
-#[derive(Serialize, Default)]
-struct Coding<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    display: Option<&'a str>,
-}
-
-fn coding<'a>(system: &'a str, code: &'a str, display: &'a str) -> Coding<'a> {
-    Coding { system: Some(system), code: Some(code), display: Some(display) }
-}
-
-#[derive(Serialize)]
-struct Concept<'a> {
-    coding: [Coding<'a>; 1],
-}
-
-#[derive(Serialize, Default)]
-struct Reference<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reference: Option<String>,
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    kind: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    identifier: Option<Identifier<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    display: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Identifier<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    system: Option<&'a str>,
-    value: &'a str,
-}
-
-#[derive(Serialize)]
-struct Agent<'a> {
-    #[serde(rename = "type")]
-    kind: Concept<'a>,
-    who: Reference<'a>,
-    requestor: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    network: Option<Network<'a>>,
-}
-
-#[derive(Serialize)]
-struct Network<'a> {
-    address: std::borrow::Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-}
-
-#[derive(Serialize)]
-struct Source<'a> {
-    site: &'a str,
-    observer: Reference<'a>,
-    #[serde(rename = "type")]
-    kind: [Coding<'a>; 1],
-}
-
-#[derive(Serialize)]
-struct Entity<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    what: Option<Reference<'a>>,
-    #[serde(rename = "type")]
-    kind: Coding<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<Coding<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    query: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    detail: Vec<Detail<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Detail<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    value_string: std::borrow::Cow<'a, str>,
-}
+const SOURCE_ROLE: &str = coding!(dcm!(), "110153", "Source Role ID");
+const DESTINATION_ROLE: &str = coding!(dcm!(), "110152", "Destination Role ID");
+const AUTHOR: &str = coding!("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "AUT", "author");
+const RECIPIENT: &str =
+    coding!("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient");
+const PERSON_PATIENT: &str = concat!(
+    r#""type":"#,
+    coding!(entity_type!(), "1", "Person"),
+    r#","role":"#,
+    coding!(object_role!(), "1", "Patient")
+);
+const OBJECT_RESOURCE: &str = concat!(
+    r#""type":"#,
+    coding!(entity_type!(), "2", "System Object"),
+    r#","role":"#,
+    coding!(object_role!(), "4", "Domain Resource")
+);
+const OBJECT_QUERY: &str = concat!(
+    r#""type":"#,
+    coding!(entity_type!(), "2", "System Object"),
+    r#","role":"#,
+    coding!(object_role!(), "24", "Query")
+);
+const REST: &str = concat!(
+    r#","type":"#,
+    coding!("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation")
+);
+const APPLICATION_SERVER: &str = concat!(
+    r#","type":["#,
+    coding!("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server"),
+    "]"
+);
+const TRANSACTION_TYPE: &str =
+    r#""type":{"system":"https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType","code":"XrequestId"}"#;
 
 /// R4 `AuditEvent.outcome`: 0 success, 4 minor failure (the client's request refused), 8 serious failure (the
 /// upstream or the gateway failed it), 12 major failure (an internal error).
@@ -264,7 +216,7 @@ fn reason(status: u16) -> &'static str {
 
 /// The BALP profile a successful event conforms to (failures follow the pattern but claim none: BALP's profiles fix
 /// the outcome to success).
-fn profile(act: &Act, patient: bool) -> Option<String> {
+fn profile(act: &Act, patient: bool) -> Option<(&'static str, &'static str)> {
     let base = match (act.action, act.subtype) {
         (Action::Create, Some("create")) => "Create",
         (Action::Read, Some("read" | "vread")) => "Read",
@@ -273,15 +225,22 @@ fn profile(act: &Act, patient: bool) -> Option<String> {
         (Action::Execute, Some("search" | "search-type" | "search-system")) => "Query",
         _ => return None,
     };
-    Some(if patient { format!("{BALP}Patient{base}") } else { format!("{BALP}{base}") })
+    Some((if patient { "Patient" } else { "" }, base))
 }
 
-/// An absolute reference on the gateway's public base.
-fn reference(base: &str, ty: &str, id: &str, vid: Option<&str>) -> String {
-    match vid {
-        Some(vid) => format!("{base}/{ty}/{id}/_history/{vid}"),
-        None => format!("{base}/{ty}/{id}"),
+/// An absolute reference on the gateway's public base, as a JSON string.
+fn reference(json: &mut Json<'_>, base: &str, ty: &str, id: &str, vid: Option<&str>) {
+    let mut text = String::with_capacity(base.len() + ty.len() + id.len() + 24);
+    text.push_str(base);
+    text.push('/');
+    text.push_str(ty);
+    text.push('/');
+    text.push_str(id);
+    if let Some(vid) = vid {
+        text.push_str("/_history/");
+        text.push_str(vid);
     }
+    json.text(&text);
 }
 
 /// `recorded`: RFC 3339 in milliseconds, as FHIR servers usually keep instants.
@@ -293,27 +252,65 @@ fn instant(at: SystemTime) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
-/// The AuditEvent `id` records `act` by `who` (`None`: unauthenticated) with `outcome`, for `patient` (one of
-/// `act.patients`, BALP's patient variants having exactly one). Serialise it with `serde_json`.
-pub fn build<'a>(
-    id: &'a str,
-    context: &'a Context,
-    who: Option<&'a Who>,
-    act: &'a Act,
-    outcome: &'a Outcome,
-    patient: Option<&'a str>,
-) -> AuditEvent<'a> {
-    let success = outcome_code(outcome.status) == "0";
-    let mut subtype = Vec::new();
+/// Writes the AuditEvent `id` that records `act` by `who` (`None`: unauthenticated) with `outcome`, for `patient`
+/// (one of `act.patients`, BALP's patient variants having exactly one), as JSON into `out`.
+pub fn write(
+    out: &mut Vec<u8>,
+    id: &str,
+    context: &Context,
+    who: Option<&Who>,
+    act: &Act,
+    outcome: &Outcome,
+    patient: Option<&str>,
+) {
+    let json = &mut Json(out);
+    let status = outcome.status;
+    json.raw(r#"{"resourceType":"AuditEvent""#);
+    json.field("id", id);
+    if let Some((variant, base)) = profile(act, patient.is_some()).filter(|_| outcome_code(status) == "0") {
+        json.raw(r#","meta":{"profile":[""#);
+        json.raw(BALP);
+        json.raw(variant);
+        json.raw(base);
+        json.raw(r#""]}"#);
+    }
+    if let Some(who) = who {
+        json.raw(r#","extension":[{"url":""#);
+        json.raw(TENANT_EXTENSION);
+        json.raw("\"");
+        json.field("valueString", &who.tenant);
+        json.raw("}]");
+    }
+    json.raw(REST);
+    let mut subtypes = Vec::with_capacity(2);
     if let Some(code) = act.subtype {
-        subtype.push(coding(RESTFUL, code, code));
+        subtypes.push((Some(RESTFUL), Some(code), code));
     }
-    match &act.operation {
-        Some((Some(canonical), name)) => subtype.push(coding("urn:ietf:rfc:3986", canonical, name)),
-        Some((None, name)) => subtype.push(Coding { display: Some(name), ..Coding::default() }),
-        None => {}
+    if let Some((canonical, name)) = &act.operation {
+        subtypes.push((canonical.map(|_| "urn:ietf:rfc:3986"), *canonical, name));
     }
-    let mut desc = format!("{} {}", outcome.status, reason(outcome.status));
+    if !subtypes.is_empty() {
+        json.raw(r#","subtype":["#);
+        for (i, (system, code, display)) in subtypes.into_iter().enumerate() {
+            json.raw(if i == 0 { "{" } else { ",{" });
+            let mut first = true;
+            for (name, value) in [("system", system), ("code", code), ("display", Some(display))] {
+                if let Some(value) = value {
+                    json.raw(if first { "\"" } else { ",\"" });
+                    json.raw(name);
+                    json.raw("\":");
+                    json.text(value);
+                    first = false;
+                }
+            }
+            json.raw("}");
+        }
+        json.raw("]");
+    }
+    json.field("action", act.action.code());
+    json.field("recorded", &instant(context.recorded));
+    json.field("outcome", outcome_code(status));
+    let mut desc = format!("{status} {}", reason(status));
     if let Some(detail) = &outcome.detail {
         desc.push_str(": ");
         desc.push_str(detail);
@@ -322,141 +319,128 @@ pub fn build<'a>(
         desc.push_str("; trace ");
         desc.push_str(trace);
     }
-    AuditEvent {
-        resource_type: "AuditEvent",
-        id,
-        meta: profile(act, patient.is_some()).filter(|_| success).map(|p| Meta { profile: [p] }),
-        extension: who.map(|w| Extension { url: TENANT_EXTENSION, value_string: &w.tenant }).into_iter().collect(),
-        kind: coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "Restful Operation"),
-        subtype,
-        action: act.action.code(),
-        recorded: instant(context.recorded),
-        outcome: outcome_code(outcome.status),
-        outcome_desc: desc,
-        agent: agents(context, who, act),
-        source: Source {
-            site: &context.public_base,
-            observer: Reference {
-                identifier: Some(Identifier { system: Some(NODE_SYSTEM), value: &context.node }),
-                display: Some(format!("fhirgw data plane {}", context.node)),
-                ..Reference::default()
-            },
-            kind: [coding("http://terminology.hl7.org/CodeSystem/security-source-type", "4", "Application Server")],
-        },
-        entity: entities(context, act, patient),
-    }
+    json.field("outcomeDesc", &desc);
+    agents(json, context, who, act);
+    json.raw(r#","source":{"site":"#);
+    json.text(&context.public_base);
+    json.raw(r#","observer":{"identifier":{"system":""#);
+    json.raw(NODE_SYSTEM);
+    json.raw("\"");
+    json.field("value", &context.node);
+    json.raw("}");
+    json.field("display", &format!("fhirgw data plane {}", context.node));
+    json.raw("}");
+    json.raw(APPLICATION_SERVER);
+    json.raw("}");
+    entities(json, context, act, patient);
+    json.raw("}");
 }
 
-fn agents<'a>(context: &'a Context, who: Option<&'a Who>, act: &Act) -> Vec<Agent<'a>> {
+/// `"who":{"identifier":{"system":…,"value":…}}` (no system when `None`).
+fn who_identifier(json: &mut Json<'_>, system: Option<&str>, value: &str) {
+    json.raw(r#","who":{"identifier":{"#);
+    if let Some(system) = system {
+        json.raw(r#""system":"#);
+        json.text(system);
+        json.raw(",");
+    }
+    json.raw(r#""value":"#);
+    json.text(value);
+    json.raw("}}");
+}
+
+fn agents(json: &mut Json<'_>, context: &Context, who: Option<&Who>, act: &Act) {
     // BALP: the client is the Source Role ID and the server the Destination, except in the Read pattern.
-    let (client_role, server_role) = if act.action == Action::Read {
-        (("110152", "Destination Role ID"), ("110153", "Source Role ID"))
-    } else {
-        (("110153", "Source Role ID"), ("110152", "Destination Role ID"))
-    };
-    let client_who = match who {
-        Some(Who { client_id: Some(client), issuer, .. }) => Reference {
-            identifier: Some(Identifier { system: issuer.as_deref(), value: client }),
-            ..Reference::default()
-        },
-        Some(who) => Reference { display: Some(format!("a client of tenant {}", who.tenant)), ..Reference::default() },
-        None => Reference { display: Some("unauthenticated client".to_owned()), ..Reference::default() },
-    };
-    let mut agents = vec![
-        Agent {
-            kind: Concept { coding: [coding(DCM, client_role.0, client_role.1)] },
-            who: client_who,
-            requestor: false,
-            network: Some(Network { address: context.client.to_string().into(), kind: "2" }),
-        },
-        Agent {
-            kind: Concept { coding: [coding(DCM, server_role.0, server_role.1)] },
-            who: Reference {
-                identifier: Some(Identifier { system: Some("urn:ietf:rfc:3986"), value: &context.public_base }),
-                ..Reference::default()
-            },
-            requestor: false,
-            network: Some(Network { address: context.public_base.as_str().into(), kind: "5" }),
-        },
-    ];
+    let (client_role, server_role) =
+        if act.action == Action::Read { (DESTINATION_ROLE, SOURCE_ROLE) } else { (SOURCE_ROLE, DESTINATION_ROLE) };
+    json.raw(r#","agent":[{"type":{"coding":["#);
+    json.raw(client_role);
+    json.raw("]}");
+    match who {
+        Some(Who { client_id: Some(client), issuer, .. }) => who_identifier(json, issuer.as_deref(), client),
+        Some(who) => {
+            json.raw(r#","who":{"display":"#);
+            json.text(&format!("a client of tenant {}", who.tenant));
+            json.raw("}");
+        }
+        None => json.raw(r#","who":{"display":"unauthenticated client"}"#),
+    }
+    json.raw(r#","requestor":false,"network":{"address":"#);
+    json.text(&context.client.to_string());
+    json.raw(r#","type":"2"}},{"type":{"coding":["#);
+    json.raw(server_role);
+    json.raw("]}");
+    who_identifier(json, Some("urn:ietf:rfc:3986"), &context.public_base);
+    json.raw(r#","requestor":false,"network":{"address":"#);
+    json.text(&context.public_base);
+    json.raw(r#","type":"5"}}"#);
     if let Some(who) = who.filter(|w| !w.subject.is_empty()) {
         let user_role = match act.action {
-            Action::Create | Action::Update | Action::Delete => ("AUT", "author"),
-            Action::Read | Action::Execute => ("IRCP", "information recipient"),
+            Action::Create | Action::Update | Action::Delete => AUTHOR,
+            Action::Read | Action::Execute => RECIPIENT,
         };
-        agents.push(Agent {
-            kind: Concept { coding: [coding(PARTICIPATION, user_role.0, user_role.1)] },
-            who: Reference {
-                identifier: Some(Identifier { system: who.issuer.as_deref(), value: &who.subject }),
-                ..Reference::default()
-            },
-            requestor: true,
-            network: None,
-        });
+        json.raw(r#",{"type":{"coding":["#);
+        json.raw(user_role);
+        json.raw("]}");
+        who_identifier(json, who.issuer.as_deref(), &who.subject);
+        json.raw(r#","requestor":true}"#);
     }
-    agents
+    json.raw("]");
 }
 
-fn entities<'a>(context: &'a Context, act: &'a Act, patient: Option<&'a str>) -> Vec<Entity<'a>> {
+fn entities(json: &mut Json<'_>, context: &Context, act: &Act, patient: Option<&str>) {
     let base = &context.public_base;
-    let mut out = Vec::with_capacity(4);
+    json.raw(r#","entity":["#);
     if let Some(patient) = patient {
-        out.push(Entity {
-            what: Some(Reference {
-                reference: Some(reference(base, "Patient", patient, None)),
-                kind: Some("Patient"),
-                ..Reference::default()
-            }),
-            kind: coding(ENTITY_TYPE, "1", "Person"),
-            role: Some(coding(OBJECT_ROLE, "1", "Patient")),
-            description: None,
-            query: None,
-            detail: Vec::new(),
-        });
+        json.raw(r#"{"what":{"reference":"#);
+        reference(json, base, "Patient", patient, None);
+        json.raw(r#","type":"Patient"},"#);
+        json.raw(PERSON_PATIENT);
+        json.raw("},");
     }
     if let Some((ty, id, vid)) = &act.resource {
-        out.push(Entity {
-            what: Some(Reference {
-                reference: id.as_ref().map(|id| reference(base, ty, id, vid.as_deref())),
-                kind: Some(ty),
-                ..Reference::default()
-            }),
-            kind: coding(ENTITY_TYPE, "2", "System Object"),
-            role: Some(coding(OBJECT_ROLE, "4", "Domain Resource")),
-            description: None,
-            query: None,
-            detail: Vec::new(),
-        });
+        json.raw(r#"{"what":{"#);
+        if let Some(id) = id {
+            json.raw(r#""reference":"#);
+            reference(json, base, ty, id, vid.as_deref());
+            json.raw(",");
+        }
+        json.raw(r#""type":"#);
+        json.text(ty);
+        json.raw("},");
+        json.raw(OBJECT_RESOURCE);
+        json.raw("},");
     }
     if let Some(query) = &act.query {
-        out.push(Entity {
-            what: None,
-            kind: coding(ENTITY_TYPE, "2", "System Object"),
-            role: Some(coding(OBJECT_ROLE, "24", "Query")),
-            description: act.executed.as_deref(),
-            query: Some(STANDARD.encode(query)),
-            detail: Vec::new(),
-        });
+        json.raw("{");
+        json.raw(OBJECT_QUERY);
+        if let Some(executed) = &act.executed {
+            json.field("description", executed);
+        }
+        json.field("query", &STANDARD.encode(query));
+        json.raw("},");
     }
-    let mut detail = Vec::new();
-    if let Some(trace) = context.trace_id.as_ref().filter(|t| **t != context.transaction) {
-        detail.push(Detail { kind: "trace-id", value_string: trace.as_str().into() });
+    json.raw(r#"{"what":{"identifier":{"value":"#);
+    json.text(&context.transaction);
+    json.raw("}},");
+    json.raw(TRANSACTION_TYPE);
+    let trace = context.trace_id.as_ref().filter(|t| **t != context.transaction);
+    if trace.is_some() || act.entry.is_some() {
+        json.raw(r#","detail":["#);
+        if let Some(trace) = trace {
+            json.raw(r#"{"type":"trace-id","valueString":"#);
+            json.text(trace);
+            json.raw("}");
+        }
+        if let Some(index) = act.entry {
+            json.raw(if trace.is_some() { "," } else { "" });
+            json.raw(r#"{"type":"bundle-entry","valueString":""#);
+            json.raw(&index.to_string());
+            json.raw("\"}");
+        }
+        json.raw("]");
     }
-    if let Some(index) = act.entry {
-        detail.push(Detail { kind: "bundle-entry", value_string: index.to_string().into() });
-    }
-    out.push(Entity {
-        what: Some(Reference {
-            identifier: Some(Identifier { system: None, value: &context.transaction }),
-            ..Reference::default()
-        }),
-        kind: Coding { system: Some(BALP_ENTITY_TYPE), code: Some("XrequestId"), display: None },
-        role: None,
-        description: None,
-        query: None,
-        detail,
-    });
-    out
+    json.raw("}]");
 }
 
 #[cfg(test)]

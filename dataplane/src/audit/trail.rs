@@ -401,12 +401,9 @@ impl Trail {
                 act.patients.iter().map(|p| Some(p.as_str())).collect()
             };
             for patient in patients {
-                let id = super::new_id();
-                let event = event::build(&id, &context, who, &act, &outcome, patient);
-                match serde_json::to_vec(&event) {
-                    Ok(bytes) => out.push((mode, bytes)),
-                    Err(e) => tracing::error!(error = %e, "audit: an event cannot be serialised"),
-                }
+                let mut bytes = Vec::with_capacity(2560);
+                event::write(&mut bytes, &super::new_id(), &context, who, &act, &outcome, patient);
+                out.push((mode, bytes));
             }
         }
         out
