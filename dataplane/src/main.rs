@@ -143,7 +143,11 @@ async fn main() -> anyhow::Result<()> {
     let client = ConfigClient {
         endpoint: args.control_plane.clone(),
         token: token.trim().to_owned(),
-        node: push::Node { id: node_id.clone(), build_version: env!("CARGO_PKG_VERSION").to_owned(), hostname: host },
+        node: push::Node {
+            id: node_id.clone(),
+            build_version: fhirgw_telemetry::process::build_version(),
+            hostname: host,
+        },
         state: state.clone(),
         persist,
         metrics: metrics.clone(),

@@ -89,7 +89,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     in_flight: Gauge,
-    request_duration: Histogram,
+    request_duration: HistogramFamily<RouteLabels>,
     response_bytes: Family<RouteLabels, Counter>,
     upstream_requests: Family<UpstreamResultLabels, Counter>,
     upstream_duration: HistogramFamily<UpstreamLabels>,
@@ -116,7 +116,7 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             in_flight: Gauge::default(),
-            request_duration: latency_histogram(),
+            request_duration: Family::new_with_constructor(latency_histogram),
             response_bytes: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(latency_histogram),
@@ -139,7 +139,7 @@ impl Metrics {
         registry.register("requests_in_flight", "FHIR requests whose response has not finished", m.in_flight.clone());
         registry.register(
             "request_duration_seconds",
-            "FHIR request time, from arrival to the end of the response body",
+            "FHIR request time, from arrival to the end of the response body, by route (`_none`: no route matched)",
             m.request_duration.clone(),
         );
         registry.register("response_bytes", "FHIR response body bytes sent, by route", m.response_bytes.clone());
@@ -388,11 +388,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        self.metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
-        if let Some(route) = self.route.take()
-            && self.bytes > 0
-        {
-            self.metrics.response_bytes.get_or_create(&RouteLabels { route }).inc_by(self.bytes);
+        let labels = RouteLabels { route: self.route.take().unwrap_or_else(|| NO_ROUTE.to_owned()) };
+        self.metrics.request_duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+        if self.bytes > 0 {
+            self.metrics.response_bytes.get_or_create(&labels).inc_by(self.bytes);
         }
     }
 }
@@ -545,7 +544,7 @@ mod tests {
         for line in [
             "fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"} 1",
             "fhirgw_dp_requests_in_flight 0",
-            "fhirgw_dp_request_duration_seconds_count 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"hit\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
             "fhirgw_dp_config_nacks_total 1",
@@ -558,5 +557,25 @@ mod tests {
         let (content_type, text) = metrics.encode(true);
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn request_durations_are_per_route() {
+        let metrics = Metrics::new(ConfigState::new());
+        for route in [Some("instance"), Some("search"), Some("search"), None] {
+            let guard = metrics.request_started();
+            drop(guard.finish(&Method::GET, route.map(str::to_owned), Response::new(Body::default())));
+        }
+        // A request whose response never got a head (the client went away) still counts, under no route.
+        drop(metrics.request_started());
+        let (_, text) = metrics.encode(false);
+        for line in [
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"search\"} 2",
+            "fhirgw_dp_request_duration_seconds_count{route=\"_none\"} 2",
+            "fhirgw_dp_request_duration_seconds_bucket{route=\"search\",le=\"+Inf\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 }

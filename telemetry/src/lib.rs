@@ -9,6 +9,7 @@
 
 pub mod json;
 pub mod metrics;
+pub mod process;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
