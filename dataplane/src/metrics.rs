@@ -477,7 +477,8 @@ impl Collector for ConfigCollector {
             None,
             MetricType::Info,
         )?)?;
-        if let Some(age) = self.0.confirmed_at().and_then(|at| SystemTime::now().duration_since(at).ok()) {
+        let now = SystemTime::now();
+        if let Some(age) = self.0.confirmation_age(now) {
             ConstGauge::new(age.as_secs_f64()).encode(encoder.encode_descriptor(
                 "config_seconds_since_confirmed",
                 "Seconds since the control plane last confirmed the configuration (a push or a heartbeat).",
@@ -485,6 +486,18 @@ impl Collector for ConfigCollector {
                 MetricType::Gauge,
             )?)?;
         }
+        ConstGauge::new(self.0.grant_ttl().as_secs_f64()).encode(encoder.encode_descriptor(
+            "grant_ttl_seconds",
+            "How long grants are trusted without confirmation from the control plane (--grant-ttl-secs).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(self.0.grants_stale(now))).encode(encoder.encode_descriptor(
+            "grants_stale",
+            "1 while grants are past the grant TTL: requests that need grants get 503 and /readyz fails. Alert on it.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }
