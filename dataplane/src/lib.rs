@@ -7,6 +7,7 @@ pub mod config_client;
 pub mod config_guard;
 pub mod credentials;
 pub mod http_client;
+mod interaction;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;

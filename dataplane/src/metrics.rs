@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use fhirgw_telemetry::semconv::{self, Side};
 use http::{Method, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -349,8 +350,9 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Ties the request's span (which must declare `otel.status_code`) to the response body, so an abort after the
-    /// head ends the span with an error status and is logged with the trace id.
+    /// Ties the request's span to the response: [`InFlight::finish`] records the HTTP conventions' attributes on it
+    /// (method, route, status; a 5xx fails it), and an abort after the head fails it with the abort's reason as
+    /// `error.type` and is logged with the trace id.
     pub fn traced(mut self, span: tracing::Span, trace_id: Option<String>) -> Self {
         self.span = Some((span, trace_id));
         self
@@ -362,7 +364,7 @@ impl InFlight {
         self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
         match &self.span {
             Some((span, trace_id)) => {
-                span.record("otel.status_code", "ERROR");
+                semconv::error(span, reason);
                 let trace_id = trace_id.as_deref().unwrap_or("");
                 tracing::warn!(parent: span, %route, reason, %trace_id, error = %error, bytes_sent = self.bytes, "response aborted after its head was sent");
             }
@@ -371,6 +373,13 @@ impl InFlight {
     }
 
     pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
+        if let Some((span, _)) = &self.span {
+            semconv::method(span, method);
+            if let Some(route) = &route {
+                semconv::route(span, route);
+            }
+            semconv::status(span, Side::Server, response.status().as_u16());
+        }
         let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics
             .requests

@@ -306,6 +306,7 @@ impl Proxy {
         request.extensions_mut().insert(lease.clone());
         let span = info_span!(
             "request",
+            otel.kind = "server",
             method = %request.method(),
             route = tracing::field::Empty,
             tenant = tracing::field::Empty,
@@ -448,7 +449,7 @@ impl Proxy {
                             guard: &matched.route.guard,
                             table,
                         };
-                        let policy = tracing::info_span!("policy", interaction = ?std::mem::discriminant(&interaction));
+                        let policy = tracing::info_span!("policy", interaction = interaction.name());
                         ctx.serve(interaction, request).instrument(policy).await
                     }
                 }
