@@ -110,6 +110,9 @@ pub struct Input {
     pub respond_async: bool,
     /// The client accepts XML only.
     pub xml_only: bool,
+    /// The client's `Accept` when its first media type is neither FHIR nor JSON nor `*/*` (a PDF, an image): for a
+    /// Binary, the raw content is asked for.
+    pub raw_accept: Option<String>,
     pub within: Within,
 }
 
@@ -148,6 +151,7 @@ impl Input {
             if_none_exist: text("if-none-exist"),
             respond_async: respond_async(headers),
             xml_only: wants_xml_only(headers),
+            raw_accept: raw_accept(headers),
             within: Within::Request,
         }
     }
@@ -175,6 +179,14 @@ fn respond_async(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|p| p.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async")))
+}
+
+/// The `Accept` header, when its first media range is a concrete type that is not FHIR or JSON.
+fn raw_accept(headers: &HeaderMap) -> Option<String> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    let first = accept.split(',').next()?.split(';').next()?.trim().to_ascii_lowercase();
+    let fhir = first.contains("fhir") || first.contains("json") || first.contains('*') || first.is_empty();
+    (!fhir && first.contains('/')).then(|| accept.to_owned())
 }
 
 fn wants_xml_only(headers: &HeaderMap) -> bool {

@@ -41,6 +41,9 @@ pub enum Query {
     Resource { ty: String, id: String, vid: Option<String> },
     /// `GET [type]?params`, the params already narrowed with the tenant's tags.
     Search { ty: String, params: Params },
+    /// A Binary's metadata without its content (`GET Binary/[id]?_elements=contentType,securityContext`): its tags,
+    /// version and security context, however large the content.
+    BinaryMeta { id: String, vid: Option<String> },
 }
 
 impl Query {
@@ -131,6 +134,8 @@ pub enum Expect {
     ExportStatus,
     /// Cancelling an export.
     ExportCancel,
+    /// A Binary's raw content, of the version checked: streamed through as the upstream sends it.
+    BinaryContent { head: bool },
     /// An export file: NDJSON lines of the declared type, each verified.
     ExportFile { declared: Option<String> },
 }

@@ -283,6 +283,30 @@ impl Exec<'_> {
         }
     }
 
+    /// A Binary's raw content at the version the plan checked: the upstream's bytes, streamed through unchanged
+    /// (with its media type, length and validators), memory flat.
+    pub(super) fn binary_content(
+        &self,
+        response: Response<Incoming>,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        expect_status(response.status(), &[StatusCode::OK], false)?;
+        let mut keep = validators(response.headers());
+        for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+            if let Some(value) = response.headers().get(&name) {
+                keep.insert(name, value.clone());
+            }
+        }
+        let body = if head {
+            crate::body::empty()
+        } else {
+            super::filtered_body::passthrough(response.into_body(), self.upstream.idle_body_timeout, "Binary")
+        };
+        let mut out = Response::new(body);
+        *out.headers_mut() = keep;
+        Ok(out)
+    }
+
     /// The upstream's CapabilityStatement, rewritten for the gateway (see `discovery`), serialised.
     pub(super) async fn capabilities(&self, response: Response<Incoming>) -> Result<Bytes, ProxyError> {
         if response.status() != StatusCode::OK {

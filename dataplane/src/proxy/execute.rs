@@ -84,6 +84,13 @@ impl Exec<'_> {
                 }
                 join_encoded(&self.upstream.base_path, &segments)
             }
+            Query::BinaryMeta { id, vid } => {
+                let mut segments = vec!["Binary".to_owned(), id.clone()];
+                if let Some(vid) = vid {
+                    segments.extend(["_history".to_owned(), vid.clone()]);
+                }
+                format!("{}?_elements=contentType,securityContext", join_encoded(&self.upstream.base_path, &segments))
+            }
             Query::Search { ty, params } => format!(
                 "{}?{}",
                 join_encoded(&self.upstream.base_path, std::slice::from_ref(ty)),
@@ -93,14 +100,16 @@ impl Exec<'_> {
         let response = self.request(Method::GET, &target, None, &[]).await?;
         let status = response.status();
         match (query, status) {
-            (Query::Resource { .. }, StatusCode::NOT_FOUND | StatusCode::GONE) => return Ok(Fact::Resource(None)),
+            (Query::Resource { .. } | Query::BinaryMeta { .. }, StatusCode::NOT_FOUND | StatusCode::GONE) => {
+                return Ok(Fact::Resource(None));
+            }
             (_, StatusCode::OK) => {}
             (_, other) => return Err(ProxyError::UpstreamStatus(other)),
         }
         let body = buffer(response, RESOURCE_MAX_BYTES).await?;
         Ok(match query {
             // A resource that is not JSON cannot be seen: the same as a missing one.
-            Query::Resource { .. } => Fact::Resource(serde_json::from_slice(&body).ok()),
+            Query::Resource { .. } | Query::BinaryMeta { .. } => Fact::Resource(serde_json::from_slice(&body).ok()),
             Query::Search { .. } => Fact::Bundle(
                 serde_json::from_slice::<Value>(&body)
                     .map_err(|e| ProxyError::Unverifiable(format!("the search result is not JSON: {e}")))?,
@@ -126,6 +135,7 @@ impl Exec<'_> {
             Expect::ExportStatus => self.export_status(response).await,
             Expect::ExportCancel => self.export_cancel(response),
             Expect::ExportFile { declared } => self.export_file(response, declared),
+            Expect::BinaryContent { head } => self.binary_content(response, head),
         }
     }
 

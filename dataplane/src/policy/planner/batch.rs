@@ -152,6 +152,7 @@ impl Planner<'_> {
             if_none_exist: request_field(entry, "ifNoneExist").map(str::to_owned),
             respond_async: false,
             xml_only: false,
+            raw_accept: None,
             within,
         };
         // The entry's own route decides its query guard.

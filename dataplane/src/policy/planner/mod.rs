@@ -8,6 +8,7 @@
 //! still missing.
 
 mod batch;
+mod binary;
 mod handlers;
 mod read;
 mod search;
@@ -80,7 +81,10 @@ struct Planner<'a> {
 
 impl Planner<'_> {
     fn plan(&self) -> Planned {
-        if self.input.xml_only {
+        let binary = matches!(&self.input.interaction,
+            Interaction::Read { ty, .. } | Interaction::VRead { ty, .. } if ty == "Binary")
+            && self.input.raw_accept.is_some();
+        if self.input.xml_only && !binary {
             return Err(Refusal::Query(super::query::QueryError::NotAcceptable { format: "XML".into() }).into());
         }
         if let Some(handler) = self.input.handler {
@@ -89,6 +93,8 @@ impl Planner<'_> {
         let input = self.input;
         match &input.interaction {
             Interaction::Capabilities => Ok(Step::Send(capabilities(input, self.env))),
+            Interaction::Read { id, .. } if binary => self.binary_content(id, None),
+            Interaction::VRead { id, vid, .. } if binary => self.binary_content(id, Some(vid)),
             Interaction::Read { ty, id } => self.read(ty, id, None),
             Interaction::VRead { ty, id, vid } => self.read(ty, id, Some(vid)),
             Interaction::SearchType { ty, post } => self.search_type(ty, *post),

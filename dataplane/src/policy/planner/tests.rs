@@ -96,6 +96,9 @@ fn store() -> BTreeMap<(String, String), Value> {
         r("Observation", "b-obs", "b", json!({"subject": {"reference": "Patient/b1"}})),
         r("Group", "ga", "a", json!({})),
         r("Group", "gb", "b", json!({})),
+        r("Binary", "bin-a", "a", json!({"contentType": "application/pdf"})),
+        r("Binary", "bin-b", "b", json!({"contentType": "application/pdf"})),
+        r("Binary", "bin-a-ctx-b", "a", json!({"securityContext": {"reference": "Patient/b1"}})),
     ]
     .into()
 }
@@ -104,6 +107,9 @@ fn store() -> BTreeMap<(String, String), Value> {
 fn answer(query: &Query) -> Fact {
     let store = store();
     match query {
+        Query::BinaryMeta { id, vid } => {
+            answer(&Query::Resource { ty: "Binary".into(), id: id.clone(), vid: vid.clone() })
+        }
         Query::Resource { ty, id, vid } => Fact::Resource(
             store
                 .get(&(ty.clone(), id.clone()))
@@ -241,6 +247,7 @@ fn describe(step: &Step) -> String {
                 Expect::ExportStatus => "export-status",
                 Expect::ExportCancel => "export-cancel",
                 Expect::ExportFile { .. } => "export-file",
+                Expect::BinaryContent { .. } => "binary-content",
             };
             format!("SEND {} {} {expect}", call.method, call.target)
         }
@@ -333,6 +340,13 @@ fn plans_table() {
         ("$export without respond-async", case(Method::GET, "$export").q("_type=Patient"), "REFUSE 400".into()),
         ("$export of another tenant's Group", case(Method::GET, "Group/gb/$export").q("_type=Patient").header("prefer", "respond-async"), "REFUSE 404".into()),
         ("an export link of another kind", case(Method::GET, "$export-file").q("_token=x.y"), "REFUSE 400".into()),
+        // Binary content: the metadata checked first (and its security context), then the content at that version.
+        ("binary content", case(Method::GET, "Binary/bin-a").header("accept", "application/pdf"), "SEND GET /fhir/Binary/bin-a/_history/1 binary-content".into()),
+        ("binary content of another tenant's", case(Method::GET, "Binary/bin-b").header("accept", "application/pdf"), "REFUSE 404".into()),
+        ("binary content under another tenant's context", case(Method::GET, "Binary/bin-a-ctx-b").header("accept", "application/pdf"), "REFUSE 404".into()),
+        ("binary content as XML is still content", case(Method::GET, "Binary/bin-a").header("accept", "application/xml"), "SEND GET /fhir/Binary/bin-a/_history/1 binary-content".into()),
+        ("a Binary as FHIR XML", case(Method::GET, "Binary/bin-a").header("accept", "application/fhir+xml"), "REFUSE 406".into()),
+        ("a Binary as FHIR JSON is a read", case(Method::GET, "Binary/bin-a"), "SEND GET /fhir/Binary/bin-a resource".into()),
         // grants that expired (case 11): nothing is visible, nothing can be written.
         ("metadata needs no grants", case(Method::GET, "metadata"), "SEND GET /fhir/metadata capabilities".into()),
         ("unknown interactions are refused", case(Method::OPTIONS, "Patient"), "REFUSE 403".into()),
@@ -450,6 +464,11 @@ fn out_of_grant_and_missing_plan_alike() {
             "$docref",
             case(Method::GET, "DocumentReference/$docref").q("patient=b1"),
             case(Method::GET, "DocumentReference/$docref").q("patient=zz"),
+        ),
+        (
+            "binary content",
+            case(Method::GET, "Binary/bin-b").header("accept", "application/pdf"),
+            case(Method::GET, "Binary/zz").header("accept", "application/pdf"),
         ),
         (
             "$export Group",
