@@ -85,6 +85,13 @@ pub enum RequestBody {
     Invalid(String),
     /// A body of a media type the gateway does not read.
     Other,
+    /// The raw content of a Binary create or update (a PDF, an image): never read by the gateway, streamed to the
+    /// upstream inside a Binary resource as it arrives. `content_type` is the client's `Content-Type` as sent,
+    /// `length` its `Content-Length`.
+    Upload {
+        content_type: String,
+        length: Option<u64>,
+    },
 }
 
 /// The request as the planner sees it.
@@ -113,6 +120,8 @@ pub struct Input {
     /// The client's `Accept` when its first media type is neither FHIR nor JSON nor `*/*` (a PDF, an image): for a
     /// Binary, the raw content is asked for.
     pub raw_accept: Option<String>,
+    /// `X-Security-Context`: for a raw Binary upload, the resource whose access rules the Binary follows.
+    pub security_context: Option<String>,
     pub within: Within,
 }
 
@@ -152,17 +161,27 @@ impl Input {
             respond_async: respond_async(headers),
             xml_only: wants_xml_only(headers),
             raw_accept: raw_accept(headers),
+            security_context: text("x-security-context"),
             within: Within::Request,
         }
     }
+}
+
+/// Whether a request with this media type (lowercase, no parameters) carries a FHIR resource (or a form) rather
+/// than raw content: what a Binary create or update with any other type uploads.
+pub fn is_fhir_media(media: &str) -> bool {
+    is_json(media) || media.contains("fhir") || media == "application/x-www-form-urlencoded" || media.is_empty()
+}
+
+fn is_json(media: &str) -> bool {
+    media.ends_with("+json") || media == "application/json" || media == "application/json+fhir"
 }
 
 fn parse_body(media: &str, bytes: &[u8]) -> RequestBody {
     if media == "application/x-www-form-urlencoded" {
         return RequestBody::Form(form_urlencoded::parse(bytes).into_owned().collect());
     }
-    let json = media.ends_with("+json") || media == "application/json" || media == "application/json+fhir";
-    if !json {
+    if !is_json(media) {
         return RequestBody::Other;
     }
     match serde_json::from_slice(bytes) {

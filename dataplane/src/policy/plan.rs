@@ -108,9 +108,12 @@ impl Call {
 
 /// A request body the gateway sends.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Payload {
-    pub content_type: &'static str,
-    pub value: Value,
+pub enum Payload {
+    /// A JSON document of this media type.
+    Json { content_type: &'static str, value: Value },
+    /// A Binary resource, checked, whose `data` is the client's raw request body: base64-encoded while it streams
+    /// through, never held whole.
+    BinaryUpload(Value),
 }
 
 /// How the upstream's answer to a [`Call`] is checked before anything reaches the client.
@@ -136,6 +139,9 @@ pub enum Expect {
     ExportCancel,
     /// A Binary's raw content, of the version checked: streamed through as the upstream sends it.
     BinaryContent { head: bool },
+    /// A raw Binary upload's answer: its status, `Location` and `ETag`. A body (the content again, as base64 JSON)
+    /// is not read.
+    Uploaded,
     /// An export file: NDJSON lines of the declared type, each verified.
     ExportFile { declared: Option<String> },
 }

@@ -84,7 +84,8 @@ impl Planner<'_> {
         let binary = matches!(&self.input.interaction,
             Interaction::Read { ty, .. } | Interaction::VRead { ty, .. } if ty == "Binary")
             && self.input.raw_accept.is_some();
-        if self.input.xml_only && !binary {
+        let upload = matches!(self.input.body, super::input::RequestBody::Upload { .. });
+        if self.input.xml_only && !binary && !upload {
             return Err(Refusal::Query(super::query::QueryError::NotAcceptable { format: "XML".into() }).into());
         }
         if let Some(handler) = self.input.handler {
@@ -103,6 +104,8 @@ impl Planner<'_> {
             Interaction::HistoryInstance { ty, id } => self.history(ty, Some(id)),
             Interaction::Compartment { ty, id, target } => self.compartment(ty, id, target),
             Interaction::Operation { ty: Some(ty), id: Some(id), name } => self.instance_operation(ty, id, name),
+            Interaction::Create { ty } if upload => self.binary_upload(ty, None),
+            Interaction::Update { ty, id } if upload => self.binary_upload(ty, Some(id)),
             Interaction::Create { ty } => self.create(ty),
             Interaction::Update { ty, id } => self.update(ty, id, false),
             Interaction::Patch { ty, id } => self.patch(ty, id),
