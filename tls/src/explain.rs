@@ -1,0 +1,126 @@
+//! Handshake failures as sentences: which side refused which certificate, and why. Both ends of a refused
+//! handshake log one of these, so an operator reading either log knows what to fix.
+
+use std::error::Error as StdError;
+
+use rustls::{AlertDescription, CertificateError, Error};
+
+/// The first rustls error in `err`'s chain (looking inside `io::Error`s, whose `source` skips their payload).
+pub fn find_rustls<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a Error> {
+    let mut next: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<Error>() {
+            return Some(found);
+        }
+        if let Some(found) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(found) = found.downcast_ref::<Error>() {
+                return Some(found);
+            }
+            next = found.source();
+            continue;
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Every message of `err`'s chain, `a: b: c` (what `tonic::transport::Error`'s own Display leaves out).
+pub fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let message = e.to_string();
+        if !out.contains(&message) {
+            out.push_str(": ");
+            out.push_str(&message);
+        }
+        next = e.source();
+    }
+    out
+}
+
+/// Why a handshake with `peer` (e.g. "the client", "the control plane") failed, in words; `None` when no TLS error
+/// is in the chain (a connection refused or reset, say).
+pub fn explain(err: &(dyn StdError + 'static), peer: &str) -> Option<String> {
+    Some(explain_rustls(find_rustls(err)?, peer))
+}
+
+pub fn explain_rustls(err: &Error, peer: &str) -> String {
+    match err {
+        Error::InvalidCertificate(cert) => {
+            let why = match cert {
+                CertificateError::UnknownIssuer => "it is not issued by a CA trusted here (unknown issuer)".to_owned(),
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    format!("it has expired ({cert})")
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    format!("it is not valid yet ({cert})")
+                }
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                    format!("it is not issued for the name connected to ({cert})")
+                }
+                CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                    format!("its extended key usage does not allow this use ({cert})")
+                }
+                other => other.to_string(),
+            };
+            format!("{peer}'s certificate is refused: {why}")
+        }
+        Error::NoCertificatesPresented => format!("{peer} presented no certificate"),
+        Error::AlertReceived(alert) => {
+            let why = match alert {
+                AlertDescription::CertificateExpired => ": it has expired",
+                AlertDescription::UnknownCA => ": it is not issued by a CA trusted there",
+                AlertDescription::CertificateRequired => ": a certificate is required there and none was presented",
+                AlertDescription::BadCertificate
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::AccessDenied
+                | AlertDescription::DecryptError => "",
+                _ => return format!("{peer} ended the TLS handshake (alert {alert:?})"),
+            };
+            format!("{peer} refused this side's certificate (TLS alert {alert:?}){why}")
+        }
+        other => format!("TLS handshake with {peer} failed: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentences() {
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "the client's certificate is refused: it is not issued by a CA trusted here",
+            ),
+            (
+                Error::InvalidCertificate(CertificateError::Expired),
+                "the client's certificate is refused: it has expired",
+            ),
+            (
+                Error::AlertReceived(AlertDescription::CertificateExpired),
+                "the client refused this side's certificate (TLS alert CertificateExpired): it has expired",
+            ),
+            (Error::AlertReceived(AlertDescription::UnknownCA), "not issued by a CA trusted there"),
+            (Error::NoCertificatesPresented, "the client presented no certificate"),
+        ];
+        for (err, want) in cases {
+            let got = explain(&io(err), "the client").unwrap_or_default();
+            assert!(got.contains(want), "{got} / {want}");
+        }
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(explain(&plain, "the client"), None);
+        // Deeper in a chain, behind an error with a source.
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Outer(#[source] std::io::Error);
+        let outer = Outer(io(Error::AlertReceived(AlertDescription::CertificateRequired)));
+        assert!(explain(&outer, "the control plane").unwrap_or_default().contains("a certificate is required"));
+        assert!(chain(&outer).starts_with("transport error: "), "{}", chain(&outer));
+    }
+}
