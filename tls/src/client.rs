@@ -28,7 +28,7 @@ impl ClientSpec {
         files
     }
 
-    pub fn build(&self, contents: &[Vec<u8>]) -> Result<(Arc<ClientConfig>, String), TlsError> {
+    pub fn build(&self, contents: &[Vec<u8>]) -> Result<(ClientConfig, String), TlsError> {
         let mut contents = contents.iter();
         let mut next = || contents.next().ok_or_else(|| TlsError::Config("missing TLS file contents".into()));
         let (roots, trust) = match &self.ca {
@@ -54,10 +54,10 @@ impl ClientSpec {
             None => (builder.with_no_client_auth(), "no client certificate".into()),
         };
         config.alpn_protocols = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        Ok((Arc::new(config), format!("server certificates checked against {trust}; {presents}")))
+        Ok((config, format!("server certificates checked against {trust}; {presents}")))
     }
 
-    pub fn start(self, what: &'static str) -> Result<Arc<Reloading<Arc<ClientConfig>>>, TlsError> {
+    pub fn start(self, what: &'static str) -> Result<Arc<Reloading<ClientConfig>>, TlsError> {
         let files = self.files();
         Reloading::start(what, files, move |contents| self.build(contents))
     }

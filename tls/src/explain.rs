@@ -1,9 +1,14 @@
 //! Handshake failures as sentences: which side refused which certificate, and why. Both ends of a refused
 //! handshake log one of these, so an operator reading either log knows what to fix.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rustls::{AlertDescription, CertificateError, Error};
+use tracing::{debug, warn};
 
 /// The first rustls error in `err`'s chain (looking inside `io::Error`s, whose `source` skips their payload).
 pub fn find_rustls<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a Error> {
@@ -82,7 +87,55 @@ pub fn explain_rustls(err: &Error, peer: &str) -> String {
             };
             format!("{peer} refused this side's certificate (TLS alert {alert:?}){why}")
         }
+        Error::InvalidMessage(_) => {
+            format!("TLS handshake with {peer} failed: {err} (is it speaking plaintext to a TLS port?)")
+        }
         other => format!("TLS handshake with {peer} failed: {other}"),
+    }
+}
+
+/// Logs refused handshakes on a listener: one warning per kind of refusal per interval (with how many were held
+/// back), so a misconfigured client is visible at once and a scanner cannot flood the log. Failures that are not
+/// TLS errors (a client that hung up mid-handshake) go to debug.
+pub struct HandshakeLog {
+    listener: &'static str,
+    interval: Duration,
+    seen: Mutex<HashMap<String, (Option<Instant>, u64)>>,
+}
+
+impl HandshakeLog {
+    pub fn new(listener: &'static str) -> Self {
+        HandshakeLog { listener, interval: Duration::from_secs(10), seen: Mutex::new(HashMap::new()) }
+    }
+
+    /// `peer_name`: how to call the other side ("the client", "the data plane").
+    pub fn refused(&self, remote: SocketAddr, err: &(dyn StdError + 'static), peer_name: &str) {
+        let Some(reason) = explain(err, peer_name) else {
+            debug!(listener = self.listener, %remote, error = %chain(err), "TLS handshake did not complete");
+            return;
+        };
+        // The kind of refusal: the sentence without its particulars (times, names) in parentheses.
+        let kind = reason.split(" (").next().unwrap_or(&reason).to_owned();
+        let now = Instant::now();
+        let due = match self.seen.lock() {
+            Ok(mut seen) => {
+                if seen.len() > 64 {
+                    seen.clear();
+                }
+                let entry = seen.entry(kind).or_insert((None, 0));
+                entry.1 += 1;
+                if entry.0.is_none_or(|at| now.duration_since(at) >= self.interval) {
+                    entry.0 = Some(now);
+                    Some(std::mem::take(&mut entry.1))
+                } else {
+                    None
+                }
+            }
+            Err(_) => Some(1),
+        };
+        if let Some(times) = due {
+            warn!(listener = self.listener, %remote, %reason, times, "TLS handshake refused (each kind logged at most once per 10 s)");
+        }
     }
 }
 

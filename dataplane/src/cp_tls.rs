@@ -1,0 +1,93 @@
+//! TLS towards the control plane: each config session connects through [`ControlPlaneTls::connector`], which takes
+//! the client configuration current at that moment (certificate, key and CA bundle are reloaded from their files,
+//! see `fhirgw_tls::reload`), so a rotated client certificate is used from the next connection on while the open
+//! stream carries on.
+//!
+//! The name the control plane's certificate is checked against is the configured URL's host, also when that name
+//! was resolved to several replicas' addresses (one certificate names the Service), unless `--control-plane-server-name`
+//! says otherwise.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use fhirgw_tls::client::ClientSpec;
+use fhirgw_tls::pki_types::ServerName;
+use fhirgw_tls::reload::Reloading;
+use fhirgw_tls::rustls::ClientConfig;
+use fhirgw_tls::tokio_rustls::TlsConnector;
+use fhirgw_tls::tokio_rustls::client::TlsStream;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Clone)]
+pub struct ControlPlaneTls {
+    config: Arc<Reloading<ClientConfig>>,
+    server_name: Option<String>,
+}
+
+impl ControlPlaneTls {
+    /// Loads the files now (an error is fatal at start-up) and follows them afterwards.
+    pub fn start(spec: ClientSpec, server_name: Option<String>) -> Result<Self, fhirgw_tls::TlsError> {
+        let spec = ClientSpec { alpn: vec!["h2"], ..spec };
+        Ok(ControlPlaneTls { config: spec.start("control-plane client")?, server_name })
+    }
+
+    /// A connector for one session to `host` (the configured URL's host).
+    pub fn connector(&self, host: &str) -> Result<Connector, String> {
+        let name = self.server_name.as_deref().unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|_| format!("{name:?} is not a DNS name or IP address to check the certificate against"))?;
+        Ok(Connector { tls: TlsConnector::from(self.config.current()), name })
+    }
+}
+
+/// Opens a TCP connection to the URI's address and makes the TLS handshake; for tonic's `connect_with_connector`.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+    name: ServerName<'static>,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<TlsStream<TcpStream>>>> + Send>>;
+
+impl tonic::codegen::Service<http::Uri> for Connector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let (tls, name) = (self.tls.clone(), self.name.clone());
+        Box::pin(async move {
+            let host = uri.host().map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned());
+            let host = host.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in the URL"))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(tls.connect(name, tcp).await?))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_names() {
+        let tls = ControlPlaneTls::start(ClientSpec::default(), None).unwrap_or_else(|e| panic!("{e}"));
+        let name = |t: &ControlPlaneTls, host: &str| t.connector(host).map(|c| format!("{:?}", c.name));
+        assert!(name(&tls, "fhirgw-controlplane-replicas").is_ok_and(|n| n.contains("fhirgw-controlplane-replicas")));
+        assert!(name(&tls, "127.0.0.1").is_ok_and(|n| n.contains("127.0.0.1")));
+        assert!(name(&tls, "[::1]").is_ok_and(|n| n.contains("::1")));
+        assert!(name(&tls, "bad name!").is_err());
+        let fixed = ControlPlaneTls { server_name: Some("cp.example".into()), ..tls };
+        assert!(name(&fixed, "10.0.0.3").is_ok_and(|n| n.contains("cp.example")));
+    }
+}
