@@ -12,6 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use fhirgw_tls::client::ClientSpec;
 use fhirgw_tls::pki_types::ServerName;
@@ -20,6 +21,7 @@ use fhirgw_tls::rustls::ClientConfig;
 use fhirgw_tls::tokio_rustls::TlsConnector;
 use fhirgw_tls::tokio_rustls::client::TlsStream;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 #[derive(Clone)]
@@ -51,10 +53,13 @@ pub struct Connector {
     name: ServerName<'static>,
 }
 
-type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<TlsStream<TcpStream>>>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = io::Result<TokioIo<Prefixed>>> + Send>>;
+
+/// How long the connector waits for the control plane's first bytes after the handshake.
+const FIRST_READ: Duration = Duration::from_secs(3);
 
 impl tonic::codegen::Service<http::Uri> for Connector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Response = TokioIo<Prefixed>;
     type Error = io::Error;
     type Future = Connecting;
 
@@ -70,8 +75,59 @@ impl tonic::codegen::Service<http::Uri> for Connector {
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             let _ = tcp.set_nodelay(true);
-            Ok(TokioIo::new(tls.connect(name, tcp).await?))
+            let mut stream = tls.connect(name, tcp).await?;
+            // TLS 1.3 finishes the client's side of the handshake before the server has checked the client
+            // certificate: a refusal comes as an alert on the first read, which hyper would only report as a closed
+            // connection. The server's HTTP/2 SETTINGS come at once, so read them here: a refusal surfaces as a
+            // typed error the session logs in words, and what was read is handed on to hyper first.
+            let mut first = vec![0u8; 1024];
+            let read = match tokio::time::timeout(FIRST_READ, stream.read(&mut first)).await {
+                Ok(Ok(0)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the control plane closed the connection right after the TLS handshake",
+                    ));
+                }
+                Ok(read) => read?,
+                Err(_) => 0,
+            };
+            first.truncate(read);
+            Ok(TokioIo::new(Prefixed { first, at: 0, stream }))
         })
+    }
+}
+
+/// The TLS stream with the bytes already read from it in front.
+pub struct Prefixed {
+    first: Vec<u8>,
+    at: usize,
+    stream: TlsStream<TcpStream>,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.at < self.first.len() {
+            let n = buf.remaining().min(self.first.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.first[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

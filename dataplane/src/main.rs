@@ -248,7 +248,10 @@ async fn main() -> anyhow::Result<()> {
         authn: Authenticator::with_metrics(metrics.cache("jwks"), metrics.cache("verified_token")),
         pages: PageSigner::new(&paging_key),
         grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
-        public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
+        public: PublicConfig {
+            tls: fhir_tls.is_some(),
+            ..PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?
+        },
         capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
         metrics: metrics.clone(),
         body_budget: fhirgw_dataplane::body_budget::BodyBudget::with_gauge(

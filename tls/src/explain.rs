@@ -47,8 +47,30 @@ pub fn chain(err: &(dyn StdError + 'static)) -> String {
 /// Why a handshake with `peer` (e.g. "the client", "the control plane") failed, in words; `None` when no TLS error
 /// is in the chain (a connection refused or reset, say).
 pub fn explain(err: &(dyn StdError + 'static), peer: &str) -> Option<String> {
-    Some(explain_rustls(find_rustls(err)?, peer))
+    if let Some(found) = find_rustls(err) {
+        return Some(explain_rustls(found, peer));
+    }
+    // An alert received after the handshake (TLS 1.3 refuses a client certificate only then) reaches hyper through
+    // rustls's reader as a plain message, no longer as a typed error: recognise the message.
+    let text = chain(err);
+    let name = text.split("received fatal alert: ").nth(1)?.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    let alert = ALERTS.iter().find(|a| format!("{a:?}") == name).copied()?;
+    Some(explain_rustls(&Error::AlertReceived(alert), peer))
 }
+
+/// The alerts a certificate refusal is told with.
+const ALERTS: [AlertDescription; 10] = [
+    AlertDescription::CertificateExpired,
+    AlertDescription::UnknownCA,
+    AlertDescription::CertificateRequired,
+    AlertDescription::BadCertificate,
+    AlertDescription::CertificateUnknown,
+    AlertDescription::UnsupportedCertificate,
+    AlertDescription::CertificateRevoked,
+    AlertDescription::AccessDenied,
+    AlertDescription::DecryptError,
+    AlertDescription::HandshakeFailure,
+];
 
 pub fn explain_rustls(err: &Error, peer: &str) -> String {
     match err {
@@ -175,5 +197,13 @@ mod tests {
         let outer = Outer(io(Error::AlertReceived(AlertDescription::CertificateRequired)));
         assert!(explain(&outer, "the control plane").unwrap_or_default().contains("a certificate is required"));
         assert!(chain(&outer).starts_with("transport error: "), "{}", chain(&outer));
+        // As hyper passes an alert on after the handshake: a message, not a typed error.
+        let late =
+            Outer(std::io::Error::new(std::io::ErrorKind::InvalidData, "received fatal alert: CertificateExpired"));
+        assert!(
+            explain(&late, "the control plane")
+                .unwrap_or_default()
+                .contains("(TLS alert CertificateExpired): it has expired")
+        );
     }
 }
