@@ -325,10 +325,8 @@ async fn replicas_behind_one_name() {
     ];
     let pg = tokio::task::spawn_blocking(Postgres::shared).await.unwrap();
     let store = world.pg_store_args(pg, &format!("mtls_{:08x}", rand::random::<u32>()));
-    let mut replicas = vec![
-        world.control_plane_tls("cp-1", &store, &flags).await,
-        world.control_plane_tls("cp-2", &store, &flags).await,
-    ];
+    let mut replicas =
+        [world.control_plane_tls("cp-1", &store, &flags).await, world.control_plane_tls("cp-2", &store, &flags).await];
     let port = |p: &Process| p.addr("grpc").rsplit(':').next().unwrap().to_owned();
     // Both by the name in the certificate (`localhost` also resolves to ::1, where nothing listens: skipped).
     let urls = format!("https://localhost:{},https://localhost:{}", port(&replicas[0]), port(&replicas[1]));
