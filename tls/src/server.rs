@@ -155,3 +155,64 @@ impl ServerTls {
         Some(PeerCert { roles, identity: names(leaf).into_iter().next() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::path::Path;
+
+    use super::*;
+
+    fn ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    fn leaf(names: &[&str], issuer: &(rcgen::Certificate, rcgen::KeyPair)) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        (params.signed_by(&key, &issuer.0, &issuer.1).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn spec(cas: usize) -> ServerSpec {
+        let roles = ["data-plane", "operator"];
+        ServerSpec {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            client_cas: (0..cas).map(|i| (roles[i], PathBuf::from(format!("ca{i}.pem")))).collect(),
+            alpn: vec!["h2"],
+        }
+    }
+
+    #[test]
+    fn builds_and_refuses() {
+        let (a, b) = (ca(), ca());
+        let (cert, key) = leaf(&["localhost"], &a);
+        let (other_cert, _) = leaf(&["localhost"], &a);
+        let bytes = |s: &str| s.as_bytes().to_vec();
+        let (tls, summary) = spec(2).build(&[bytes(&cert), bytes(&key), bytes(&a.0.pem()), bytes(&b.0.pem())]).unwrap();
+        assert_eq!(tls.config.alpn_protocols, vec![b"h2".to_vec()]);
+        assert!(summary.contains("localhost") && summary.contains("data-plane, operator CA"), "{summary}");
+        // The same CA for two roles, a key that is not the certificate's, a missing key: refused.
+        let shared = spec(2).build(&[bytes(&cert), bytes(&key), bytes(&a.0.pem()), bytes(&(b.0.pem() + &a.0.pem()))]);
+        assert!(shared.err().is_some_and(|e| e.to_string().contains("share a certificate")));
+        let mismatched = spec(0).build(&[bytes(&other_cert), bytes(&key)]);
+        assert!(mismatched.err().is_some_and(|e| e.to_string().contains("cert.pem with key.pem")));
+        assert!(spec(0).build(&[bytes(&cert), Vec::new()]).is_err());
+    }
+
+    #[test]
+    fn identity_prefers_the_uri() {
+        let a = ca();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["dp.example".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(rcgen::Ia5String::try_from("spiffe://x/dp").unwrap()));
+        let cert = params.signed_by(&key, &a.0, &a.1).unwrap();
+        assert_eq!(names(cert.der()), vec!["spiffe://x/dp".to_owned(), "dp.example".to_owned()]);
+        let (dns_only, _) = leaf(&["dp.example", "10.0.0.1"], &a);
+        let der = pem::certificates(Path::new("x"), dns_only.as_bytes()).unwrap().remove(0);
+        assert_eq!(names(&der), vec!["dp.example".to_owned()], "IP addresses are not identities");
+    }
+}
