@@ -199,6 +199,18 @@ async fn data_planes_by_certificate_operators_by_token() {
         assert!(config["system_version"].is_null() || config["system_version"] == 0, "{config}");
     }
 
+    // A control plane whose own certificate has expired: the data plane refuses it, and each side says so.
+    let stale = cp_ca.issue(dir, "cp-expired", &["localhost", "127.0.0.1"], Usage::Server, Validity::Expired);
+    let mut stale_flags = cp_flags.clone();
+    (stale_flags[1], stale_flags[3]) = (stale.cert_str(), stale.key_str());
+    let stale_cp = world.control_plane_tls("cp-expired", &world.store_args("cp-expired.db"), &stale_flags).await;
+    let stale_url = format!("https://{}", stale_cp.addr("grpc"));
+    let stale_dp =
+        world.data_plane_tls("dp-to-expired", &stale_url, "stale-state", &dp_flags(&cp_ca_file, Some(&good))).await;
+    logged(&stale_dp, "the control plane's certificate is refused: it has expired").await;
+    logged(&stale_cp, "the client refused this side's certificate (TLS alert CertificateExpired): it has expired")
+        .await;
+
     // grpcurl as an operator: the control plane's CA, the operator's certificate and bearer token.
     let addr = cp.addr("grpc");
     let bearer = format!("authorization: Bearer {}", fhirgw_e2e::OPERATOR_TOKEN);
