@@ -498,8 +498,17 @@ for s, spec in c.get("secrets", {}).items():
         problems.append("paging key shorter than 32 bytes")
     elif s != "paging_key" and len(open(f).read().strip()) < 16:
         problems.append(f"secret {s} shorter than 16 characters")
-if "8090:8080" not in [str(p) for p in svcs.get("hapi", {}).get("ports", [])]:
-    problems.append("hapi must publish 8090:8080")
+hapi = svcs.get("hapi", {})
+if hapi.get("ports"):
+    problems.append("hapi must not be published on the host (it has no authentication: the gateway is the way in)")
+image = str(hapi.get("image", ""))
+if ":" not in image or image.endswith(":latest"):
+    problems.append(f"hapi image must be pinned to a released tag (got {image!r})")
+for name, svc in svcs.items():
+    for port in svc.get("ports", []):
+        port = str(port)
+        if not port.startswith("127.0.0.1:") and not (name == "dataplane" and port == "8080:8080"):
+            problems.append(f"{name}: {port} is published on every interface (only the gateway's FHIR port may be)")
 otel = yaml.safe_load(open(os.path.join(here, "otel-collector.yaml")))
 traces = otel["service"]["pipelines"]["traces"]
 if "otlp" not in traces["receivers"] or not any(e.startswith("otlp/jaeger") for e in traces["exporters"]):
@@ -509,7 +518,7 @@ if otel["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] != "0.0.0.0:4317":
 print("\n".join(problems))
 sys.exit(1 if problems else 0)
 PY
-  ok "compose.yaml: parses; services hapi, postgres, two control-plane replicas on it, dataplane following both, otel-collector, jaeger; secrets and otel-collector.yaml consistent"
+  ok "compose.yaml: parses; services hapi, postgres, two control-plane replicas on it, dataplane following both, otel-collector, jaeger; secrets and otel-collector.yaml consistent; HAPI pinned and unpublished, only the gateway's FHIR port on every interface"
 else
   bad "compose.yaml: structure check failed"; show "$tmp/compose.out"
 fi
@@ -524,6 +533,82 @@ if command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; 
   fi
 else
   printf 'skip  compose.yaml: no docker compose plugin (structure checked above)\n'
+fi
+
+# observability/: the alert rules and the dashboard are well-formed (that their metrics exist is checked against a
+# real scrape by tests/tests/observability.rs).
+if "$venv/bin/python" - "$here/observability" >"$tmp/obs.out" 2>&1 <<'PY'; then
+import json, os, re, sys, yaml
+
+here = sys.argv[1]
+problems = []
+rules = yaml.safe_load(open(os.path.join(here, "alerts.yaml")))
+names = set()
+for group in rules.get("groups") or []:
+    if not group.get("name") or not group.get("rules"):
+        problems.append(f"group {group.get('name')!r}: needs a name and rules")
+    for rule in group.get("rules") or []:
+        name = rule.get("alert")
+        if not name or not re.fullmatch(r"[A-Z][A-Za-z0-9]+", name):
+            problems.append(f"{group.get('name')}: rule without a CamelCase alert name: {rule}")
+        if name in names:
+            problems.append(f"alert {name} defined twice")
+        names.add(name)
+        if not isinstance(rule.get("expr"), str) or not rule["expr"].strip():
+            problems.append(f"{name}: no expr")
+        if "for" in rule and not re.fullmatch(r"\d+[smhd]", str(rule["for"])):
+            problems.append(f"{name}: bad for: {rule['for']}")
+        if (rule.get("labels") or {}).get("severity") not in ("critical", "warning", "info"):
+            problems.append(f"{name}: severity must be critical, warning or info")
+        if not (rule.get("annotations") or {}).get("summary"):
+            problems.append(f"{name}: no summary annotation")
+        unknown = set(rule) - {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}
+        if unknown:
+            problems.append(f"{name}: unknown keys {sorted(unknown)}")
+if not names:
+    problems.append("alerts.yaml: no alert rules")
+dash = json.load(open(os.path.join(here, "grafana-dashboard.json")))
+for key in ("title", "uid", "panels", "schemaVersion"):
+    if key not in dash:
+        problems.append(f"grafana-dashboard.json: no {key}")
+if not any(v.get("type") == "datasource" and v.get("name") == "datasource" for v in dash.get("templating", {}).get("list", [])):
+    problems.append("grafana-dashboard.json: needs the `datasource` variable its panels use")
+ids = set()
+for panel in dash.get("panels", []):
+    if panel.get("id") in ids:
+        problems.append(f"panel id {panel.get('id')} used twice")
+    ids.add(panel.get("id"))
+    if not {"h", "w", "x", "y"} <= set(panel.get("gridPos", {})):
+        problems.append(f"panel {panel.get('title')!r}: incomplete gridPos")
+    if panel.get("type") == "row":
+        continue
+    if panel.get("datasource", {}).get("uid") != "${datasource}":
+        problems.append(f"panel {panel.get('title')!r}: datasource must be ${{datasource}}")
+    if not panel.get("targets") or not all(t.get("expr") for t in panel["targets"]):
+        problems.append(f"panel {panel.get('title')!r}: every target needs an expr")
+print("\n".join(problems))
+sys.exit(1 if problems else 0)
+PY
+  ok "observability/: alerts.yaml rule groups well-formed; grafana-dashboard.json parses, panels complete"
+else
+  bad "observability/: structure check failed"; show "$tmp/obs.out"
+fi
+if command -v promtool >/dev/null 2>&1; then
+  # The dashboard's queries too, as recording rules (Grafana's $__rate_interval as 5m), so PromQL parses them.
+  "$venv/bin/python" - "$here/observability/grafana-dashboard.json" >"$tmp/dashboard-rules.yaml" <<'PY'
+import json, sys
+dash = json.load(open(sys.argv[1]))
+exprs = [t["expr"].replace("$__rate_interval", "5m") for p in dash["panels"] for t in p.get("targets", [])]
+rules = [{"record": f"fhirgw:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]
+print(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
+PY
+  if promtool check rules "$here/observability/alerts.yaml" "$tmp/dashboard-rules.yaml" >"$tmp/promtool.out" 2>&1; then
+    ok "observability/: promtool check rules (alerts.yaml and the dashboard's queries)"
+  else
+    bad "observability/: promtool check rules"; show "$tmp/promtool.out"
+  fi
+else
+  printf 'skip  observability/: no promtool here (apt-get install prometheus provides it; structure checked above)\n'
 fi
 
 # Dockerfile: static checks only (building needs a Docker engine).

@@ -75,7 +75,10 @@ impl ConfigClient {
             let targets = control_planes(&self.endpoint).await;
             let target = &targets[next % targets.len()];
             next = next.wrapping_add(1);
-            let span = info_span!("config_session", control_plane = %target.url, attempt);
+            // Context for the log lines only: a session lasts until the stream ends (~30 min), so as an exported
+            // span it would show up that late, each attempt its own trace. Every apply is a trace of its own.
+            let span =
+                info_span!(target: fhirgw_telemetry::LOG_ONLY, "config_session", control_plane = %target.url, attempt);
             let mut got_response = false;
             let result = self.session(target, &mut got_response).instrument(span).await;
             if got_response {
@@ -188,8 +191,9 @@ impl ConfigClient {
     /// Validates and applies one response; returns the ACK or NACK to send.
     pub async fn apply(&self, response: push::ConfigResponse) -> push::ConfigRequest {
         let nonce = response.nonce.clone();
+        // A trace root (its session is never exported), linked to the admin call that caused the change, so one
+        // trace shows a change reaching the fleet.
         let span = info_span!("config_apply", %nonce, revision = response.system_version);
-        // One trace shows a change reaching the fleet: each apply links to the admin call that caused it.
         fhirgw_telemetry::link_from_map(&span, &response.trace_context);
         async {
             self.state.count_received(response.resources.len());

@@ -76,6 +76,11 @@ struct Args {
     /// a heartbeat every 30 s by default), requests that depend on grants fail closed with 503. Routes stay served.
     #[arg(long, env = "FHIRGW_GRANT_TTL_SECS", default_value_t = 300)]
     grant_ttl_secs: u64,
+    /// Past the grant TTL /readyz answers 503, so load balancers send grant-dependent traffic to data planes that can
+    /// serve it. With this flag it answers 200 "degraded" instead: for a fleet that shares one control plane and
+    /// would rather answer 503 OperationOutcomes than have no ready endpoint at all (see deploy/README.md).
+    #[arg(long, env = "FHIRGW_DP_READY_WITH_STALE_GRANTS")]
+    ready_with_stale_grants: bool,
     /// Public base URL clients use (e.g. https://fhir.example.org); overrides forwarding headers. Route tables' base
     /// paths are appended to it.
     #[arg(long, env = "FHIRGW_PUBLIC_BASE_URL")]
@@ -183,6 +188,8 @@ async fn main() -> anyhow::Result<()> {
 
     let state = ConfigState::new();
     state.set_allow_rollback(args.allow_config_rollback);
+    let grant_ttl = Duration::from_secs(args.grant_ttl_secs.max(1));
+    state.set_grant_ttl(grant_ttl);
     let persist = (!args.state_dir.as_os_str().is_empty()).then(|| SnapshotDir::new(&args.state_dir));
     if let Some(dir) = &persist {
         match dir.load() {
@@ -210,7 +217,11 @@ async fn main() -> anyhow::Result<()> {
         endpoint: args.control_plane.clone(),
         token,
         tls: cp_tls,
-        node: push::Node { id: node_id.clone(), build_version: env!("CARGO_PKG_VERSION").to_owned(), hostname: host },
+        node: push::Node {
+            id: node_id.clone(),
+            build_version: fhirgw_telemetry::process::build_version(),
+            hostname: host,
+        },
         state: state.clone(),
         persist,
         metrics: metrics.clone(),
@@ -247,7 +258,6 @@ async fn main() -> anyhow::Result<()> {
         upstreams: UpstreamClient::new(metrics.clone()),
         authn: Authenticator::with_metrics(metrics.cache("jwks"), metrics.cache("verified_token")),
         pages: PageSigner::new(&paging_key),
-        grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
         public: PublicConfig {
             tls: fhir_tls.is_some(),
             ..PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?
@@ -286,8 +296,12 @@ async fn main() -> anyhow::Result<()> {
         "fhir",
         fhir_tls,
     );
-    let admin_ctx =
-        Arc::new(admin_http::Admin { state: state.clone(), metrics: metrics.clone(), lifecycle: lifecycle.clone() });
+    let admin_ctx = Arc::new(admin_http::Admin {
+        state: state.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        ready_with_stale_grants: args.ready_with_stale_grants,
+    });
     let admin_server = server::serve(
         admin,
         move |req, _peer| admin_http::handle(admin_ctx.clone(), req),

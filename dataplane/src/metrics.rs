@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use fhirgw_telemetry::semconv::{self, Side};
 use http::{Method, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -89,7 +90,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     in_flight: Gauge,
-    request_duration: Histogram,
+    request_duration: HistogramFamily<RouteLabels>,
     response_bytes: Family<RouteLabels, Counter>,
     upstream_requests: Family<UpstreamResultLabels, Counter>,
     upstream_duration: HistogramFamily<UpstreamLabels>,
@@ -116,7 +117,7 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             in_flight: Gauge::default(),
-            request_duration: latency_histogram(),
+            request_duration: Family::new_with_constructor(latency_histogram),
             response_bytes: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(latency_histogram),
@@ -139,7 +140,7 @@ impl Metrics {
         registry.register("requests_in_flight", "FHIR requests whose response has not finished", m.in_flight.clone());
         registry.register(
             "request_duration_seconds",
-            "FHIR request time, from arrival to the end of the response body",
+            "FHIR request time, from arrival to the end of the response body, by route (`_none`: no route matched)",
             m.request_duration.clone(),
         );
         registry.register("response_bytes", "FHIR response body bytes sent, by route", m.response_bytes.clone());
@@ -351,8 +352,9 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Ties the request's span (which must declare `otel.status_code`) to the response body, so an abort after the
-    /// head ends the span with an error status and is logged with the trace id.
+    /// Ties the request's span to the response: [`InFlight::finish`] records the HTTP conventions' attributes on it
+    /// (method, route, status; a 5xx fails it), and an abort after the head fails it with the abort's reason as
+    /// `error.type` and is logged with the trace id.
     pub fn traced(mut self, span: tracing::Span, trace_id: Option<String>) -> Self {
         self.span = Some((span, trace_id));
         self
@@ -364,7 +366,7 @@ impl InFlight {
         self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
         match &self.span {
             Some((span, trace_id)) => {
-                span.record("otel.status_code", "ERROR");
+                semconv::error(span, reason);
                 let trace_id = trace_id.as_deref().unwrap_or("");
                 tracing::warn!(parent: span, %route, reason, %trace_id, error = %error, bytes_sent = self.bytes, "response aborted after its head was sent");
             }
@@ -373,6 +375,13 @@ impl InFlight {
     }
 
     pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
+        if let Some((span, _)) = &self.span {
+            semconv::method(span, method);
+            if let Some(route) = &route {
+                semconv::route(span, route);
+            }
+            semconv::status(span, Side::Server, response.status().as_u16());
+        }
         let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics
             .requests
@@ -390,11 +399,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        self.metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
-        if let Some(route) = self.route.take()
-            && self.bytes > 0
-        {
-            self.metrics.response_bytes.get_or_create(&RouteLabels { route }).inc_by(self.bytes);
+        let labels = RouteLabels { route: self.route.take().unwrap_or_else(|| NO_ROUTE.to_owned()) };
+        self.metrics.request_duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+        if self.bytes > 0 {
+            self.metrics.response_bytes.get_or_create(&labels).inc_by(self.bytes);
         }
     }
 }
@@ -480,7 +488,8 @@ impl Collector for ConfigCollector {
             None,
             MetricType::Info,
         )?)?;
-        if let Some(age) = self.0.confirmed_at().and_then(|at| SystemTime::now().duration_since(at).ok()) {
+        let now = SystemTime::now();
+        if let Some(age) = self.0.confirmation_age(now) {
             ConstGauge::new(age.as_secs_f64()).encode(encoder.encode_descriptor(
                 "config_seconds_since_confirmed",
                 "Seconds since the control plane last confirmed the configuration (a push or a heartbeat).",
@@ -488,6 +497,18 @@ impl Collector for ConfigCollector {
                 MetricType::Gauge,
             )?)?;
         }
+        ConstGauge::new(self.0.grant_ttl().as_secs_f64()).encode(encoder.encode_descriptor(
+            "grant_ttl_seconds",
+            "How long grants are trusted without confirmation from the control plane (--grant-ttl-secs).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(self.0.grants_stale(now))).encode(encoder.encode_descriptor(
+            "grants_stale",
+            "1 while grants are past the grant TTL: requests that need grants get 503 and /readyz fails. Alert on it.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }
@@ -547,7 +568,7 @@ mod tests {
         for line in [
             "fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"} 1",
             "fhirgw_dp_requests_in_flight 0",
-            "fhirgw_dp_request_duration_seconds_count 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"hit\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
             "fhirgw_dp_config_nacks_total 1",
@@ -560,5 +581,25 @@ mod tests {
         let (content_type, text) = metrics.encode(true);
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn request_durations_are_per_route() {
+        let metrics = Metrics::new(ConfigState::new());
+        for route in [Some("instance"), Some("search"), Some("search"), None] {
+            let guard = metrics.request_started();
+            drop(guard.finish(&Method::GET, route.map(str::to_owned), Response::new(Body::default())));
+        }
+        // A request whose response never got a head (the client went away) still counts, under no route.
+        drop(metrics.request_started());
+        let (_, text) = metrics.encode(false);
+        for line in [
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"search\"} 2",
+            "fhirgw_dp_request_duration_seconds_count{route=\"_none\"} 2",
+            "fhirgw_dp_request_duration_seconds_bucket{route=\"search\",le=\"+Inf\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use fhirgw_config::upstream::{Upstream, UpstreamAuth};
 use fhirgw_config::{Kind, Rejection, Snapshot};
+use fhirgw_telemetry::semconv::{self, Side};
 use http::header::{AUTHORIZATION, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -125,7 +126,17 @@ impl UpstreamClient {
             request.headers_mut().insert(AUTHORIZATION, credential);
         }
         let client = self.client_for(upstream);
-        let span = tracing::info_span!("upstream", upstream = %upstream.name, method = %request.method(), status = tracing::field::Empty);
+        // A CLIENT span with the HTTP conventions' names; the path (which may name a patient) is not recorded.
+        let uri = request.uri();
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        let span = tracing::info_span!(
+            "upstream",
+            otel.kind = "client",
+            upstream = %upstream.name,
+            server.address = uri.host().unwrap_or_default(),
+            server.port = i64::from(port),
+        );
+        semconv::method(&span, request.method());
         fhirgw_telemetry::inject_into_headers(&span, request.headers_mut());
         let started = std::time::Instant::now();
         let sent = tracing::Instrument::instrument(
@@ -135,13 +146,17 @@ impl UpstreamClient {
         .await;
         let status = sent.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
         self.metrics.upstream(&upstream.name, status, started.elapsed());
-        if let Some(status) = status {
-            span.record("status", status.as_u16());
-        }
         match sent {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(source)) => Err(UpstreamError::Connect { upstream: upstream.name.clone(), source }),
+            Ok(Ok(response)) => {
+                semconv::status(&span, Side::Client, response.status().as_u16());
+                Ok(response)
+            }
+            Ok(Err(source)) => {
+                semconv::error(&span, if source.is_connect() { "connect_error" } else { "request_error" });
+                Err(UpstreamError::Connect { upstream: upstream.name.clone(), source })
+            }
             Err(_) => {
+                semconv::error(&span, "timeout");
                 Err(UpstreamError::Timeout { upstream: upstream.name.clone(), timeout: upstream.first_byte_timeout })
             }
         }

@@ -65,8 +65,6 @@ pub struct Proxy {
     pub upstreams: Arc<UpstreamClient>,
     pub authn: Arc<Authenticator>,
     pub pages: PageSigner,
-    /// Longest time grants are trusted without confirmation from the control plane.
-    pub grant_ttl: std::time::Duration,
     pub public: PublicConfig,
     /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
     pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
@@ -91,6 +89,7 @@ impl Proxy {
             tenant = tracing::field::Empty,
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
+            otel.kind = "server",
             otel.status_code = tracing::field::Empty,
         );
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
@@ -191,8 +190,7 @@ impl Proxy {
         };
         let now = SystemTime::now();
         // Cut off from the control plane for longer than the grant TTL: grants may have been revoked meanwhile.
-        let confirmed = self.state.confirmed_at().and_then(|at| now.duration_since(at).ok());
-        if confirmed.is_none_or(|age| age > self.grant_ttl) {
+        if self.state.grants_stale(now) {
             return Err(ProxyError::GrantsStale);
         }
         let access = Access::new(&caller.tenant, caller.scopes.clone(), caller.patient.clone(), &snapshot, now);
