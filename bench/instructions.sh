@@ -7,7 +7,8 @@
 #   FHIRGW_BIN_DIR=target/release bench/instructions.sh              one build
 #   FHIRGW_BIN_DIR=A FHIRGW_BIN_DIR_BEFORE=B bench/instructions.sh    two builds, B first: the table compares them
 #
-# Environment: REQUESTS=2000 (counted, after WARMUP=300), CONNS=1 keep-alive connection. Prints a markdown table.
+# Environment: REQUESTS=2000 (counted, after WARMUP=300) on one keep-alive connection; CALLGRIND_KEEP=dir keeps the
+# callgrind files (read them with `callgrind_annotate --inclusive=yes dir/cg.dp.*.1`). Prints a markdown table.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,13 +63,14 @@ PY
 count_instructions() { # pid out-prefix addr path auth
   local pid="$1" out="$2" addr="$3" path="$4" auth="$5"
   client "$addr" "$path" "$WARMUP" "$auth"
-  callgrind_control -z "$pid" >/dev/null
   callgrind_control -i on "$pid" >/dev/null
+  callgrind_control -z "$pid" >/dev/null
   client "$addr" "$path" "$REQUESTS" "$auth"
-  callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
+  callgrind_control -i off "$pid" >/dev/null
   sleep 1
   # Sum the `summary:` / `totals:` lines of every dump of this process (one per thread with --separate-threads=no).
+  [[ -n "${CALLGRIND_KEEP:-}" ]] && mkdir -p "$CALLGRIND_KEEP" && cp "$out".* "$CALLGRIND_KEEP"/
   local total
   total="$(cat "$out".* 2>/dev/null | awk '/^summary:/ { s += $2 } END { print s + 0 }')"
   awk -v t="$total" -v n="$REQUESTS" 'BEGIN { printf "%.0f", t / n }'
@@ -79,7 +81,7 @@ measure() { # label bin-dir -> prints "label dp bare" instructions per request
   rm -f "$work"/cp.db* "$work"/cg.*
   export RUST_LOG=warn
   start_control_plane
-  valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$work/cg.dp.%p" \
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.dp.%p" \
     "$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
     --token-file "$work/dataplane.token" --state-dir "$work/dp-$label" --paging-key-file "$work/paging.key" \
     >"$work/dp-$label.out" 2>"$work/dp-$label.log" & local dp_pid=$!; pids+=("$dp_pid")
@@ -111,9 +113,9 @@ JSON
   dp="$(count_instructions "$dp_pid" "$work/cg.dp" "$dp_addr" /fhir/Patient/p1 "$auth")"
   kill -TERM "$dp_pid" 2>/dev/null || true
   if [[ -x "$bin/bare-proxy" ]]; then
-    valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$work/cg.bare.%p" \
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.bare.%p" \
       "$bin/bare-proxy" 127.0.0.1:0 "http://127.0.0.1:$static_port" "$work/upstream.token" multi \
-      >"$work/bare-$label.out" 2>&1 & local bare_pid=$!; pids+=("$bare_pid")
+      >"$work/bare-$label.out" 2>"$work/bare-$label.log" & local bare_pid=$!; pids+=("$bare_pid")
     local bare_addr
     bare_addr="$(wait_for_line "$work/bare-$label.out")"
     wait_http "http://$bare_addr/fhir/Patient/p1" 200 -H "$auth"
