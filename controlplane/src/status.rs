@@ -48,6 +48,8 @@ pub struct DataPlane {
     /// From the first message: the store identity and revision of what it held when it connected.
     pub held_store_id: String,
     pub held_system_version: u64,
+    /// From its client certificate (mutual TLS); empty with the shared token.
+    pub identity: String,
 }
 
 fn wanted_digest(state: &State, subscribed: impl Fn(Kind) -> bool) -> String {
@@ -220,6 +222,7 @@ impl Registry {
             held_store_id: dp.held_store_id.clone(),
             held_system_version: dp.held_system_version,
             store_warnings: Vec::new(),
+            identity: dp.identity.clone(),
         };
         status.store_warnings = store_warnings(&status, store_id, state.revision);
         status

@@ -7,6 +7,7 @@ pub mod body;
 pub mod body_budget;
 pub mod config_client;
 pub mod config_guard;
+pub mod cp_tls;
 pub mod credentials;
 pub mod http_client;
 pub mod lifecycle;

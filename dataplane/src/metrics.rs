@@ -234,6 +234,7 @@ impl Metrics {
             closed_first_request_timeout: closed("first_request_timeout"),
             closed_idle: closed("idle"),
             closed_evicted: closed("evicted"),
+            closed_tls_handshake: closed("tls_handshake"),
         }
     }
 
@@ -305,6 +306,7 @@ pub struct ListenerMetrics {
     pub closed_first_request_timeout: Counter,
     pub closed_idle: Counter,
     pub closed_evicted: Counter,
+    pub closed_tls_handshake: Counter,
 }
 
 /// Hits and misses of one cache.

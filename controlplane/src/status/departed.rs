@@ -128,6 +128,7 @@ mod tests {
             last_nack: None,
             held_store_id: String::new(),
             held_system_version: 0,
+            identity: String::new(),
         }
     }
 

@@ -144,6 +144,7 @@ impl ProxyError {
             Body(BodyError::Busy) => "body_budget_exhausted",
             Body(BodyError::Encoding(_)) => "body_encoding",
             Body(BodyError::Read(_)) => "body_read",
+            Body(BodyError::Idle(_)) => "body_idle",
             GrantsStale => "grants_stale",
             MissingUpstream(_) => "missing_upstream",
             Upstream(UpstreamError::Credential { .. }) => "upstream_credential",

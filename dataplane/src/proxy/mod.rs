@@ -26,6 +26,7 @@ mod headers;
 mod ndjson_stream;
 mod public;
 mod respond;
+mod upload;
 
 pub use public::{PublicConfig, PublicConfigError};
 
@@ -48,7 +49,7 @@ use self::respond::{bytes_response, bytes_response_with, json_response, validato
 use crate::authn::{AuthError, Authenticator};
 use crate::body::Body;
 use crate::policy::classify::{Interaction, classify};
-use crate::policy::input::{Access, Env, Input};
+use crate::policy::input::{Access, Env, Input, RequestBody};
 use crate::policy::paging::PageSigner;
 use crate::policy::planner;
 use crate::policy::refusal::Refusal;
@@ -198,9 +199,15 @@ impl Proxy {
             return Err(ProxyError::GrantsStale);
         }
         let access = Access::new(&caller.tenant, caller.scopes.clone(), caller.patient.clone(), &snapshot, now);
-        let input = read_input(request, interaction, handler, relative).await?;
-        let exec =
-            execute::Exec { proxy: self, env, upstream: upstream.clone(), access: &access, forwarded: &forwarded };
+        let (input, upload) = read_input(request, interaction, handler, relative).await?;
+        let exec = execute::Exec {
+            proxy: self,
+            env,
+            upstream: upstream.clone(),
+            access: &access,
+            forwarded: &forwarded,
+            upload: std::sync::Mutex::new(upload),
+        };
         let name = handler.map_or(input.interaction.name(), |h| {
             if h == fhirgw_config::route::Handler::DocRef { "docref" } else { "export" }
         });
@@ -234,7 +241,14 @@ impl Proxy {
         let call = planner::capabilities(&input, env);
         // No caller: an access that sees nothing (the CapabilityStatement is checked for its shape, not for grants).
         let access = Access::new("", crate::policy::scopes::Scopes::parse(""), None, env.snapshot, SystemTime::now());
-        let exec = execute::Exec { proxy: self, env: *env, upstream: upstream.clone(), access: &access, forwarded };
+        let exec = execute::Exec {
+            proxy: self,
+            env: *env,
+            upstream: upstream.clone(),
+            access: &access,
+            forwarded,
+            upload: std::sync::Mutex::new(None),
+        };
         let response = exec.request(call.method, &call.target, None, &call.headers).await?;
         let body = exec.capabilities(response).await?;
         self.capabilities.insert(key, body.clone()).await;
@@ -243,22 +257,52 @@ impl Proxy {
 }
 
 /// The request as the planner sees it, with its body read (within the process-wide budget) and parsed once, for the
-/// methods that carry one.
+/// methods that carry one. The raw content of a Binary create or update is not read: it is returned as it came, to
+/// be streamed to the upstream (`upload.rs`).
 async fn read_input(
     request: Request<Incoming>,
     interaction: Interaction,
     handler: Option<fhirgw_config::route::Handler>,
     relative: &[String],
-) -> Result<Input, ProxyError> {
+) -> Result<(Input, Option<upload::Upload>), ProxyError> {
     let method = request.method().clone();
     if !matches!(method, Method::POST | Method::PUT | Method::PATCH) {
         let (parts, _) = request.into_parts();
-        return Ok(Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None));
+        let input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None);
+        return Ok((input, None));
+    }
+    let binary_write = handler.is_none()
+        && matches!(&interaction, Interaction::Create { ty } | Interaction::Update { ty, .. } if ty == "Binary");
+    if binary_write && let Some(content_type) = raw_content_type(request.headers()) {
+        let (parts, body) = request.into_parts();
+        let length = crate::body_budget::content_length(&parts.headers);
+        let refusal = match crate::body_budget::check_encoding(&parts.headers) {
+            Err(e) => Some(e),
+            Ok(()) if length.is_some_and(|n| n > upload::UPLOAD_MAX_BYTES) => {
+                Some(crate::body_budget::BodyError::TooLarge { limit: upload::UPLOAD_MAX_BYTES as usize })
+            }
+            Ok(()) => None,
+        };
+        if let Some(refusal) = refusal {
+            crate::body_budget::discard(body, length);
+            return Err(refusal.into());
+        }
+        let mut input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None);
+        input.body = RequestBody::Upload { content_type, length };
+        return Ok((input, Some(upload::Upload { body, length })));
     }
     let form = matches!(interaction, Interaction::SearchType { post: true, .. } | Interaction::SearchSystem);
     let max = if form && handler.is_none() { FORM_MAX_BYTES } else { BODY_MAX_BYTES };
     let (parts, body) = crate::body_budget::read(request, max).await?;
-    Ok(Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, Some(&body)))
+    let input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, Some(&body));
+    Ok((input, None))
+}
+
+/// The `Content-Type` of a body that is raw content rather than a FHIR resource (see `input::is_fhir_media`).
+fn raw_content_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    (!crate::policy::input::is_fhir_media(&media)).then(|| value.to_owned())
 }
 
 fn upstream_of(snapshot: &Snapshot, name: &str) -> Result<Arc<Upstream>, ProxyError> {
