@@ -147,7 +147,7 @@ impl ConfigDiscovery for PushService {
             async move {
                 info!(initial = session.known.len(), "data plane connected");
                 let reason = session.run(inbound, tx, lifetime, heartbeat, shutdown).await;
-                session.registry.remove(session.id);
+                session.registry.remove(session.id, &reason);
                 info!(%reason, "data plane disconnected");
             }
             .instrument(span),

@@ -1,5 +1,6 @@
 //! The fhirgw data plane.
 
+pub mod access_log;
 pub mod admin_http;
 pub mod authn;
 pub mod body;

@@ -120,6 +120,11 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Access log (one line per FHIR request, target `fhirgw::access`, in the --log-format): `on`, `off`, or
+    /// `sample=P` to keep a fraction P (0 to 1) of the complete 2xx responses and every other one (errors, refusals,
+    /// aborted and abandoned requests).
+    #[arg(long, env = "FHIRGW_DP_ACCESS_LOG", default_value = "on")]
+    access_log: fhirgw_dataplane::access_log::AccessLog,
 }
 
 fn hostname() -> String {
@@ -212,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let metrics = Metrics::new(state.clone());
+    let metrics = Metrics::with_access_log(state.clone(), args.access_log);
     let client = ConfigClient {
         endpoint: args.control_plane.clone(),
         token,

@@ -24,6 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::access_log::{AccessLog, Line};
 use crate::body::{Body, BoxError};
 use crate::state::{ConfigState, Source};
 
@@ -103,6 +104,8 @@ pub struct Metrics {
     connections_closed: Family<ListenerReasonLabels, Counter>,
     aborted: Family<AbortLabels, Counter>,
     body_reserved: Gauge,
+    /// Whether each finished request is also written to the access log (`--access-log`).
+    access_log: AccessLog,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,6 +116,11 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(state: Arc<ConfigState>) -> Arc<Self> {
+        Self::with_access_log(state, AccessLog::default())
+    }
+
+    /// Metrics whose finished requests go to the access log as `access_log` says.
+    pub fn with_access_log(state: Arc<ConfigState>, access_log: AccessLog) -> Arc<Self> {
         let mut registry = Registry::with_prefix("fhirgw_dp");
         let m = Metrics {
             requests: Family::default(),
@@ -130,6 +138,7 @@ impl Metrics {
             connections_closed: Family::default(),
             aborted: Family::default(),
             body_reserved: Gauge::default(),
+            access_log,
             registry: Registry::default(),
         };
         registry.register(
@@ -250,9 +259,17 @@ impl Metrics {
     }
 
     /// Marks a request in flight until the returned guard is finished or dropped.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
+    pub fn request_started(self: &Arc<Self>, method: &Method) -> InFlight {
         self.in_flight.inc();
-        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0, span: None }
+        InFlight {
+            metrics: self.clone(),
+            started: Instant::now(),
+            method: method.clone(),
+            route: None,
+            bytes: 0,
+            span: None,
+            access: Access::default(),
+        }
     }
 }
 
@@ -341,14 +358,30 @@ fn abort_reason(error: &BoxError) -> &'static str {
 }
 
 /// One request in flight. [`InFlight::finish`] counts the response and hands its body back wrapped, so the body's
-/// bytes and the request's whole duration are recorded when the body ends or is dropped.
+/// bytes and the request's whole duration are recorded, and its access line written, when the body ends or is
+/// dropped; a request dropped before its response head (the client went away) is recorded then too.
 pub struct InFlight {
     metrics: Arc<Metrics>,
     started: Instant,
+    method: Method,
     route: Option<String>,
     bytes: u64,
     /// The request's span and trace id, for a response aborted mid-body (see [`InFlight::traced`]).
     span: Option<(tracing::Span, Option<String>)>,
+    access: Access,
+}
+
+/// What the access line needs beyond the metrics.
+#[derive(Debug, Default)]
+struct Access {
+    /// The response head's status, once [`InFlight::finish`] ran.
+    status: Option<StatusCode>,
+    tenant: Option<String>,
+    client_id: Option<String>,
+    reason: Option<&'static str>,
+    aborted: Option<&'static str>,
+    /// The body was read to its end (or has none).
+    ended: bool,
 }
 
 impl InFlight {
@@ -360,8 +393,17 @@ impl InFlight {
         self
     }
 
-    fn aborted(&self, error: &BoxError) {
+    /// Who asked (tenant and client id from the token) and why the gateway refused, if it did: for the access line.
+    pub fn caller(mut self, tenant: Option<String>, client_id: Option<String>, reason: Option<&'static str>) -> Self {
+        self.access.tenant = tenant;
+        self.access.client_id = client_id;
+        self.access.reason = reason;
+        self
+    }
+
+    fn aborted(&mut self, error: &BoxError) {
         let reason = abort_reason(error);
+        self.access.aborted = Some(reason);
         let route = self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
         match &self.span {
@@ -374,9 +416,9 @@ impl InFlight {
         }
     }
 
-    pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
+    pub fn finish(mut self, route: Option<String>, response: Response<Body>) -> Response<Body> {
         if let Some((span, _)) = &self.span {
-            semconv::method(span, method);
+            semconv::method(span, &self.method);
             if let Some(route) = &route {
                 semconv::route(span, route);
             }
@@ -387,23 +429,54 @@ impl InFlight {
             .requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),
-                method: method_label(method),
+                method: method_label(&self.method),
                 status_class: status_class(response.status()),
             })
             .inc();
         self.route = Some(route);
+        let status = response.status();
+        self.access.status = Some(status);
+        // Bodies hyper never reads to the end: none at all, or none by definition of the status or method.
+        self.access.ended = http_body::Body::is_end_stream(response.body())
+            || self.method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
         response.map(|inner| Counted { inner, guard: self }.boxed_unsync())
+    }
+
+    /// The access line, once the request is over.
+    fn log(&self, duration: std::time::Duration) {
+        let Access { status, tenant, client_id, reason, aborted, ended } = &self.access;
+        let (reason, aborted) = match status {
+            None => (Some("client_closed"), *aborted),
+            Some(_) if !ended && aborted.is_none() => (*reason, Some("client_closed")),
+            Some(_) => (*reason, *aborted),
+        };
+        self.metrics.access_log.write(&Line {
+            method: method_label(&self.method),
+            route: self.route.as_deref().unwrap_or(NO_ROUTE),
+            status: status.map_or(0, |s| s.as_u16()),
+            duration,
+            bytes: self.bytes,
+            tenant: tenant.as_deref(),
+            client_id: client_id.as_deref(),
+            trace_id: self.span.as_ref().and_then(|(_, id)| id.as_deref()),
+            reason,
+            aborted,
+        });
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        let labels = RouteLabels { route: self.route.take().unwrap_or_else(|| NO_ROUTE.to_owned()) };
-        self.metrics.request_duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64());
+        let duration = self.started.elapsed();
+        let labels = RouteLabels { route: self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned()) };
+        self.metrics.request_duration.get_or_create(&labels).observe(duration.as_secs_f64());
         if self.bytes > 0 {
             self.metrics.response_bytes.get_or_create(&labels).inc_by(self.bytes);
         }
+        self.log(duration);
     }
 }
 
@@ -424,9 +497,13 @@ impl http_body::Body for Counted {
                 if let Some(data) = frame.data_ref() {
                     self.guard.bytes += data.len() as u64;
                 }
+                if self.inner.is_end_stream() {
+                    self.guard.access.ended = true;
+                }
             }
             Poll::Ready(Some(Err(error))) => self.guard.aborted(error),
-            _ => {}
+            Poll::Ready(None) => self.guard.access.ended = true,
+            Poll::Pending => {}
         }
         polled
     }
@@ -548,7 +625,7 @@ mod tests {
             let frames: Vec<Result<Frame<Bytes>, BoxError>> =
                 vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(error)];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
-            let response = metrics.request_started().finish(&Method::GET, Some("search".into()), Response::new(body));
+            let response = metrics.request_started(&Method::GET).finish(Some("search".into()), Response::new(body));
             assert!(response.into_body().collect().await.is_err());
             let (_, text) = metrics.encode(false);
             let line = format!("fhirgw_dp_requests_aborted_total{{route=\"search\",reason=\"{reason}\"}} 1");
@@ -559,8 +636,8 @@ mod tests {
     #[test]
     fn exposition_names() {
         let metrics = Metrics::new(ConfigState::new());
-        let guard = metrics.request_started();
-        drop(guard.finish(&Method::GET, Some("instance".into()), Response::new(Body::default())));
+        let guard = metrics.request_started(&Method::GET);
+        drop(guard.finish(Some("instance".into()), Response::new(Body::default())));
         metrics.cache("jwks").hit();
         metrics.config_replied(false);
         let (content_type, text) = metrics.encode(false);
@@ -587,11 +664,11 @@ mod tests {
     fn request_durations_are_per_route() {
         let metrics = Metrics::new(ConfigState::new());
         for route in [Some("instance"), Some("search"), Some("search"), None] {
-            let guard = metrics.request_started();
-            drop(guard.finish(&Method::GET, route.map(str::to_owned), Response::new(Body::default())));
+            let guard = metrics.request_started(&Method::GET);
+            drop(guard.finish(route.map(str::to_owned), Response::new(Body::default())));
         }
         // A request whose response never got a head (the client went away) still counts, under no route.
-        drop(metrics.request_started());
+        drop(metrics.request_started(&Method::GET));
         let (_, text) = metrics.encode(false);
         for line in [
             "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",

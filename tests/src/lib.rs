@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod config_stream;
 pub mod fixtures;
 pub mod issuer;
 pub mod oidc;

@@ -7,7 +7,7 @@ use fhirgw_proto::config::v1 as pb;
 use prost::Message;
 use tonic::Status;
 
-use super::{check_grant, invalid};
+use super::{check_grant, grant_expired, invalid};
 use crate::objects::ObjKind;
 
 /// An object kind the operator API stores: its protobuf message, its key, the checks that depend on the request
@@ -54,7 +54,8 @@ impl StoredKind for pb::Grant {
         check_grant(self)
     }
     fn entry(self, meta: Option<api::Meta>) -> Self::Entry {
-        api::GrantEntry { grant: Some(self), meta }
+        let expired = grant_expired(&self, std::time::SystemTime::now());
+        api::GrantEntry { grant: Some(self), meta, expired }
     }
 }
 

@@ -183,6 +183,26 @@ fn check_grant(grant: &pb::Grant) -> Result<String, Status> {
     Ok(grant_key(&grant.tenant, required(grant.tag.as_ref(), "grant.tag")?))
 }
 
+/// Whether `grant` has expired at `now` (data planes stop honouring it at that instant).
+fn grant_expired(grant: &pb::Grant, now: SystemTime) -> bool {
+    grant_fields(grant).ok().and_then(|g| g.expires_at).is_some_and(|at| at <= now)
+}
+
+/// The tenant's grants in `objects` (name, revision), split into expired at `now` and not.
+fn tenant_grants(objects: &crate::objects::Objects, tenant: &str, now: SystemTime) -> (Vec<(String, u64)>, usize) {
+    let prefix = format!("{tenant}/");
+    let mut expired = Vec::new();
+    let mut live = 0;
+    for ((_, name), obj) in objects.iter().filter(|((k, n), _)| *k == ObjKind::Grant && n.starts_with(&prefix)) {
+        // A grant that does not decode is not known to have expired: it keeps its tenant.
+        match pb::Grant::decode(obj.body.as_slice()) {
+            Ok(grant) if grant_expired(&grant, now) => expired.push((name.clone(), obj.revision)),
+            _ => live += 1,
+        }
+    }
+    (expired, live)
+}
+
 fn grant_name(tenant: &str, tag: Option<&pb::Tag>) -> Result<String, Status> {
     if tenant.is_empty() {
         return Err(invalid("`tenant` is required"));
@@ -239,13 +259,41 @@ impl Admin for AdminService {
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let actor = actor(&request);
         let req = request.into_inner();
-        let prefix = format!("{}/", req.name);
+        // Expired grants give nothing and do not keep their tenant: when the tenant can go (it exists at the expected
+        // version and has no other grant), they are deleted first, each as its own write in the audit trail and only
+        // at the version seen expired, so a grant renewed meanwhile stops the delete instead.
+        let expired = {
+            let state = self.store.state();
+            let tenant = state.objects.get(&(ObjKind::Tenant, req.name.clone()));
+            let version_ok = match Expected::parse(&req.expected_version) {
+                Ok(Expected::Any) => true,
+                Ok(Expected::Revision(want)) => tenant.is_some_and(|t| t.revision == want),
+                Ok(Expected::Absent) | Err(_) => false,
+            };
+            let (expired, live) = tenant_grants(&state.objects, &req.name, SystemTime::now());
+            if tenant.is_some() && version_ok && live == 0 { expired } else { Vec::new() }
+        };
+        for (name, revision) in expired {
+            match self.delete(actor.clone(), ObjKind::Grant, name, &revision.to_string(), |_| Ok(())).await {
+                Ok(_) => {}
+                // Deleted by someone else meanwhile: just as good.
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => return Err(status),
+            }
+        }
         self.delete(actor, ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
-            let grants = objects.keys().filter(|(k, n)| *k == ObjKind::Grant && n.starts_with(&prefix)).count();
-            if grants > 0 {
+            let (expired, live) = tenant_grants(objects, &req.name, SystemTime::now());
+            if live > 0 {
                 return Err(StoreError::Conflict(format!(
-                    "tenant `{}` still has {grants} grant(s); delete them first",
+                    "tenant `{}` still has {live} grant(s) that have not expired; delete them first",
                     req.name
+                )));
+            }
+            if !expired.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "tenant `{}` has {} grant(s) that expired meanwhile; retry",
+                    req.name,
+                    expired.len()
                 )));
             }
             Ok(())
@@ -368,17 +416,19 @@ impl Admin for AdminService {
         let state = self.store.state();
         let store_id = self.store.store_id();
         let changed_since = |rev| self.store.changed_since(rev);
-        let local = self.registry.report(&state, store_id, changed_since);
-        // The other replicas' data planes, as they last published them; without the database, this replica's own.
-        let since = now_millis().saturating_sub(i64::try_from(self.registry.stale_after().as_millis()).unwrap_or(0));
+        // The other replicas' data planes as they last published them, those that left recently included; without
+        // the database, this replica's own.
+        let now = now_millis();
+        let since = now.saturating_sub(i64::try_from(crate::status::DEPARTED_FOR.as_millis()).unwrap_or(0));
         let remote = if self.store.is_shared() { self.remote_data_planes(since).await } else { Vec::new() };
-        let data_planes = self.registry.merge(local, remote, &state, store_id, changed_since);
+        let fleet = self.registry.fleet(&state, store_id, remote, now, changed_since);
         Ok(Response::new(api::StatusResponse {
             revision: state.revision,
             config_version: state.digest.clone(),
-            data_planes,
+            data_planes: fleet.connected,
             store_id: store_id.to_owned(),
             replica: self.store.replica().to_owned(),
+            recently_disconnected: fleet.departed,
         }))
     }
 

@@ -16,6 +16,7 @@
 
 mod introspect;
 mod jwks;
+mod reason;
 /// Scopes are policy (`policy::scopes`); re-exported here for the code that reads them off tokens.
 pub use crate::policy::scopes;
 
@@ -38,6 +39,7 @@ use sha2::{Digest, Sha256};
 
 use crate::http_client::{self, Connector};
 use crate::metrics::CacheCounter;
+pub use reason::Reason;
 use scopes::Scopes;
 
 pub const LEEWAY_SECS: u64 = 30;
@@ -54,6 +56,9 @@ pub struct Caller {
     pub scopes: Scopes,
     /// The `patient` claim (SMART launch context), if any.
     pub patient: Option<String>,
+    /// The OAuth client the token was issued to (`client_id`, RFC 9068 and RFC 7662; else OpenID's `azp`), for the
+    /// access log. Never used for a decision.
+    pub client_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +69,9 @@ pub enum AuthError {
     /// one bearer token. Answered 400 `invalid_request` (RFC 6750 §3.1) before any token is looked at.
     #[error("ambiguous credentials: {0}")]
     Ambiguous(&'static str),
-    /// The token is refused. The reason is for the log only; the client learns just `invalid_token`.
-    #[error("invalid token: {0}")]
-    Invalid(String),
+    /// The token is refused. The client learns the kind (`Reason::description`); the detail is for the log only.
+    #[error("invalid token ({}): {detail}", reason.code())]
+    Invalid { reason: Reason, detail: String },
     /// The issuer's keys or introspection endpoint cannot be reached: a 503, not the caller's fault.
     #[error("identity provider `{issuer}` unavailable: {reason}")]
     IssuerUnavailable { issuer: String, reason: String },
@@ -110,6 +115,22 @@ impl moka::Expiry<[u8; 32], Arc<Verified>> for VerifiedExpiry {
     }
 }
 
+impl AuthError {
+    pub(crate) fn invalid(reason: Reason, detail: impl Into<String>) -> Self {
+        AuthError::Invalid { reason, detail: detail.into() }
+    }
+
+    /// The stable code of this refusal (the access log's `reason`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "token_missing",
+            AuthError::Ambiguous(_) => "credentials_ambiguous",
+            AuthError::Invalid { reason, .. } => reason.code(),
+            AuthError::IssuerUnavailable { .. } => "idp_unavailable",
+        }
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -128,12 +149,13 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     if values.next().is_some() {
         return Err(AuthError::Ambiguous("more than one Authorization header"));
     }
-    let value = value.to_str().map_err(|_| AuthError::Invalid("authorization header is not ASCII".into()))?;
+    let value =
+        value.to_str().map_err(|_| AuthError::invalid(Reason::NotBearer, "authorization header is not ASCII"))?;
     let (scheme, token) =
-        value.split_once(' ').ok_or_else(|| AuthError::Invalid("malformed authorization header".into()))?;
+        value.split_once(' ').ok_or_else(|| AuthError::invalid(Reason::NotBearer, "malformed authorization header"))?;
     let token = token.trim_matches(' ');
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-        return Err(AuthError::Invalid("not a bearer token".into()));
+        return Err(AuthError::invalid(Reason::NotBearer, "not a bearer token"));
     }
     if !is_b64token(token) {
         return Err(AuthError::Ambiguous("the Authorization header must hold exactly one bearer token"));
@@ -184,7 +206,7 @@ pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Resu
     let tenant = claims
         .get(&idp.tenant_claim)
         .and_then(Value::as_str)
-        .ok_or_else(|| AuthError::Invalid(format!("no `{}` claim", idp.tenant_claim)))?;
+        .ok_or_else(|| AuthError::invalid(Reason::NoTenant, format!("no string `{}` claim", idp.tenant_claim)))?;
     let scopes = match (claims.get("scope"), claims.get("scp")) {
         (Some(Value::String(s)), _) => Scopes::parse(s),
         (_, Some(Value::Array(items))) => Scopes::from_list(items.iter().filter_map(Value::as_str)),
@@ -196,6 +218,7 @@ pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Resu
         subject: claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned(),
         scopes,
         patient: claims.get("patient").and_then(Value::as_str).map(str::to_owned),
+        client_id: ["client_id", "azp"].iter().find_map(|c| claims.get(*c).and_then(Value::as_str)).map(str::to_owned),
     })
 }
 
@@ -255,10 +278,13 @@ impl Authenticator {
         };
         // Checked on every request, cached or not: the expiry to the second, and the tenant still existing.
         if verified.exp + LEEWAY_SECS <= unix_now() {
-            return Err(AuthError::Invalid("token expired".into()));
+            return Err(AuthError::invalid(Reason::Expired, "token expired"));
         }
         if !snapshot.tenants.contains_key(&verified.caller.tenant) {
-            return Err(AuthError::Invalid(format!("unknown tenant `{}`", verified.caller.tenant)));
+            return Err(AuthError::invalid(
+                Reason::UnknownTenant,
+                format!("unknown tenant `{}`", verified.caller.tenant),
+            ));
         }
         Ok(verified.caller.clone())
     }
@@ -270,40 +296,52 @@ impl Authenticator {
             let mut introspecting = snapshot.identity_providers.iter().filter(|p| p.introspection_endpoint.is_some());
             return match (introspecting.next(), introspecting.next()) {
                 (Some(idp), None) => introspect::introspect(&self.http, idp, token, now).await,
-                (None, _) => Err(AuthError::Invalid("opaque token, and no identity provider introspects".into())),
-                (Some(_), Some(_)) => {
-                    Err(AuthError::Invalid("opaque token, and more than one identity provider introspects".into()))
-                }
+                (None, _) => Err(AuthError::invalid(
+                    Reason::OpaqueUnsupported,
+                    "opaque token, and no identity provider introspects",
+                )),
+                (Some(_), Some(_)) => Err(AuthError::invalid(
+                    Reason::OpaqueUnsupported,
+                    "opaque token, and more than one identity provider introspects",
+                )),
             };
         }
-        let issuer = unverified_issuer(token).ok_or_else(|| AuthError::Invalid("no readable iss claim".into()))?;
-        let idp = snapshot
-            .identity_providers
-            .iter()
-            .find(|p| p.issuer == issuer)
-            .ok_or_else(|| AuthError::Invalid(format!("issuer `{issuer}` is not trusted")))?;
+        let issuer =
+            unverified_issuer(token).ok_or_else(|| AuthError::invalid(Reason::Malformed, "no readable iss claim"))?;
+        let idp =
+            snapshot.identity_providers.iter().find(|p| p.issuer == issuer).ok_or_else(|| {
+                AuthError::invalid(Reason::UnknownIssuer, format!("issuer `{issuer}` is not trusted"))
+            })?;
         if idp.jwks_uri.is_empty() {
             return match idp.introspection_endpoint {
                 Some(_) => introspect::introspect(&self.http, idp, token, now).await,
-                None => Err(AuthError::Invalid(format!("`{}` has neither JWKS nor introspection", idp.name))),
+                None => Err(AuthError::invalid(
+                    Reason::UnknownIssuer,
+                    format!("`{}` has neither JWKS nor introspection", idp.name),
+                )),
             };
         }
         self.verify_jwt(idp, token, now).await
     }
 
     async fn verify_jwt(&self, idp: &IdentityProvider, token: &str, now: Instant) -> Result<Verified, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::invalid(Reason::Malformed, format!("header: {e}")))?;
         let alg = algorithm_name(header.alg);
         if !idp.algorithms.iter().any(|a| a == alg) {
-            return Err(AuthError::Invalid(format!("algorithm {alg} is not allowed for `{}`", idp.name)));
+            return Err(AuthError::invalid(
+                Reason::Signature,
+                format!("algorithm {alg} is not allowed for `{}`", idp.name),
+            ));
         }
         let (jwk, key_set) = self.jwks.key(idp, header.kid.as_deref(), now).await?;
         if let Some(key_alg) = jwk.common.key_algorithm
             && format!("{key_alg:?}") != alg
         {
-            return Err(AuthError::Invalid(format!("key is for {key_alg:?}, token uses {alg}")));
+            return Err(AuthError::invalid(Reason::Signature, format!("key is for {key_alg:?}, token uses {alg}")));
         }
-        let key = DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("unusable key: {e}")))?;
+        let key = DecodingKey::from_jwk(&jwk)
+            .map_err(|e| AuthError::invalid(Reason::Signature, format!("unusable key: {e}")))?;
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
         validation.leeway = LEEWAY_SECS;
@@ -312,8 +350,12 @@ impl Authenticator {
         validation.set_audience(&idp.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
-            .map_err(|e| AuthError::Invalid(format!("verification: {e}")))?;
-        let exp = data.claims.get("exp").and_then(Value::as_u64).ok_or_else(|| AuthError::Invalid("no exp".into()))?;
+            .map_err(|e| AuthError::invalid(reason::of_jwt_error(e.kind()), format!("verification: {e}")))?;
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| AuthError::invalid(Reason::Malformed, "no exp"))?;
         Ok(Verified {
             idp: idp.clone(),
             caller: caller_from_claims(idp, &data.claims)?,

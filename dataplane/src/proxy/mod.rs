@@ -96,9 +96,12 @@ impl Proxy {
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
         let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
         let trace_id_for_abort = trace_id.clone();
-        // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
-        let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
-        let result = self.pipeline(request, peer, &mut route).instrument(span.clone()).await;
+        // Metrics and the access line are recorded here only: what the pipeline learned (route, caller), the response
+        // as the client gets it. A request dropped before its head (the client went away) is recorded by the guard.
+        let in_flight = self.metrics.request_started(request.method()).traced(span.clone(), trace_id_for_abort);
+        let mut facts = crate::access_log::Facts::default();
+        let result = self.pipeline(request, peer, &mut facts).instrument(span.clone()).await;
+        let reason = result.as_ref().err().map(ProxyError::code);
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -114,14 +117,14 @@ impl Proxy {
         };
         drop(lease);
         span.record("status", response.status().as_u16());
-        Ok(in_flight.traced(span, trace_id_for_abort).finish(&method, route, response))
+        Ok(in_flight.caller(facts.tenant, facts.client_id, reason).finish(facts.route, response))
     }
 
     async fn pipeline(
         &self,
         request: Request<Incoming>,
         peer: std::net::SocketAddr,
-        route: &mut Option<String>,
+        facts: &mut crate::access_log::Facts,
     ) -> Result<Response<Body>, ProxyError> {
         let snapshot = self.state.load().ok_or(ProxyError::NotReady)?;
         let span = tracing::Span::current();
@@ -147,13 +150,14 @@ impl Proxy {
                 .instrument(tracing::info_span!("authenticate"))
                 .await?;
             span.record("tenant", caller.tenant.as_str());
+            facts.caller(&caller);
             Some(caller)
         };
         let Some(matched) = table.route(request.method(), relative) else {
             return Err(if table.path_known(relative) { Refusal::MethodNotAllowed } else { Refusal::NoRoute }.into());
         };
         span.record("route", matched.route.id.as_str());
-        *route = Some(matched.route.id.clone());
+        facts.route = Some(matched.route.id.clone());
         let guard = &matched.route.guard;
         let limit =
             if guard.max_url_bytes == 0 { fhirgw_config::route::DEFAULT_MAX_URL_BYTES } else { guard.max_url_bytes };
