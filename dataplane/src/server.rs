@@ -32,7 +32,6 @@ use fhirgw_tls::explain::HandshakeLog;
 use fhirgw_tls::reload::Reloading;
 use fhirgw_tls::server::ServerTls;
 use fhirgw_tls::tokio_rustls::server::TlsStream;
-use futures_util::FutureExt;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::{Frame, SizeHint};
@@ -265,6 +264,19 @@ macro_rules! drive {
                 }
                 Action::Graceful(reason) => {
                     if !graceful {
+                        // Whatever the client sent meanwhile is taken in first (one poll of the connection): a
+                        // request that arrived just now starts and is answered rather than dropped with the close.
+                        let before = conn.requests.load(Ordering::Relaxed);
+                        let polled = std::future::poll_fn(|cx| Poll::Ready(connection.as_mut().poll(cx))).await;
+                        if let Poll::Ready(result) = polled {
+                            if let Err(e) = result {
+                                debug!(%peer, error = %e, "connection ended with an error");
+                            }
+                            break;
+                        }
+                        if conn.requests.load(Ordering::Relaxed) != before {
+                            continue;
+                        }
                         if reason == Close::Idle {
                             metrics.closed_idle.inc();
                         }
@@ -353,6 +365,17 @@ impl Handshake<'_> {
     }
 }
 
+/// One connection the kernel has already completed on `listener`, asked of the kernel directly: the runtime's
+/// readiness for the listener may lag behind its accept queue (a busy worker has not seen the event yet), and a
+/// connection left in the queue is reset when the listener closes, its request written and never answered.
+fn accept_pending(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    use rustix::net::{SocketFlags, accept_with};
+    let fd = accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC).ok()?;
+    let stream = std::net::TcpStream::from(fd);
+    let peer = stream.peer_addr().ok()?;
+    Some((TcpStream::from_std(stream).ok()?, peer))
+}
+
 /// Serves `listener` until `phase` reaches [`Phase::Stopping`], then stops accepting and returns once every
 /// connection has closed, or `limits.drain` later.
 #[allow(clippy::too_many_arguments)]
@@ -381,9 +404,9 @@ pub async fn serve<H, F>(
     loop {
         let accepted = if stopping {
             // Connections the kernel has completed already are served rather than reset along with the listener.
-            match listener.accept().now_or_never() {
-                Some(Ok(pair)) => Ok(pair),
-                Some(Err(_)) | None => break,
+            match accept_pending(&listener) {
+                Some(pair) => Ok(pair),
+                None => break,
             }
         } else {
             tokio::select! {
