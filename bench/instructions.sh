@@ -78,9 +78,16 @@ count_instructions() { # pid out-prefix addr path auth
 
 measure() { # label bin-dir -> prints "label dp bare" instructions per request
   local label="$1" bin="$2"
-  rm -f "$work"/cp.db* "$work"/cg.*
+  rm -f "$work"/cg.*
   export RUST_LOG=warn
+  # Each build with its own control plane, store and issuer (the previous ones are stopped below).
+  local first_pid=${#pids[@]}
+  mkdir -p "$work/$label"
+  local saved_work="$work"
+  work="$work/$label"
+  cp "$saved_work"/*.token "$saved_work/paging.key" "$work"/
   start_control_plane
+  work="$saved_work"
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.dp.%p" \
     "$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
     --token-file "$work/dataplane.token" --state-dir "$work/dp-$label" --paging-key-file "$work/paging.key" \
@@ -122,6 +129,9 @@ JSON
     bare="$(count_instructions "$bare_pid" "$work/cg.bare" "$bare_addr" /fhir/Patient/p1 "$auth")"
     kill -TERM "$bare_pid" 2>/dev/null || true
   fi
+  local i
+  for ((i = ${#pids[@]} - 1; i >= first_pid; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
+  sleep 1
   echo "$label $dp $bare"
 }
 
