@@ -2,8 +2,6 @@
 //! tenant's active tags. A resource whose tags cannot be seen (no `meta`, `_elements` dropped it, not JSON) is
 //! outside the grants.
 
-use std::collections::{HashMap, HashSet};
-
 use fhirgw_config::tenant::Tag;
 use serde_json::Value;
 
