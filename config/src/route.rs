@@ -53,6 +53,8 @@ const NEVER_FORWARDED: &[&str] = &[
     "x-method-override",
     "x-original-method",
     "remote-user",
+    // HAPI applies it to a Binary create or update: the gateway sets a checked securityContext itself.
+    "x-security-context",
 ];
 
 /// Prefixes of header names no route may forward (see [`NEVER_FORWARDED`]).
@@ -400,7 +402,7 @@ mod tests {
             ("X-Correlation-Id", false), ("", false), ("bad header", false),
             ("authorization", false), ("cookie", false), ("host", false), ("content-type", false), ("prefer", false),
             ("if-match", false), ("if-none-exist", false), ("range", false), ("transfer-encoding", false),
-            ("x-http-method-override", false), ("x-http-method", false), ("x-method-override", false),
+            ("x-http-method-override", false), ("x-security-context", false), ("x-http-method", false), ("x-method-override", false),
             ("x-original-url", false), ("x-rewrite-url", false), ("x-forwarded-for", false), ("forwarded", false),
             ("x-remote-user", false), ("remote-user", false), ("x-auth-request-user", false), ("x-user-id", false),
             ("x-tenant", false), ("x-patient-id", false), ("x-scope", false), ("x-dataset", false),

@@ -1,5 +1,6 @@
-//! The control plane's admin HTTP port: liveness and Prometheus metrics. Plain HTTP/1.1, separate from the gRPC
-//! port so scrapers and probes need neither gRPC nor the operator token.
+//! The control plane's admin HTTP port: liveness and Prometheus metrics. HTTP/1.1, over TLS when the control plane
+//! has a certificate (the same one as the gRPC port, reloaded the same way; no client certificate is asked for),
+//! separate from the gRPC port so scrapers and probes need neither gRPC nor the operator token.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
+use fhirgw_tls::explain::HandshakeLog;
+use fhirgw_tls::reload::Reloading;
+use fhirgw_tls::server::ServerTls;
+
 use crate::metrics::Metrics;
+use crate::transport::HANDSHAKE_TIMEOUT;
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -36,7 +42,8 @@ pub fn handle(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<B
 }
 
 /// Serves until the process ends; each connection on its own task.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, tls: Option<Arc<Reloading<ServerTls>>>) {
+    let log = Arc::new(HandshakeLog::new("admin"));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(pair) => pair,
@@ -46,19 +53,33 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let (metrics, tls, log) = (metrics.clone(), tls.clone(), log.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = handle(&metrics, &request);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
-                debug!(%peer, error = %e, "admin connection ended with an error");
+            let Some(tls) = tls else {
+                return serve_connection(TokioIo::new(stream), peer, metrics).await;
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.current().acceptor().accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), peer, metrics).await,
+                Ok(Err(e)) => log.refused(peer, &e, "the client"),
+                Err(_) => debug!(%peer, "admin TLS handshake not finished within 10 s; closed"),
             }
         });
+    }
+}
+
+async fn serve_connection<IO>(io: IO, peer: std::net::SocketAddr, metrics: Arc<Metrics>)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let response = handle(&metrics, &request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30))
+        .serve_connection(io, service);
+    if let Err(e) = connection.await {
+        debug!(%peer, error = %e, "admin connection ended with an error");
     }
 }

@@ -7,6 +7,8 @@ pub mod limits;
 pub mod metrics;
 pub mod objects;
 pub mod operators;
+pub mod peer_auth;
 pub mod push;
 pub mod status;
 pub mod store;
+pub mod transport;

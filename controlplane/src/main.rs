@@ -1,5 +1,6 @@
 //! `fhirgw-controlplane`: one gRPC port serving the operator API, the config push stream, reflection and health;
-//! one admin HTTP port serving `/metrics` and `/healthz`.
+//! one admin HTTP port serving `/metrics` and `/healthz`. Both over TLS when given a certificate (see `transport`
+//! and `peer_auth` for client certificates).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,13 +15,15 @@ use fhirgw_controlplane::auth::BearerAuth;
 use fhirgw_controlplane::limits::{MAX_ADMIN_MESSAGE_BYTES, ResourceExhausted};
 use fhirgw_controlplane::metrics::Metrics;
 use fhirgw_controlplane::operators::OperatorAuth;
+use fhirgw_controlplane::peer_auth::{AdminGate, DataPlaneAuth};
 use fhirgw_controlplane::push::PushService;
 use fhirgw_controlplane::status::{self, Registry};
 use fhirgw_controlplane::store::{Location, Store};
+use fhirgw_controlplane::transport::{self, DATAPLANE, OPERATOR};
 use fhirgw_proto::admin::v1::admin_server::AdminServer;
 use fhirgw_proto::push::v1::config_discovery_server::ConfigDiscoveryServer;
+use fhirgw_tls::server::ServerSpec;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -50,9 +53,25 @@ struct Args {
     /// sha256sum`); re-read when it changes. Usable with or without the single token.
     #[arg(long, env = "FHIRGW_OPERATORS_FILE")]
     operators_file: Option<PathBuf>,
-    /// File holding the token data planes present. Else FHIRGW_DATAPLANE_TOKEN.
+    /// File holding the token data planes present. Else FHIRGW_DATAPLANE_TOKEN. Optional with --dataplane-ca-file;
+    /// with both, data planes need both.
     #[arg(long, env = "FHIRGW_DATAPLANE_TOKEN_FILE")]
     dataplane_token_file: Option<PathBuf>,
+    /// PEM certificate chain (server certificate first) for the gRPC and admin ports; with --tls-key-file both
+    /// serve TLS only. Re-read within 2 s of a change: new connections use the new certificate, open streams stay.
+    #[arg(long, env = "FHIRGW_CP_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "FHIRGW_CP_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM bundle of the CA that issues data planes' client certificates (mutual TLS): a data plane must present one,
+    /// and its URI or DNS SAN is its identity in GetStatus. Such a certificate can never call the admin API.
+    #[arg(long, env = "FHIRGW_CP_DATAPLANE_CA_FILE", requires = "tls_cert_file")]
+    dataplane_ca_file: Option<PathBuf>,
+    /// PEM bundle of the CA that issues operators' client certificates: operators must then present one as well as
+    /// their bearer token. Must not share a certificate with --dataplane-ca-file.
+    #[arg(long, env = "FHIRGW_CP_OPERATOR_CA_FILE", requires = "tls_cert_file")]
+    operator_ca_file: Option<PathBuf>,
     /// Longest life of one config stream (jittered down by up to 20%), so data planes rebalance across replicas.
     #[arg(long, env = "FHIRGW_CP_STREAM_LIFETIME_SECS", default_value_t = 1800)]
     stream_lifetime_secs: u64,
@@ -103,7 +122,31 @@ async fn main() -> anyhow::Result<()> {
     };
     let operator = OperatorAuth::new(single, args.operators_file.as_deref())?;
     tokio::spawn(operator.clone().watch(Duration::from_secs(2)));
-    let dataplane = BearerAuth::load(args.dataplane_token_file.as_deref(), "FHIRGW_DATAPLANE_TOKEN", "data plane")?;
+    let dataplane_token = if args.dataplane_token_file.is_some() || std::env::var_os("FHIRGW_DATAPLANE_TOKEN").is_some()
+    {
+        Some(BearerAuth::load(args.dataplane_token_file.as_deref(), "FHIRGW_DATAPLANE_TOKEN", "data plane")?)
+    } else {
+        None
+    };
+    let dataplane = DataPlaneAuth::new(dataplane_token, args.dataplane_ca_file.is_some())?;
+    let admin_gate = AdminGate::new(operator, args.operator_ca_file.is_some());
+    let (grpc_tls, admin_tls) = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let mut client_cas = Vec::new();
+            client_cas.extend(args.dataplane_ca_file.clone().map(|ca| (DATAPLANE, ca)));
+            client_cas.extend(args.operator_ca_file.clone().map(|ca| (OPERATOR, ca)));
+            let spec = |client_cas, alpn| ServerSpec { cert: cert.clone(), key: key.clone(), client_cas, alpn };
+            let grpc = spec(client_cas, vec!["h2"]).start("grpc").context("TLS on the gRPC port")?;
+            let admin = spec(Vec::new(), vec!["http/1.1"]).start("admin").context("TLS on the admin port")?;
+            (Some(grpc), Some(admin))
+        }
+        _ => {
+            warn!(
+                "no --tls-cert-file: the gRPC and admin ports are plaintext (tokens travel in clear; local use only)"
+            );
+            (None, None)
+        }
+    };
 
     let replica = args.replica_id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let password = match &args.store_password_file {
@@ -151,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
     let admin = ResourceExhausted(tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService::new(store.clone(), registry.clone(), metrics.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
-        operator,
+        admin_gate,
     ));
     let push = ConfigDiscoveryServer::with_interceptor(
         PushService::new(
@@ -177,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({ "event": "listening", "grpc": local.to_string(), "admin": admin_addr.to_string() })
     );
     info!(%local, %admin_addr, "control plane listening");
-    tokio::spawn(admin_http::serve(admin_listener, metrics));
+    tokio::spawn(admin_http::serve(admin_listener, metrics, admin_tls));
 
     let mut stopped = stop.clone();
     let server = tonic::transport::Server::builder()
@@ -189,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         .add_service(reflection_v1alpha)
         .add_service(admin)
         .add_service(push)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(transport::incoming(listener, grpc_tls), async move {
             let _ = stopped.wait_for(|s| *s).await;
         });
     let mut server = tokio::spawn(server);

@@ -19,8 +19,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::peer_auth::DataPlaneIdentity;
 use crate::status::{DataPlane, LastResponse, Registry};
 use crate::store::{State, Store};
+use crate::transport::PeerInfo;
 
 pub struct PushService {
     store: Arc<Store>,
@@ -82,7 +84,8 @@ impl ConfigDiscovery for PushService {
         if *self.shutdown.borrow() {
             return Err(Status::unavailable("control plane shutting down; connect to another replica"));
         }
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = PeerInfo::of(&request).map(|p| p.remote.to_string()).unwrap_or_default();
+        let identity = request.extensions().get::<DataPlaneIdentity>().map(|i| i.0.clone()).unwrap_or_default();
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(Duration::from_secs(30), inbound.message()).await {
             Ok(Ok(Some(first))) => first,
@@ -120,6 +123,7 @@ impl ConfigDiscovery for PushService {
             last_nack: None,
             held_store_id: first.store_id.clone(),
             held_system_version: first.held_system_version,
+            identity: identity.clone(),
         });
         let (tx, rx) = mpsc::channel(4);
         let mut session = Session {
@@ -136,14 +140,14 @@ impl ConfigDiscovery for PushService {
         };
         // Jitter spreads reconnects so data planes rebalance across replicas instead of stampeding.
         let lifetime = self.max_lifetime.mul_f64(rand::rng().random_range(0.8..1.0));
-        let span = info_span!("config_stream", node = %node.id, peer = %peer);
+        let span = info_span!("config_stream", node = %node.id, peer = %peer, identity = %identity);
         let heartbeat = self.heartbeat;
         let shutdown = self.shutdown.clone();
         tokio::spawn(
             async move {
                 info!(initial = session.known.len(), "data plane connected");
                 let reason = session.run(inbound, tx, lifetime, heartbeat, shutdown).await;
-                session.registry.remove(session.id);
+                session.registry.remove(session.id, &reason);
                 info!(%reason, "data plane disconnected");
             }
             .instrument(span),

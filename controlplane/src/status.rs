@@ -1,5 +1,10 @@
 //! Connected data planes, as `GetStatus` reports them. Each replica knows its own streams; it publishes them to the
-//! store (`publish`) so that `GetStatus` on any replica lists the data planes of all of them.
+//! store (`publish`) so that `GetStatus` on any replica lists the data planes of all of them, and those that left
+//! recently (`departed`).
+
+mod departed;
+
+pub use departed::{DEPARTED_FOR, DEPARTED_MAX};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -43,6 +48,8 @@ pub struct DataPlane {
     /// From the first message: the store identity and revision of what it held when it connected.
     pub held_store_id: String,
     pub held_system_version: u64,
+    /// From its client certificate (mutual TLS); empty with the shared token.
+    pub identity: String,
 }
 
 fn wanted_digest(state: &State, subscribed: impl Fn(Kind) -> bool) -> String {
@@ -118,6 +125,15 @@ pub struct Registry {
     streams: DashMap<u64, DataPlane>,
     /// Signalled on every change, so the publisher tells the other replicas promptly.
     changed: Notify,
+    /// Streams that closed here recently.
+    departed: departed::List,
+}
+
+/// What `GetStatus` lists: the data planes connected to any replica, and those that left recently.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub connected: Vec<admin::DataPlaneStatus>,
+    pub departed: Vec<admin::DisconnectedDataPlane>,
 }
 
 impl Registry {
@@ -128,6 +144,7 @@ impl Registry {
             next_id: AtomicU64::new(0),
             streams: DashMap::new(),
             changed: Notify::new(),
+            departed: departed::List::default(),
         }
     }
 
@@ -145,8 +162,12 @@ impl Registry {
         self.changed.notify_one();
     }
 
-    pub fn remove(&self, id: u64) {
-        self.streams.remove(&id);
+    /// The stream `id` closed, for `reason`: listed among the departed from now on.
+    pub fn remove(&self, id: u64, reason: &str) {
+        if let Some((stream, dp)) = self.streams.remove(&id) {
+            let at = SystemTime::now();
+            self.departed.push(departed::Departed { stream, dp, at, reason: reason.to_owned() });
+        }
         self.changed.notify_one();
     }
 
@@ -193,6 +214,7 @@ impl Registry {
             applied_version: dp.applied_version.clone(),
             acked_revision: dp.acked_revision,
             in_sync,
+            sync_state: sync_state(in_sync) as i32,
             lag_seconds: lag(in_sync, dp.acked_revision, dp.connected_at, changed_since),
             last_ack: dp.last_ack.as_ref().map(to_proto),
             last_nack: dp.last_nack.as_ref().map(to_proto),
@@ -200,6 +222,7 @@ impl Registry {
             held_store_id: dp.held_store_id.clone(),
             held_system_version: dp.held_system_version,
             store_warnings: Vec::new(),
+            identity: dp.identity.clone(),
         };
         status.store_warnings = store_warnings(&status, store_id, state.revision);
         status
@@ -227,62 +250,77 @@ impl Registry {
         changed_since: impl Fn(u64) -> Option<SystemTime>,
     ) -> Vec<DataPlaneRow> {
         let now = now_millis();
-        self.streams
-            .iter()
-            .map(|e| {
-                let dp = e.value();
-                DataPlaneRow {
-                    replica: self.replica.clone(),
-                    stream: e.key().to_string(),
-                    node_id: dp.node_id.clone(),
-                    known_digest: dp.known_digest(),
-                    subscribed: dp
-                        .subscribed
-                        .iter()
-                        .map(|k| (k.to_proto() as i32).to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    status: self.status_of(dp, state, store_id, &changed_since).encode_to_vec(),
-                    heartbeat_at: now,
-                }
-            })
-            .collect()
+        let row = |stream: String, dp: &DataPlane, status: Vec<u8>, heartbeat_at: i64| DataPlaneRow {
+            replica: self.replica.clone(),
+            stream,
+            node_id: dp.node_id.clone(),
+            known_digest: dp.known_digest(),
+            subscribed: dp.subscribed.iter().map(|k| (k.to_proto() as i32).to_string()).collect::<Vec<_>>().join(","),
+            status,
+            heartbeat_at,
+        };
+        let connected = self.streams.iter().map(|e| {
+            let status = self.status_of(e.value(), state, store_id, &changed_since).encode_to_vec();
+            row(e.key().to_string(), e.value(), status, now)
+        });
+        // Departed rows keep the moment they left as their heartbeat (see `departed`).
+        let departed = self.departed.current(SystemTime::now()).into_iter().map(|d| {
+            let status = self.status_of(&d.dp, state, store_id, &changed_since);
+            let encoded = departed::entry(status, d.at, d.reason.clone()).encode_to_vec();
+            row(format!("{}{}", departed::ROW_PREFIX, d.stream), &d.dp, encoded, departed::millis(d.at))
+        });
+        connected.chain(departed).collect()
     }
 
-    /// This replica's data planes plus the other replicas' published rows, re-judged against this replica's state;
-    /// one entry per node (the most recent connection wins, so a data plane that just moved is not listed twice).
-    pub fn merge(
+    /// The data planes of this replica and of the others (from their published `rows`, read at `now_ms`), one entry
+    /// per node (the most recent connection wins, so a data plane that just moved is not listed twice), each judged
+    /// against this replica's state; and those that left within `DEPARTED_FOR` and are not connected now.
+    pub fn fleet(
         &self,
-        local: Vec<admin::DataPlaneStatus>,
-        remote: Vec<DataPlaneRow>,
         state: &State,
         store_id: &str,
+        rows: Vec<DataPlaneRow>,
+        now_ms: i64,
         changed_since: impl Fn(u64) -> Option<SystemTime>,
-    ) -> Vec<admin::DataPlaneStatus> {
+    ) -> Fleet {
+        let live_since = now_ms.saturating_sub(i64::try_from(self.stale_after().as_millis()).unwrap_or(i64::MAX));
         let mut by_node: HashMap<String, admin::DataPlaneStatus> = HashMap::new();
-        let remote = remote.into_iter().filter(|r| r.replica != self.replica).filter_map(|row| {
-            let mut status = match admin::DataPlaneStatus::decode(row.status.as_slice()) {
-                Ok(status) => status,
+        let now = SystemTime::now();
+        let mut gone: Vec<admin::DisconnectedDataPlane> = self
+            .departed
+            .current(now)
+            .into_iter()
+            .map(|d| departed::entry(self.status_of(&d.dp, state, store_id, &changed_since), d.at, d.reason))
+            .collect();
+        let local = self.report(state, store_id, &changed_since);
+        let remote = rows.into_iter().filter(|r| r.replica != self.replica).filter_map(|row| {
+            let departed_row = row.stream.starts_with(departed::ROW_PREFIX);
+            let decoded = if departed_row {
+                admin::DisconnectedDataPlane::decode(row.status.as_slice())
+                    .map(|d| (d.data_plane.unwrap_or_default(), d.disconnected_at, d.reason))
+            } else {
+                admin::DataPlaneStatus::decode(row.status.as_slice()).map(|s| (s, None, String::new()))
+            };
+            let (status, at, reason) = match decoded {
+                Ok(decoded) => decoded,
                 Err(e) => {
                     warn!(replica = %row.replica, error = %e, "ignoring an unreadable data-plane row");
                     return None;
                 }
             };
-            let subscribed: BTreeSet<i32> = row.subscribed.split(',').filter_map(|k| k.parse().ok()).collect();
-            status.in_sync = wanted_digest(state, |k| subscribed.contains(&(k.to_proto() as i32))) == row.known_digest;
-            let connected_at = status
-                .connected_at
-                .as_ref()
-                .map(|t| {
-                    SystemTime::UNIX_EPOCH
-                        + Duration::new(u64::try_from(t.seconds).unwrap_or(0), u32::try_from(t.nanos).unwrap_or(0))
-                })
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            status.lag_seconds = lag(status.in_sync, status.acked_revision, connected_at, &changed_since);
-            status.store_warnings = store_warnings(&status, store_id, state.revision);
-            Some(status)
+            let status = self.judge(status, &row, state, store_id, &changed_since);
+            if departed_row {
+                gone.push(admin::DisconnectedDataPlane { data_plane: Some(status), disconnected_at: at, reason });
+                None
+            } else if row.heartbeat_at < live_since {
+                let reason = format!("its control-plane replica `{}` stopped reporting it", row.replica);
+                gone.push(departed::entry(status, departed::from_millis(row.heartbeat_at), reason));
+                None
+            } else {
+                Some(status)
+            }
         });
-        for status in local.into_iter().chain(remote) {
+        for status in local.into_iter().chain(remote.collect::<Vec<_>>()) {
             let newer = by_node.get(&status.node_id).is_none_or(|have| {
                 let key = |s: &admin::DataPlaneStatus| s.connected_at.as_ref().map(|t| (t.seconds, t.nanos));
                 key(&status) > key(have)
@@ -291,10 +329,40 @@ impl Registry {
                 by_node.insert(status.node_id.clone(), status);
             }
         }
-        let mut out: Vec<_> = by_node.into_values().collect();
-        out.sort_by(|a, b| a.node_id.cmp(&b.node_id).then_with(|| a.replica.cmp(&b.replica)));
-        out
+        let mut connected: Vec<_> = by_node.into_values().collect();
+        connected.sort_by(|a, b| a.node_id.cmp(&b.node_id).then_with(|| a.replica.cmp(&b.replica)));
+        let departed = departed::combine(gone, &connected, now);
+        Fleet { connected, departed }
     }
+
+    /// Another replica's data plane judged against this replica's state: sync, lag and store warnings.
+    fn judge(
+        &self,
+        mut status: admin::DataPlaneStatus,
+        row: &DataPlaneRow,
+        state: &State,
+        store_id: &str,
+        changed_since: &impl Fn(u64) -> Option<SystemTime>,
+    ) -> admin::DataPlaneStatus {
+        let subscribed: BTreeSet<i32> = row.subscribed.split(',').filter_map(|k| k.parse().ok()).collect();
+        status.in_sync = wanted_digest(state, |k| subscribed.contains(&(k.to_proto() as i32))) == row.known_digest;
+        status.sync_state = sync_state(status.in_sync) as i32;
+        let connected_at = status
+            .connected_at
+            .as_ref()
+            .map(|t| {
+                SystemTime::UNIX_EPOCH
+                    + Duration::new(u64::try_from(t.seconds).unwrap_or(0), u32::try_from(t.nanos).unwrap_or(0))
+            })
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        status.lag_seconds = lag(status.in_sync, status.acked_revision, connected_at, changed_since);
+        status.store_warnings = store_warnings(&status, store_id, state.revision);
+        status
+    }
+}
+
+fn sync_state(in_sync: bool) -> admin::SyncState {
+    if in_sync { admin::SyncState::InSync } else { admin::SyncState::OutOfSync }
 }
 
 fn lag(

@@ -114,6 +114,8 @@ pub enum BodyError {
     Encoding(String),
     #[error("reading the request body: {0}")]
     Read(#[source] hyper::Error),
+    #[error("the client sent nothing of its body for {0:?}")]
+    Idle(std::time::Duration),
 }
 
 impl BodyError {
@@ -138,12 +140,17 @@ impl BodyError {
             BodyError::Read(_) => {
                 Outcome::new(StatusCode::BAD_REQUEST, "invalid", "The request body could not be read.")
             }
+            BodyError::Idle(after) => Outcome::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("The request body stalled: nothing arrived for {} seconds.", after.as_secs()),
+            ),
         }
     }
 }
 
 /// The one `Content-Encoding` accepted on a request body: none (or `identity`).
-fn check_encoding(headers: &HeaderMap) -> Result<(), BodyError> {
+pub(crate) fn check_encoding(headers: &HeaderMap) -> Result<(), BodyError> {
     for value in headers.get_all(CONTENT_ENCODING) {
         let text = value.to_str().unwrap_or("(not text)");
         for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
@@ -155,7 +162,7 @@ fn check_encoding(headers: &HeaderMap) -> Result<(), BodyError> {
     Ok(())
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
@@ -177,7 +184,7 @@ pub async fn read(request: Request<Incoming>, max: usize) -> Result<(Parts, Byte
 /// What is left of a refused body is read and thrown away (never buffered) for a while, so the client, still
 /// sending, reads its 413/415/503 instead of a reset (a "lingering close"). Past [`LINGER_BYTES`] or
 /// [`LINGER_TIME`] the body is dropped and the connection closed.
-fn discard(mut body: Incoming, declared: Option<u64>) {
+pub(crate) fn discard(mut body: Incoming, declared: Option<u64>) {
     if declared.is_some_and(|length| length > LINGER_BYTES) {
         return;
     }

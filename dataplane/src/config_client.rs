@@ -20,6 +20,7 @@ use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config_guard;
+use crate::cp_tls::ControlPlaneTls;
 use crate::metrics::Metrics;
 use crate::persist::SnapshotDir;
 use crate::state::{ConfigState, Refusing, Source};
@@ -32,7 +33,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub struct ConfigClient {
     /// One control-plane URL, or several separated by commas (see `run`).
     pub endpoint: String,
-    pub token: String,
+    /// The shared data-plane token, when the control plane asks for one.
+    pub token: Option<String>,
+    /// TLS (and the client certificate) for `https://` control planes.
+    pub tls: Option<ControlPlaneTls>,
     pub node: push::Node,
     pub state: Arc<ConfigState>,
     pub persist: Option<SnapshotDir>,
@@ -71,7 +75,10 @@ impl ConfigClient {
             let targets = control_planes(&self.endpoint).await;
             let target = &targets[next % targets.len()];
             next = next.wrapping_add(1);
-            let span = info_span!("config_session", control_plane = %target.url, attempt);
+            // Context for the log lines only: a session lasts until the stream ends (~30 min), so as an exported
+            // span it would show up that late, each attempt its own trace. Every apply is a trace of its own.
+            let span =
+                info_span!(target: fhirgw_telemetry::LOG_ONLY, "config_session", control_plane = %target.url, attempt);
             let mut got_response = false;
             let result = self.session(target, &mut got_response).instrument(span).await;
             if got_response {
@@ -85,7 +92,15 @@ impl ConfigClient {
                 }
                 Err(e @ SessionError::Reconnect) => info!(reason = %e, "config stream closed; reconnecting"),
                 Err(e) => {
-                    warn!(control_plane = %target.url, error = %e, retry_in_ms = delay.as_millis() as u64, "config stream failed")
+                    let error = fhirgw_tls::explain::chain(&e);
+                    match fhirgw_tls::explain::explain(&e, "the control plane") {
+                        Some(tls) => {
+                            warn!(control_plane = %target.url, %tls, %error, retry_in_ms = delay.as_millis() as u64, "config stream failed: TLS refused")
+                        }
+                        None => {
+                            warn!(control_plane = %target.url, %error, retry_in_ms = delay.as_millis() as u64, "config stream failed")
+                        }
+                    }
                 }
                 Ok(()) => {}
             }
@@ -125,18 +140,32 @@ impl ConfigClient {
         if let Some(origin) = &target.origin {
             endpoint = endpoint.origin(origin.clone());
         }
-        let channel = endpoint
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
-        let auth: MetadataValue<_> = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| SessionError::Setup("token is not a valid header".into()))?;
+            .keep_alive_while_idle(true);
+        let channel = match &self.tls {
+            Some(tls) => {
+                // The certificate names the configured host, also when it was resolved to one replica's address.
+                let configured = target.origin.as_ref().and_then(|o| o.host()).map(str::to_owned);
+                let host = configured.or_else(|| endpoint.uri().host().map(str::to_owned)).unwrap_or_default();
+                endpoint.connect_with_connector(tls.connector(&host).map_err(SessionError::Setup)?).await?
+            }
+            None => endpoint.connect().await?,
+        };
+        let auth: Option<MetadataValue<_>> = match &self.token {
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| SessionError::Setup("token is not a valid header".into()))?,
+            ),
+            None => None,
+        };
         let mut client = ConfigDiscoveryClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert("authorization", auth.clone());
+            if let Some(auth) = &auth {
+                req.metadata_mut().insert("authorization", auth.clone());
+            }
             Ok(req)
         });
         let (tx, rx) = mpsc::channel(4);
@@ -162,8 +191,9 @@ impl ConfigClient {
     /// Validates and applies one response; returns the ACK or NACK to send.
     pub async fn apply(&self, response: push::ConfigResponse) -> push::ConfigRequest {
         let nonce = response.nonce.clone();
+        // A trace root (its session is never exported), linked to the admin call that caused the change, so one
+        // trace shows a change reaching the fleet.
         let span = info_span!("config_apply", %nonce, revision = response.system_version);
-        // One trace shows a change reaching the fleet: each apply links to the admin call that caused it.
         fhirgw_telemetry::link_from_map(&span, &response.trace_context);
         async {
             self.state.count_received(response.resources.len());

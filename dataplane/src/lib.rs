@@ -1,5 +1,6 @@
 //! The fhirgw data plane.
 
+pub mod access_log;
 pub mod admin_http;
 pub mod audit;
 pub mod authn;
@@ -7,6 +8,7 @@ pub mod body;
 pub mod body_budget;
 pub mod config_client;
 pub mod config_guard;
+pub mod cp_tls;
 pub mod credentials;
 pub mod http_client;
 pub mod lifecycle;

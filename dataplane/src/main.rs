@@ -11,6 +11,7 @@ use fhirgw_config::audit::AuditMode;
 use fhirgw_dataplane::audit;
 use fhirgw_dataplane::authn::Authenticator;
 use fhirgw_dataplane::config_client::ConfigClient;
+use fhirgw_dataplane::cp_tls::ControlPlaneTls;
 use fhirgw_dataplane::lifecycle::{Lifecycle, Phase};
 use fhirgw_dataplane::metrics::Metrics;
 use fhirgw_dataplane::persist::SnapshotDir;
@@ -20,6 +21,8 @@ use fhirgw_dataplane::state::{ConfigState, Source};
 use fhirgw_dataplane::upstream::{UpstreamClient, environment_rejections};
 use fhirgw_dataplane::{admin_http, limits, server};
 use fhirgw_proto::push::v1 as push;
+use fhirgw_tls::client::ClientSpec;
+use fhirgw_tls::server::ServerSpec;
 use rand::Rng;
 use tracing::{error, info, warn};
 
@@ -36,9 +39,31 @@ struct Args {
     /// resolves to several addresses counts as each. When a stream drops, the next session goes to the next one.
     #[arg(long, env = "FHIRGW_CONTROL_PLANE", default_value = "http://127.0.0.1:50051")]
     control_plane: String,
-    /// File holding the data plane token for the control plane. Else FHIRGW_DATAPLANE_TOKEN.
+    /// File holding the data plane token for the control plane. Else FHIRGW_DATAPLANE_TOKEN. Optional with a client
+    /// certificate (--client-cert-file).
     #[arg(long, env = "FHIRGW_DATAPLANE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM bundle of the CA(s) the control plane's certificate must chain to (https:// control-plane URLs).
+    /// Default: the public web PKI roots.
+    #[arg(long, env = "FHIRGW_CONTROL_PLANE_CA_FILE")]
+    control_plane_ca_file: Option<PathBuf>,
+    /// Name the control plane's certificate is checked against. Default: the host of each --control-plane URL.
+    #[arg(long, env = "FHIRGW_CONTROL_PLANE_SERVER_NAME")]
+    control_plane_server_name: Option<String>,
+    /// This data plane's client certificate (PEM chain) for mutual TLS with the control plane. Re-read within 2 s of
+    /// a change: the next connection presents the new one, the open stream carries on.
+    #[arg(long, env = "FHIRGW_DP_CLIENT_CERT_FILE", requires = "client_key_file")]
+    client_cert_file: Option<PathBuf>,
+    /// PEM private key of --client-cert-file.
+    #[arg(long, env = "FHIRGW_DP_CLIENT_KEY_FILE", requires = "client_cert_file")]
+    client_key_file: Option<PathBuf>,
+    /// Serve the FHIR port over TLS with this certificate chain (PEM), HTTP/2 and HTTP/1.1 by ALPN, for deployments
+    /// without a TLS-terminating ingress. Reloaded within 2 s of a change. Default: plaintext.
+    #[arg(long, env = "FHIRGW_DP_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "FHIRGW_DP_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// Directory for the last good snapshot; empty to keep none.
     #[arg(long, env = "FHIRGW_DP_STATE_DIR", default_value = "fhirgw-dataplane-state")]
     state_dir: PathBuf,
@@ -53,6 +78,11 @@ struct Args {
     /// a heartbeat every 30 s by default), requests that depend on grants fail closed with 503. Routes stay served.
     #[arg(long, env = "FHIRGW_GRANT_TTL_SECS", default_value_t = 300)]
     grant_ttl_secs: u64,
+    /// Past the grant TTL /readyz answers 503, so load balancers send grant-dependent traffic to data planes that can
+    /// serve it. With this flag it answers 200 "degraded" instead: for a fleet that shares one control plane and
+    /// would rather answer 503 OperationOutcomes than have no ready endpoint at all (see deploy/README.md).
+    #[arg(long, env = "FHIRGW_DP_READY_WITH_STALE_GRANTS")]
+    ready_with_stale_grants: bool,
     /// Public base URL clients use (e.g. https://fhir.example.org); overrides forwarding headers. Route tables' base
     /// paths are appended to it.
     #[arg(long, env = "FHIRGW_PUBLIC_BASE_URL")]
@@ -129,6 +159,11 @@ struct Args {
     /// Longest delay between two delivery attempts.
     #[arg(long, env = "FHIRGW_DP_AUDIT_RETRY_MAX_MS", default_value_t = 30_000)]
     audit_retry_max_ms: u64,
+    /// Access log (one line per FHIR request, target `fhirgw::access`, in the --log-format): `on`, `off`, or
+    /// `sample=P` to keep a fraction P (0 to 1) of the complete 2xx responses and every other one (errors, refusals,
+    /// aborted and abandoned requests).
+    #[arg(long, env = "FHIRGW_DP_ACCESS_LOG", default_value = "on")]
+    access_log: fhirgw_dataplane::access_log::AccessLog,
 }
 
 /// The audit settings from the flags.
@@ -174,6 +209,31 @@ fn hostname() -> String {
         .unwrap_or_else(|| "dataplane".to_owned())
 }
 
+/// TLS towards the control plane, from the URLs' scheme: every URL `https://` (then a client certificate may be
+/// given) or every URL `http://` (then no TLS flag may be). Mixing them would let a mutual-TLS data plane fall back to
+/// plaintext, so it is refused.
+fn control_plane_tls(args: &Args) -> anyhow::Result<Option<ControlPlaneTls>> {
+    let urls: Vec<&str> = args.control_plane.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    let https = urls.iter().filter(|u| u.starts_with("https://")).count();
+    if https == 0 {
+        if args.client_cert_file.is_some() || args.control_plane_ca_file.is_some() {
+            anyhow::bail!("--client-cert-file and --control-plane-ca-file need https:// control-plane URLs");
+        }
+        return Ok(None);
+    }
+    if https != urls.len() {
+        anyhow::bail!("--control-plane mixes https:// and http:// URLs; use https:// for all of them");
+    }
+    let spec = ClientSpec {
+        ca: args.control_plane_ca_file.clone(),
+        identity: args.client_cert_file.clone().zip(args.client_key_file.clone()),
+        alpn: Vec::new(),
+    };
+    let tls = ControlPlaneTls::start(spec, args.control_plane_server_name.clone())
+        .context("TLS towards the control plane")?;
+    Ok(Some(tls))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -181,9 +241,24 @@ async fn main() -> anyhow::Result<()> {
         fhirgw_telemetry::init("fhirgw-dataplane", args.log_format == "json", "info,h2=warn,tower=warn,hyper=warn")
             .map_err(|e| anyhow::anyhow!("telemetry: {e}"))?;
     let token = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-        None => std::env::var("FHIRGW_DATAPLANE_TOKEN")
-            .context("no data plane token: set FHIRGW_DATAPLANE_TOKEN or --token-file")?,
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned(),
+        ),
+        None => std::env::var("FHIRGW_DATAPLANE_TOKEN").ok().map(|t| t.trim().to_owned()),
+    };
+    let cp_tls = control_plane_tls(&args)?;
+    if token.is_none() && args.client_cert_file.is_none() {
+        anyhow::bail!(
+            "no credentials for the control plane: --client-cert-file (mutual TLS) or --token-file / FHIRGW_DATAPLANE_TOKEN"
+        );
+    }
+    let fhir_tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(
+            ServerSpec { cert: cert.clone(), key: key.clone(), client_cas: Vec::new(), alpn: vec!["h2", "http/1.1"] }
+                .start("fhir")
+                .context("TLS on the FHIR port")?,
+        ),
+        _ => None,
     };
     let host = hostname();
     let node_id =
@@ -191,6 +266,8 @@ async fn main() -> anyhow::Result<()> {
 
     let state = ConfigState::new();
     state.set_allow_rollback(args.allow_config_rollback);
+    let grant_ttl = Duration::from_secs(args.grant_ttl_secs.max(1));
+    state.set_grant_ttl(grant_ttl);
     let persist = (!args.state_dir.as_os_str().is_empty()).then(|| SnapshotDir::new(&args.state_dir));
     if let Some(dir) = &persist {
         match dir.load() {
@@ -213,11 +290,16 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let metrics = Metrics::new(state.clone());
+    let metrics = Metrics::with_access_log(state.clone(), args.access_log);
     let client = ConfigClient {
         endpoint: args.control_plane.clone(),
-        token: token.trim().to_owned(),
-        node: push::Node { id: node_id.clone(), build_version: env!("CARGO_PKG_VERSION").to_owned(), hostname: host },
+        token,
+        tls: cp_tls,
+        node: push::Node {
+            id: node_id.clone(),
+            build_version: fhirgw_telemetry::process::build_version(),
+            hostname: host,
+        },
         state: state.clone(),
         persist,
         metrics: metrics.clone(),
@@ -258,8 +340,10 @@ async fn main() -> anyhow::Result<()> {
         upstreams,
         authn: Authenticator::with_metrics(metrics.cache("jwks"), metrics.cache("verified_token")),
         pages: PageSigner::new(&paging_key),
-        grant_ttl: Duration::from_secs(args.grant_ttl_secs.max(1)),
-        public: PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?,
+        public: PublicConfig {
+            tls: fhir_tls.is_some(),
+            ..PublicConfig::new(args.public_base_url.as_deref(), &args.trusted_proxies)?
+        },
         capabilities: moka::future::Cache::builder().max_capacity(64).time_to_live(Duration::from_secs(60)).build(),
         metrics: metrics.clone(),
         body_budget: fhirgw_dataplane::body_budget::BodyBudget::with_gauge(
@@ -289,9 +373,14 @@ async fn main() -> anyhow::Result<()> {
         lifecycle.subscribe(),
         metrics.listener("fhir"),
         "fhir",
+        fhir_tls,
     );
-    let admin_ctx =
-        Arc::new(admin_http::Admin { state: state.clone(), metrics: metrics.clone(), lifecycle: lifecycle.clone() });
+    let admin_ctx = Arc::new(admin_http::Admin {
+        state: state.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        ready_with_stale_grants: args.ready_with_stale_grants,
+    });
     let admin_server = server::serve(
         admin,
         move |req, _peer| admin_http::handle(admin_ctx.clone(), req),
@@ -304,6 +393,7 @@ async fn main() -> anyhow::Result<()> {
         admin_lifecycle.subscribe(),
         metrics.listener("admin"),
         "admin",
+        None,
     );
     let delay = Duration::from_secs(args.shutdown_delay_secs);
     // When the FHIR listener closes: the drain window the audit trail shares with the requests still in flight.

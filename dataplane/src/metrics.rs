@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use fhirgw_telemetry::semconv::{self, Side};
 use http::{Method, Response, StatusCode};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -23,6 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::access_log::{AccessLog, Line};
 use crate::body::{Body, BoxError};
 use crate::state::{ConfigState, Source};
 
@@ -99,7 +101,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     in_flight: Gauge,
-    request_duration: Histogram,
+    request_duration: HistogramFamily<RouteLabels>,
     response_bytes: Family<RouteLabels, Counter>,
     upstream_requests: Family<UpstreamResultLabels, Counter>,
     upstream_duration: HistogramFamily<UpstreamLabels>,
@@ -114,6 +116,8 @@ pub struct Metrics {
     body_reserved: Gauge,
     audit: AuditCounters,
     audit_gauges: Arc<std::sync::OnceLock<Arc<dyn AuditGauges>>>,
+    /// Whether each finished request is also written to the access log (`--access-log`).
+    access_log: AccessLog,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -124,11 +128,16 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(state: Arc<ConfigState>) -> Arc<Self> {
+        Self::with_access_log(state, AccessLog::default())
+    }
+
+    /// Metrics whose finished requests go to the access log as `access_log` says.
+    pub fn with_access_log(state: Arc<ConfigState>, access_log: AccessLog) -> Arc<Self> {
         let mut registry = Registry::with_prefix("fhirgw_dp");
         let m = Metrics {
             requests: Family::default(),
             in_flight: Gauge::default(),
-            request_duration: latency_histogram(),
+            request_duration: Family::new_with_constructor(latency_histogram),
             response_bytes: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(latency_histogram),
@@ -143,6 +152,7 @@ impl Metrics {
             body_reserved: Gauge::default(),
             audit: AuditCounters::default(),
             audit_gauges: Arc::default(),
+            access_log,
             registry: Registry::default(),
         };
         registry.register(
@@ -153,7 +163,7 @@ impl Metrics {
         registry.register("requests_in_flight", "FHIR requests whose response has not finished", m.in_flight.clone());
         registry.register(
             "request_duration_seconds",
-            "FHIR request time, from arrival to the end of the response body",
+            "FHIR request time, from arrival to the end of the response body, by route (`_none`: no route matched)",
             m.request_duration.clone(),
         );
         registry.register("response_bytes", "FHIR response body bytes sent, by route", m.response_bytes.clone());
@@ -240,6 +250,7 @@ impl Metrics {
             closed_first_request_timeout: closed("first_request_timeout"),
             closed_idle: closed("idle"),
             closed_evicted: closed("evicted"),
+            closed_tls_handshake: closed("tls_handshake"),
         }
     }
 
@@ -274,9 +285,17 @@ impl Metrics {
     }
 
     /// Marks a request in flight until the returned guard is finished or dropped.
-    pub fn request_started(self: &Arc<Self>) -> InFlight {
+    pub fn request_started(self: &Arc<Self>, method: &Method) -> InFlight {
         self.in_flight.inc();
-        InFlight { metrics: self.clone(), started: Instant::now(), route: None, bytes: 0, span: None }
+        InFlight {
+            metrics: self.clone(),
+            started: Instant::now(),
+            method: method.clone(),
+            route: None,
+            bytes: 0,
+            span: None,
+            access: Access::default(),
+        }
     }
 }
 
@@ -313,6 +332,7 @@ pub struct ListenerMetrics {
     pub closed_first_request_timeout: Counter,
     pub closed_idle: Counter,
     pub closed_evicted: Counter,
+    pub closed_tls_handshake: Counter,
 }
 
 /// Hits and misses of one cache.
@@ -364,31 +384,57 @@ fn abort_reason(error: &BoxError) -> &'static str {
 }
 
 /// One request in flight. [`InFlight::finish`] counts the response and hands its body back wrapped, so the body's
-/// bytes and the request's whole duration are recorded when the body ends or is dropped.
+/// bytes and the request's whole duration are recorded, and its access line written, when the body ends or is
+/// dropped; a request dropped before its response head (the client went away) is recorded then too.
 pub struct InFlight {
     metrics: Arc<Metrics>,
     started: Instant,
+    method: Method,
     route: Option<String>,
     bytes: u64,
     /// The request's span and trace id, for a response aborted mid-body (see [`InFlight::traced`]).
     span: Option<(tracing::Span, Option<String>)>,
+    access: Access,
+}
+
+/// What the access line needs beyond the metrics.
+#[derive(Debug, Default)]
+struct Access {
+    /// The response head's status, once [`InFlight::finish`] ran.
+    status: Option<StatusCode>,
+    tenant: Option<String>,
+    client_id: Option<String>,
+    reason: Option<&'static str>,
+    aborted: Option<&'static str>,
+    /// The body was read to its end (or has none).
+    ended: bool,
 }
 
 impl InFlight {
-    /// Ties the request's span (which must declare `otel.status_code`) to the response body, so an abort after the
-    /// head ends the span with an error status and is logged with the trace id.
+    /// Ties the request's span to the response: [`InFlight::finish`] records the HTTP conventions' attributes on it
+    /// (method, route, status; a 5xx fails it), and an abort after the head fails it with the abort's reason as
+    /// `error.type` and is logged with the trace id.
     pub fn traced(mut self, span: tracing::Span, trace_id: Option<String>) -> Self {
         self.span = Some((span, trace_id));
         self
     }
 
-    fn aborted(&self, error: &BoxError) {
+    /// Who asked (tenant and client id from the token) and why the gateway refused, if it did: for the access line.
+    pub fn caller(mut self, tenant: Option<String>, client_id: Option<String>, reason: Option<&'static str>) -> Self {
+        self.access.tenant = tenant;
+        self.access.client_id = client_id;
+        self.access.reason = reason;
+        self
+    }
+
+    fn aborted(&mut self, error: &BoxError) {
         let reason = abort_reason(error);
+        self.access.aborted = Some(reason);
         let route = self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics.aborted.get_or_create(&AbortLabels { route: route.clone(), reason }).inc();
         match &self.span {
             Some((span, trace_id)) => {
-                span.record("otel.status_code", "ERROR");
+                semconv::error(span, reason);
                 let trace_id = trace_id.as_deref().unwrap_or("");
                 tracing::warn!(parent: span, %route, reason, %trace_id, error = %error, bytes_sent = self.bytes, "response aborted after its head was sent");
             }
@@ -396,30 +442,67 @@ impl InFlight {
         }
     }
 
-    pub fn finish(mut self, method: &Method, route: Option<String>, response: Response<Body>) -> Response<Body> {
+    pub fn finish(mut self, route: Option<String>, response: Response<Body>) -> Response<Body> {
+        if let Some((span, _)) = &self.span {
+            semconv::method(span, &self.method);
+            if let Some(route) = &route {
+                semconv::route(span, route);
+            }
+            semconv::status(span, Side::Server, response.status().as_u16());
+        }
         let route = route.unwrap_or_else(|| NO_ROUTE.to_owned());
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),
-                method: method_label(method),
+                method: method_label(&self.method),
                 status_class: status_class(response.status()),
             })
             .inc();
         self.route = Some(route);
+        let status = response.status();
+        self.access.status = Some(status);
+        // Bodies hyper never reads to the end: none at all, or none by definition of the status or method.
+        self.access.ended = http_body::Body::is_end_stream(response.body())
+            || self.method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
         response.map(|inner| Counted { inner, guard: self }.boxed_unsync())
+    }
+
+    /// The access line, once the request is over.
+    fn log(&self, duration: std::time::Duration) {
+        let Access { status, tenant, client_id, reason, aborted, ended } = &self.access;
+        let (reason, aborted) = match status {
+            None => (Some("client_closed"), *aborted),
+            Some(_) if !ended && aborted.is_none() => (*reason, Some("client_closed")),
+            Some(_) => (*reason, *aborted),
+        };
+        self.metrics.access_log.write(&Line {
+            method: method_label(&self.method),
+            route: self.route.as_deref().unwrap_or(NO_ROUTE),
+            status: status.map_or(0, |s| s.as_u16()),
+            duration,
+            bytes: self.bytes,
+            tenant: tenant.as_deref(),
+            client_id: client_id.as_deref(),
+            trace_id: self.span.as_ref().and_then(|(_, id)| id.as_deref()),
+            reason,
+            aborted,
+        });
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight.dec();
-        self.metrics.request_duration.observe(self.started.elapsed().as_secs_f64());
-        if let Some(route) = self.route.take()
-            && self.bytes > 0
-        {
-            self.metrics.response_bytes.get_or_create(&RouteLabels { route }).inc_by(self.bytes);
+        let duration = self.started.elapsed();
+        let labels = RouteLabels { route: self.route.clone().unwrap_or_else(|| NO_ROUTE.to_owned()) };
+        self.metrics.request_duration.get_or_create(&labels).observe(duration.as_secs_f64());
+        if self.bytes > 0 {
+            self.metrics.response_bytes.get_or_create(&labels).inc_by(self.bytes);
         }
+        self.log(duration);
     }
 }
 
@@ -440,9 +523,13 @@ impl http_body::Body for Counted {
                 if let Some(data) = frame.data_ref() {
                     self.guard.bytes += data.len() as u64;
                 }
+                if self.inner.is_end_stream() {
+                    self.guard.access.ended = true;
+                }
             }
             Poll::Ready(Some(Err(error))) => self.guard.aborted(error),
-            _ => {}
+            Poll::Ready(None) => self.guard.access.ended = true,
+            Poll::Pending => {}
         }
         polled
     }
@@ -606,7 +693,8 @@ impl Collector for ConfigCollector {
             None,
             MetricType::Info,
         )?)?;
-        if let Some(age) = self.0.confirmed_at().and_then(|at| SystemTime::now().duration_since(at).ok()) {
+        let now = SystemTime::now();
+        if let Some(age) = self.0.confirmation_age(now) {
             ConstGauge::new(age.as_secs_f64()).encode(encoder.encode_descriptor(
                 "config_seconds_since_confirmed",
                 "Seconds since the control plane last confirmed the configuration (a push or a heartbeat).",
@@ -614,6 +702,18 @@ impl Collector for ConfigCollector {
                 MetricType::Gauge,
             )?)?;
         }
+        ConstGauge::new(self.0.grant_ttl().as_secs_f64()).encode(encoder.encode_descriptor(
+            "grant_ttl_seconds",
+            "How long grants are trusted without confirmation from the control plane (--grant-ttl-secs).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(self.0.grants_stale(now))).encode(encoder.encode_descriptor(
+            "grants_stale",
+            "1 while grants are past the grant TTL: requests that need grants get 503 and /readyz fails. Alert on it.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }
@@ -653,7 +753,7 @@ mod tests {
             let frames: Vec<Result<Frame<Bytes>, BoxError>> =
                 vec![Ok(Frame::data(Bytes::from_static(b"{"))), Err(error)];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
-            let response = metrics.request_started().finish(&Method::GET, Some("search".into()), Response::new(body));
+            let response = metrics.request_started(&Method::GET).finish(Some("search".into()), Response::new(body));
             assert!(response.into_body().collect().await.is_err());
             let (_, text) = metrics.encode(false);
             let line = format!("fhirgw_dp_requests_aborted_total{{route=\"search\",reason=\"{reason}\"}} 1");
@@ -664,8 +764,8 @@ mod tests {
     #[test]
     fn exposition_names() {
         let metrics = Metrics::new(ConfigState::new());
-        let guard = metrics.request_started();
-        drop(guard.finish(&Method::GET, Some("instance".into()), Response::new(Body::default())));
+        let guard = metrics.request_started(&Method::GET);
+        drop(guard.finish(Some("instance".into()), Response::new(Body::default())));
         metrics.cache("jwks").hit();
         metrics.config_replied(false);
         let (content_type, text) = metrics.encode(false);
@@ -673,7 +773,7 @@ mod tests {
         for line in [
             "fhirgw_dp_requests_total{route=\"instance\",method=\"GET\",status_class=\"2xx\"} 1",
             "fhirgw_dp_requests_in_flight 0",
-            "fhirgw_dp_request_duration_seconds_count 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"hit\"} 1",
             "fhirgw_dp_cache_lookups_total{cache=\"jwks\",result=\"miss\"} 0",
             "fhirgw_dp_config_nacks_total 1",
@@ -686,5 +786,25 @@ mod tests {
         let (content_type, text) = metrics.encode(true);
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn request_durations_are_per_route() {
+        let metrics = Metrics::new(ConfigState::new());
+        for route in [Some("instance"), Some("search"), Some("search"), None] {
+            let guard = metrics.request_started(&Method::GET);
+            drop(guard.finish(route.map(str::to_owned), Response::new(Body::default())));
+        }
+        // A request whose response never got a head (the client went away) still counts, under no route.
+        drop(metrics.request_started(&Method::GET));
+        let (_, text) = metrics.encode(false);
+        for line in [
+            "fhirgw_dp_request_duration_seconds_count{route=\"instance\"} 1",
+            "fhirgw_dp_request_duration_seconds_count{route=\"search\"} 2",
+            "fhirgw_dp_request_duration_seconds_count{route=\"_none\"} 2",
+            "fhirgw_dp_request_duration_seconds_bucket{route=\"search\",le=\"+Inf\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
     }
 }

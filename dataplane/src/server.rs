@@ -7,6 +7,12 @@
 //! served even while hundreds of silent connections are held open); if there is none, the new connection is closed
 //! at once. Either condition is logged once per interval and counted.
 //!
+//! With TLS (`--tls-cert-file`), the handshake happens on the connection's own task, inside the same limits: it
+//! holds a connection permit, may be evicted at the cap, and must be over before the first-request timeout (which
+//! runs from accept), so a client that opens a connection and never finishes its handshake is closed like one that
+//! never sends a request. ALPN offers `h2` and `http/1.1`; the certificate is reloaded from its files (each
+//! handshake takes the current one).
+//!
 //! Shutdown follows [`Phase`]: while `Draining`, HTTP/1.1 responses carry `Connection: close` and HTTP/2
 //! connections get GOAWAY; at `Stopping` the listener closes, and each connection closes once nothing is in flight
 //! and it has been quiet for [`QUIET`] (a request already on its way on it is answered, not dropped).
@@ -22,7 +28,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use fhirgw_tls::explain::HandshakeLog;
+use fhirgw_tls::reload::Reloading;
+use fhirgw_tls::server::ServerTls;
+use fhirgw_tls::tokio_rustls::server::TlsStream;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::{Frame, SizeHint};
@@ -31,7 +40,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -255,6 +264,19 @@ macro_rules! drive {
                 }
                 Action::Graceful(reason) => {
                     if !graceful {
+                        // Whatever the client sent meanwhile is taken in first (one poll of the connection): a
+                        // request that arrived just now starts and is answered rather than dropped with the close.
+                        let before = conn.requests.load(Ordering::Relaxed);
+                        let polled = std::future::poll_fn(|cx| Poll::Ready(connection.as_mut().poll(cx))).await;
+                        if let Poll::Ready(result) = polled {
+                            if let Err(e) = result {
+                                debug!(%peer, error = %e, "connection ended with an error");
+                            }
+                            break;
+                        }
+                        if conn.requests.load(Ordering::Relaxed) != before {
+                            continue;
+                        }
                         if reason == Close::Idle {
                             metrics.closed_idle.inc();
                         }
@@ -291,8 +313,72 @@ macro_rules! drive {
     }};
 }
 
+/// A TLS handshake under the connection's limits (see the module doc).
+struct Handshake<'a> {
+    conn: &'a Conn,
+    limits: &'a Limits,
+    metrics: &'a ListenerMetrics,
+    peer: SocketAddr,
+}
+
+impl Handshake<'_> {
+    async fn run(
+        self,
+        stream: TcpStream,
+        tls: &Reloading<ServerTls>,
+        mut phase: watch::Receiver<Phase>,
+        log: &HandshakeLog,
+    ) -> Option<TlsStream<TcpStream>> {
+        let accept = tls.current().acceptor().accept(stream);
+        tokio::pin!(accept);
+        loop {
+            let current = *phase.borrow_and_update();
+            let wait = match next_action(self.conn.view(), Instant::now(), current, self.limits) {
+                Action::Wait(at) => at,
+                Action::Close(Close::FirstRequestTimeout) => {
+                    self.metrics.closed_first_request_timeout.inc();
+                    debug!(peer = %self.peer, "closing a connection whose TLS handshake did not finish in time");
+                    return None;
+                }
+                Action::Close(_) | Action::Graceful(_) => return None,
+            };
+            tokio::select! {
+                result = &mut accept => return match result {
+                    Ok(stream) => Some(stream),
+                    Err(e) => {
+                        self.metrics.closed_tls_handshake.inc();
+                        log.refused(self.peer, &e, "the client");
+                        None
+                    }
+                },
+                () = tokio::time::sleep_until(wait) => {}
+                changed = phase.changed() => if changed.is_err() {
+                    return None;
+                },
+                () = self.conn.evict.notified() => {
+                    self.metrics.closed_evicted.inc();
+                    debug!(peer = %self.peer, "evicting a connection still in its TLS handshake, to make room at the connection limit");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// One connection the kernel has already completed on `listener`, asked of the kernel directly: the runtime's
+/// readiness for the listener may lag behind its accept queue (a busy worker has not seen the event yet), and a
+/// connection left in the queue is reset when the listener closes, its request written and never answered.
+fn accept_pending(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    use rustix::net::{SocketFlags, accept_with};
+    let fd = accept_with(listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC).ok()?;
+    let stream = std::net::TcpStream::from(fd);
+    let peer = stream.peer_addr().ok()?;
+    Some((TcpStream::from_std(stream).ok()?, peer))
+}
+
 /// Serves `listener` until `phase` reaches [`Phase::Stopping`], then stops accepting and returns once every
 /// connection has closed, or `limits.drain` later.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
@@ -300,6 +386,7 @@ pub async fn serve<H, F>(
     mut phase: watch::Receiver<Phase>,
     metrics: ListenerMetrics,
     name: &'static str,
+    tls: Option<Arc<Reloading<ServerTls>>>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -307,6 +394,8 @@ pub async fn serve<H, F>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).max_buf_size(64 * 1024);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let handshake_log = Arc::new(HandshakeLog::new(name));
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
     let unused = Arc::new(Unused { queue: Mutex::new(VecDeque::new()), prune_at: max.saturating_mul(2) + 64 });
@@ -315,9 +404,9 @@ pub async fn serve<H, F>(
     loop {
         let accepted = if stopping {
             // Connections the kernel has completed already are served rather than reset along with the listener.
-            match listener.accept().now_or_never() {
-                Some(Ok(pair)) => Ok(pair),
-                Some(Err(_)) | None => break,
+            match accept_pending(&listener) {
+                Some(pair) => Ok(pair),
+                None => break,
             }
         } else {
             tokio::select! {
@@ -383,11 +472,24 @@ pub async fn serve<H, F>(
                 }
             })
         };
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let (phase, metrics) = (phase.clone(), metrics.clone());
+        let (phase, metrics, builder) = (phase.clone(), metrics.clone(), builder.clone());
+        let (tls, handshake_log) = (tls.clone(), handshake_log.clone());
         metrics.open.inc();
         tokio::spawn(async move {
-            drive!(connection, &conn, phase, &limits, &metrics, peer);
+            match tls {
+                None => {
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                    drive!(connection, &conn, phase, &limits, &metrics, peer);
+                }
+                Some(tls) => {
+                    let handshake = Handshake { conn: &conn, limits: &limits, metrics: &metrics, peer };
+                    if let Some(stream) = handshake.run(stream, &tls, phase.clone(), &handshake_log).await {
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                        drive!(connection, &conn, phase, &limits, &metrics, peer);
+                    }
+                }
+            }
             metrics.open.dec();
             drop(permit);
         });

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use fhirgw_config::Snapshot;
@@ -60,7 +60,12 @@ pub struct ConfigState {
     accept_next: AtomicBool,
     /// Wakes the config client to reconnect, so the control plane sends its whole configuration again.
     reconnect: Notify,
+    /// How long a confirmation keeps grants trusted (`--grant-ttl-secs`), in milliseconds.
+    grant_ttl_ms: AtomicU64,
 }
+
+/// The grant TTL until [`ConfigState::set_grant_ttl`] (the flag's default).
+pub const DEFAULT_GRANT_TTL: Duration = Duration::from_secs(300);
 
 /// Counts of what the control plane has sent, for the admin port and for tests of incremental resume.
 #[derive(Debug, Clone, Copy, Default)]
@@ -84,6 +89,7 @@ impl Default for ConfigState {
             allow_rollback: AtomicBool::new(false),
             accept_next: AtomicBool::new(false),
             reconnect: Notify::new(),
+            grant_ttl_ms: AtomicU64::new(DEFAULT_GRANT_TTL.as_millis() as u64),
         }
     }
 }
@@ -123,6 +129,26 @@ impl ConfigState {
 
     pub fn confirmed_at(&self) -> Option<SystemTime> {
         self.confirmed_at.lock().ok().and_then(|c| *c)
+    }
+
+    pub fn set_grant_ttl(&self, ttl: Duration) {
+        self.grant_ttl_ms.store(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn grant_ttl(&self) -> Duration {
+        Duration::from_millis(self.grant_ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// How long ago the control plane last confirmed the configuration, at `now`; `None` if never, or if the
+    /// confirmation lies in the future (the clock stepped back), which is not trusted either.
+    pub fn confirmation_age(&self, now: SystemTime) -> Option<Duration> {
+        self.confirmed_at().and_then(|at| now.duration_since(at).ok())
+    }
+
+    /// Whether grants are past the grant TTL at `now`: requests that depend on grants are refused with 503, and
+    /// `/readyz` fails. The same rule as the request path's (`proxy/access.rs`).
+    pub fn grants_stale(&self, now: SystemTime) -> bool {
+        self.confirmation_age(now).is_none_or(|age| age > self.grant_ttl())
     }
 
     pub fn applied(&self) -> Option<Applied> {
@@ -216,5 +242,32 @@ impl ConfigState {
     /// Resolves when the config stream should be reopened (see [`ConfigState::accept_next`]).
     pub async fn reconnect_requested(&self) {
         self.reconnect.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_go_stale_past_the_ttl() {
+        let state = ConfigState::new();
+        state.set_grant_ttl(Duration::from_secs(300));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert!(state.grants_stale(at), "never confirmed");
+        state.confirm(at);
+        let cases = [
+            (Duration::ZERO, false),
+            (Duration::from_secs(300), false),
+            (Duration::from_millis(300_001), true),
+            (Duration::from_secs(3600), true),
+        ];
+        for (after, stale) in cases {
+            assert_eq!(state.grants_stale(at + after), stale, "{after:?} after the confirmation");
+            assert_eq!(state.confirmation_age(at + after), Some(after));
+        }
+        // A confirmation in the future (the clock stepped back) is not trusted.
+        assert!(state.grants_stale(at - Duration::from_secs(1)));
+        assert_eq!(state.confirmation_age(at - Duration::from_secs(1)), None);
     }
 }

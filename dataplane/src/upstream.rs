@@ -7,6 +7,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use fhirgw_config::upstream::{Upstream, UpstreamAuth};
 use fhirgw_config::{Kind, Rejection, Snapshot};
+use fhirgw_telemetry::semconv::{self, Side};
 use http::header::{AUTHORIZATION, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -108,10 +109,31 @@ impl UpstreamClient {
     }
 
     /// Sends a request to `upstream`, with its credential. The request's URI must be on the upstream's origin.
+    /// The upstream's answer is due within its first-byte timeout.
     pub async fn send(
         &self,
         upstream: &Arc<Upstream>,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_when(upstream, request, None).await
+    }
+
+    /// [`send`](Self::send) for a request whose body streams in from a client (an upload): the first-byte timeout
+    /// runs from `body_done`, the end of that body, however long the upload takes.
+    pub async fn send_upload(
+        &self,
+        upstream: &Arc<Upstream>,
+        request: Request<Body>,
+        body_done: Arc<tokio::sync::Notify>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_when(upstream, request, Some(body_done)).await
+    }
+
+    async fn send_when(
+        &self,
+        upstream: &Arc<Upstream>,
         mut request: Request<Body>,
+        body_done: Option<Arc<tokio::sync::Notify>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let on_origin = request.uri().scheme_str().zip(request.uri().authority()).is_some_and(|(scheme, authority)| {
             upstream.origin.strip_prefix(scheme).and_then(|rest| rest.strip_prefix("://")) == Some(authority.as_str())
@@ -125,23 +147,43 @@ impl UpstreamClient {
             request.headers_mut().insert(AUTHORIZATION, credential);
         }
         let client = self.client_for(upstream);
-        let span = tracing::info_span!("upstream", upstream = %upstream.name, method = %request.method(), status = tracing::field::Empty);
+        // A CLIENT span with the HTTP conventions' names; the path (which may name a patient) is not recorded.
+        let uri = request.uri();
+        let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+        let span = tracing::info_span!(
+            "upstream",
+            otel.kind = "client",
+            upstream = %upstream.name,
+            server.address = uri.host().unwrap_or_default(),
+            server.port = i64::from(port),
+        );
+        semconv::method(&span, request.method());
         fhirgw_telemetry::inject_into_headers(&span, request.headers_mut());
         let started = std::time::Instant::now();
-        let sent = tracing::Instrument::instrument(
-            tokio::time::timeout(upstream.first_byte_timeout, client.request(request)),
-            span.clone(),
-        )
-        .await;
+        let first_byte = upstream.first_byte_timeout;
+        let response = client.request(request);
+        let timed = async move {
+            let Some(done) = body_done else { return tokio::time::timeout(first_byte, response).await };
+            tokio::pin!(response);
+            tokio::select! {
+                answered = &mut response => Ok(answered),
+                () = done.notified() => tokio::time::timeout(first_byte, response).await,
+            }
+        };
+        let sent = tracing::Instrument::instrument(timed, span.clone()).await;
         let status = sent.as_ref().ok().and_then(|r| r.as_ref().ok()).map(Response::status);
         self.metrics.upstream(&upstream.name, status, started.elapsed());
-        if let Some(status) = status {
-            span.record("status", status.as_u16());
-        }
         match sent {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(source)) => Err(UpstreamError::Connect { upstream: upstream.name.clone(), source }),
+            Ok(Ok(response)) => {
+                semconv::status(&span, Side::Client, response.status().as_u16());
+                Ok(response)
+            }
+            Ok(Err(source)) => {
+                semconv::error(&span, if source.is_connect() { "connect_error" } else { "request_error" });
+                Err(UpstreamError::Connect { upstream: upstream.name.clone(), source })
+            }
             Err(_) => {
+                semconv::error(&span, "timeout");
                 Err(UpstreamError::Timeout { upstream: upstream.name.clone(), timeout: upstream.first_byte_timeout })
             }
         }

@@ -6,9 +6,15 @@
 //! logs carry `trace_id`/`span_id` (see [`json`]); without an endpoint they still get ids from a tracer provider that
 //! exports nothing and samples only what the caller sampled. Text logs without an endpoint: no OpenTelemetry layer
 //! at all. W3C trace context is the propagation format.
+//!
+//! Exported spans carry their own fields and the OpenTelemetry conventions' attributes ([`semconv`]), not the
+//! bridge's diagnostics (`code.*`, `thread.*`, `busy_ns`/`idle_ns`, `target`) unless `FHIRGW_OTEL_DEBUG_ATTRIBUTES`
+//! is `1` or `true`. Spans whose target is [`LOG_ONLY`] reach the logs but are never exported.
 
 pub mod json;
 pub mod metrics;
+pub mod process;
+pub mod semconv;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -33,6 +39,17 @@ impl Drop for Guard {
             let _ = provider.shutdown();
         }
     }
+}
+
+/// The target of spans that give log lines context but are never exported: long-lived ones (a config session that
+/// lasts until the stream ends) would be exported only when they end, minutes later, leaving every span begun
+/// inside them without its parent meanwhile. `info_span!(target: LOG_ONLY, "config_session", …)`.
+pub const LOG_ONLY: &str = "fhirgw::log_only";
+
+/// Whether exported spans also get the bridge's diagnostic attributes (source location, thread, busy/idle time,
+/// target): `FHIRGW_OTEL_DEBUG_ATTRIBUTES=1` (or `true`).
+fn debug_attributes() -> bool {
+    std::env::var("FHIRGW_OTEL_DEBUG_ATTRIBUTES").is_ok_and(|v| matches!(v.trim(), "1" | "true"))
 }
 
 fn otlp_configured() -> bool {
@@ -69,7 +86,16 @@ pub fn init(service: &'static str, json_logs: bool, default_filter: &str) -> Res
     } else {
         None
     };
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    let debug = debug_attributes();
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_location(debug)
+            .with_threads(debug)
+            .with_tracked_inactivity(debug)
+            .with_target(debug)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| meta.target() != LOG_ONLY))
+    });
     tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
     // The subscriber is installed: the JSON formatter can now find the OpenTelemetry context of a span.
     let _ = dispatch.set(tracing::dispatcher::get_default(tracing::Dispatch::downgrade));

@@ -642,6 +642,20 @@ async function handleFhir(req, res, url) {
   const [outcome, resource] = perEntry ?? await router.handleRequest(fhirReq, repo);
   if (!resource) return sendOutcome(res, outcome);
 
+  // Binary as HAPI serves it: its raw content when a non-FHIR type is asked for; without `data` under `_elements`.
+  if (method === 'GET' && resource.resourceType === 'Binary') {
+    const accept = String(req.headers.accept ?? '').split(',')[0].split(';')[0].trim().toLowerCase();
+    const etag = { ETag: `W/"${resource.meta?.versionId}"` };
+    if (accept && !accept.includes('json') && !accept.includes('fhir') && !accept.includes('*')) {
+      const content = Buffer.from(resource.data ?? '', 'base64');
+      res.writeHead(200, { 'Content-Type': resource.contentType ?? 'application/octet-stream', 'Content-Length': content.length, ...etag });
+      return res.end(content);
+    }
+    if (params.has('_elements')) {
+      const { data, ...rest } = resource;
+      return send(res, 200, rest, etag);
+    }
+  }
   const headers = {};
   const returnsSearchBundle = isSearch || (method === 'GET' && (!last || last === '_history' || last.startsWith('$')));
   if (resource.resourceType === 'Bundle' && returnsSearchBundle) {

@@ -13,10 +13,12 @@ use tokio::process::{Child, Command};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+pub mod config_stream;
 pub mod fixtures;
 pub mod issuer;
 pub mod oidc;
 pub mod outage;
+pub mod pki;
 pub mod postgres;
 
 pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0123456789";
@@ -376,6 +378,94 @@ impl World {
         self.otel_env(&mut command, name);
         Process::spawn(name, command, self.dir.path()).await
     }
+}
+
+/// Flags for TLS: the files of `--tls-cert-file`-style pairs and CA bundles, as strings for `args`.
+pub fn path_str(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl World {
+    /// A control plane with only the operator token from the harness (no data-plane token): `extra` carries its TLS
+    /// flags (`--tls-cert-file`, `--dataplane-ca-file`, …) and anything else.
+    pub async fn control_plane_tls(&self, name: &str, store_args: &[String], extra: &[String]) -> Process {
+        let mut command = Command::new(binary("fhirgw-controlplane"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .args(store_args)
+            .arg("--replica-id")
+            .arg(name)
+            .arg("--operator-token-file")
+            .arg(self.path("operator.token"))
+            .args(extra)
+            .env("RUST_LOG", "info,fhirgw_controlplane=debug");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+
+    /// A data plane without a data-plane token: `extra` carries its TLS flags (`--client-cert-file`, …).
+    pub async fn data_plane_tls(&self, name: &str, control_plane: &str, state_dir: &str, extra: &[String]) -> Process {
+        let mut command = Command::new(binary("fhirgw-dataplane"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--admin-listen")
+            .arg("127.0.0.1:0")
+            .arg("--control-plane")
+            .arg(control_plane)
+            .arg("--state-dir")
+            .arg(self.path(state_dir))
+            .arg("--node-id")
+            .arg(name)
+            .arg("--drain-secs")
+            .arg("5")
+            .args(extra)
+            .env_remove("FHIRGW_DATAPLANE_TOKEN")
+            .env("FHIRGW_DP_SHUTDOWN_DELAY_SECS", "0")
+            .env("RUST_LOG", "info,fhirgw_dataplane=debug");
+        Process::spawn(name, command, self.dir.path()).await
+    }
+}
+
+/// An operator's admin client over TLS to `cp` (checking its certificate against `ca` for the name `host`), with
+/// the harness's operator token and, when given, a client certificate.
+pub async fn admin_tls(cp: &Process, ca: &Path, host: &str, client: Option<&pki::Pair>) -> Admin {
+    let spec = fhirgw_tls::client::ClientSpec {
+        ca: Some(ca.to_owned()),
+        identity: client.map(|p| (p.cert.clone(), p.key.clone())),
+        alpn: Vec::new(),
+    };
+    let tls = fhirgw_dataplane::cp_tls::ControlPlaneTls::start(spec, None).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cp.addr("grpc")))
+        .unwrap()
+        .connect_with_connector(tls.connector(host).unwrap())
+        .await
+        .unwrap();
+    AdminClient::with_interceptor(channel, operator_auth as fn(_) -> _)
+}
+
+/// grpcurl over TLS, as an operator runs it: `grpcurl FLAGS ADDRESS VERBS` (no `-plaintext`; FLAGS carry `-cacert`,
+/// `-cert`, `-key`, `-H`). Returns (success, stdout, stderr).
+pub async fn grpcurl_tls(address: &str, flags: &[String], verbs: &[&str]) -> (bool, String, String) {
+    let out = Command::new(grpcurl_path())
+        .args(flags)
+        .arg(address)
+        .args(verbs)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running grpcurl ({}): {e}", grpcurl_path().display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The log of `process` so far.
+pub fn log_of(process: &Process) -> String {
+    std::fs::read_to_string(&process.log).unwrap_or_default()
 }
 
 pub fn grpc_url(cp: &Process) -> String {

@@ -7,16 +7,11 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use fhirgw_e2e::fixtures::{grant, status, tag};
-use fhirgw_e2e::{
-    DATAPLANE_TOKEN, Process, TokenAuth, World, admin, admin_as, binary, eventually, grpc_url, grpcurl, token_hash,
-};
+use fhirgw_e2e::{World, admin, admin_as, binary, config_stream, eventually, grpcurl, token_hash};
 use fhirgw_proto::admin::v1 as api;
 use fhirgw_proto::config::v1 as pb;
 use fhirgw_proto::push::v1 as push;
-use fhirgw_proto::push::v1::config_discovery_client::ConfigDiscoveryClient;
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 #[tokio::test]
@@ -66,29 +61,6 @@ async fn a_store_keeps_its_identity_and_a_new_store_gets_another() {
     assert_ne!(status(&mut admin(&fresh).await).await.store_id, id);
 }
 
-/// A config stream opened as a data plane would, over a real socket.
-struct Stream {
-    tx: mpsc::Sender<push::ConfigRequest>,
-    inbound: tonic::Streaming<push::ConfigResponse>,
-}
-
-async fn open_stream(cp: &Process, node: &str, store_id: &str, held: u64) -> (Stream, push::ConfigResponse) {
-    let channel = tonic::transport::Channel::from_shared(grpc_url(cp)).unwrap().connect().await.unwrap();
-    let mut client = ConfigDiscoveryClient::with_interceptor(channel, TokenAuth::bearer(DATAPLANE_TOKEN));
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(push::ConfigRequest {
-        node: Some(push::Node { id: node.into(), ..Default::default() }),
-        store_id: store_id.into(),
-        held_system_version: held,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut inbound = client.stream_config(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    let first = inbound.message().await.unwrap().unwrap();
-    (Stream { tx, inbound }, first)
-}
-
 #[tokio::test]
 async fn data_planes_that_hold_another_store_or_refuse_this_one_are_shown() {
     let world = World::new();
@@ -101,14 +73,14 @@ async fn data_planes_that_hold_another_store_or_refuse_this_one_are_shown() {
     let foreign = "0123456789abcdef0123456789abcdef";
 
     // Every response carries the store identity.
-    let (plain, first) = open_stream(&cp, "plain", "", 0).await;
+    let (plain, first) = config_stream::open(&cp, "plain", "", 0).await;
     assert_eq!(first.store_id, store_id);
     plain.tx.send(push::ConfigRequest { response_nonce: first.nonce, ..Default::default() }).await.unwrap();
-    let (_other_store, first) = open_stream(&cp, "other-store", foreign, 29).await;
+    let (_other_store, first) = config_stream::open(&cp, "other-store", foreign, 29).await;
     assert_eq!(first.store_id, store_id);
-    let (_ahead, _) = open_stream(&cp, "ahead", &store_id, revision + 28).await;
+    let (_ahead, _) = config_stream::open(&cp, "ahead", &store_id, revision + 28).await;
     // The data plane that refuses a whole response NACKs it naming no resource, saying why (the store identity).
-    let (refusing, first) = open_stream(&cp, "refusing", "", 0).await;
+    let (refusing, first) = config_stream::open(&cp, "refusing", "", 0).await;
     let summary = format!("refusing configuration from store {store_id}: this data plane holds store {foreign}");
     refusing
         .tx
@@ -140,6 +112,130 @@ async fn data_planes_that_hold_another_store_or_refuse_this_one_are_shown() {
     assert!(warnings("refusing")[0].contains("NACK refusing this store"), "{:?}", warnings("refusing"));
     assert!(warnings("refusing")[0].contains(&summary), "{:?}", warnings("refusing"));
     drop(plain.inbound);
+}
+
+/// `GetStatus` as grpcurl prints it, without `-emit-defaults`: every data plane's `syncState` shows, in sync or not;
+/// a data plane whose stream closed is listed with when and why it left, until it connects again.
+#[tokio::test]
+async fn get_status_shows_sync_state_and_data_planes_that_left() {
+    let world = World::new();
+    let cp = world.control_plane_on("cp", &world.store_args("cp.db"), "127.0.0.1:0", &[]).await;
+    let mut admin = admin(&cp).await;
+    let tenant = pb::Tenant { name: "tenant-a".into(), display_name: String::new(), audit: None };
+    admin.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() }).await.unwrap();
+    let (synced, first) = config_stream::open(&cp, "synced", "", 0).await;
+    synced.ack(&first).await;
+    let (_lagging, _) = config_stream::open(&cp, "lagging", "", 0).await;
+    let (leaving, first) = config_stream::open(&cp, "leaving", "", 0).await;
+    leaving.ack(&first).await;
+    eventually("three data planes, two in sync", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let s = status(&mut admin).await;
+            (s.data_planes.len() == 3 && s.data_planes.iter().filter(|d| d.in_sync).count() == 2).then_some(())
+        }
+    })
+    .await;
+
+    // The data plane closes its side of the stream.
+    let before = SystemTime::now();
+    let config_stream::Stream { tx, inbound: _still_reading } = leaving;
+    drop(tx);
+    eventually("the data plane that left is listed as such", Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move { (status(&mut admin).await.recently_disconnected.len() == 1).then_some(()) }
+    })
+    .await;
+    let (ok, out, err) = grpcurl(&cp, &[], &["fhirgw.admin.v1.Admin/GetStatus"]).await;
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sync: Vec<(&str, &str)> = json["dataPlanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["nodeId"].as_str().unwrap(), d["syncState"].as_str().unwrap_or("(hidden)")))
+        .collect();
+    assert_eq!(sync, [("lagging", "OUT_OF_SYNC"), ("synced", "IN_SYNC")], "{json}");
+    let gone = &json["recentlyDisconnected"];
+    assert_eq!(gone.as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(gone[0]["dataPlane"]["nodeId"], "leaving", "{json}");
+    assert_eq!(gone[0]["dataPlane"]["syncState"], "IN_SYNC", "it left with the current configuration: {json}");
+    assert_eq!(gone[0]["reason"], "stream closed by the data plane", "{json}");
+    let s = status(&mut admin).await;
+    let at = s.recently_disconnected[0].disconnected_at.unwrap();
+    let (from, to) = (prost_types::Timestamp::from(before), prost_types::Timestamp::from(SystemTime::now()));
+    assert!((from.seconds, from.nanos) <= (at.seconds, at.nanos) && (at.seconds, at.nanos) <= (to.seconds, to.nanos));
+
+    // Back again: connected, no longer listed as gone.
+    let (back, first) = config_stream::open(&cp, "leaving", "", 0).await;
+    back.ack(&first).await;
+    let s = status(&mut admin).await;
+    assert!(s.recently_disconnected.is_empty(), "{s:?}");
+    assert!(s.data_planes.iter().any(|d| d.node_id == "leaving"), "{s:?}");
+}
+
+/// `ListGrants` marks expired grants; `DeleteTenant` is refused while a grant has not expired (and then deletes
+/// nothing), and deletes a tenant whose grants have all expired, each expired grant as its own audited write.
+#[tokio::test]
+async fn expired_grants_are_marked_and_do_not_keep_their_tenant() {
+    let world = World::new();
+    let cp = world.control_plane_on("cp", &world.store_args("cp.db"), "127.0.0.1:0", &[]).await;
+    let mut admin = admin(&cp).await;
+    let tenant = pb::Tenant { name: "tenant-a".into(), display_name: String::new(), audit: None };
+    admin.put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() }).await.unwrap();
+    let soon = prost_types::Timestamp::from(SystemTime::now() + Duration::from_secs(2));
+    let short = pb::Grant { expires_at: Some(soon), ..grant("tenant-a", "short") };
+    for g in [short, grant("tenant-a", "open-ended")] {
+        admin.put_grant(api::PutGrantRequest { grant: Some(g), expected_version: String::new() }).await.unwrap();
+    }
+    let list = || async {
+        let (ok, out, err) =
+            grpcurl(&cp, &["-d", r#"{"tenant":"tenant-a"}"#], &["fhirgw.admin.v1.Admin/ListGrants"]).await;
+        assert!(ok, "{err}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        // No grants: grpcurl prints `{}`.
+        json["grants"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|g| (g["grant"]["tag"]["code"].as_str().unwrap().to_owned(), g["expired"] == true))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list().await, [("open-ended".to_owned(), false), ("short".to_owned(), false)]);
+    eventually("the short grant has expired", Duration::from_secs(10), || async {
+        (list().await == [("open-ended".to_owned(), false), ("short".to_owned(), true)]).then_some(())
+    })
+    .await;
+    let key = api::GrantKey { tenant: "tenant-a".into(), tag: Some(tag("short")) };
+    assert!(admin.get_grant(key).await.unwrap().into_inner().expired);
+
+    // One grant still gives access: refused, and nothing is deleted.
+    let revision = status(&mut admin).await.revision;
+    let (ok, _, err) = grpcurl(&cp, &["-d", r#"{"name":"tenant-a"}"#], &["fhirgw.admin.v1.Admin/DeleteTenant"]).await;
+    assert!(!ok && err.contains("FailedPrecondition") && err.contains("1 grant(s) that have not expired"), "{err}");
+    assert_eq!(status(&mut admin).await.revision, revision, "a refused delete writes nothing");
+    assert_eq!(list().await.len(), 2);
+
+    // Only expired grants left: the tenant goes, and its expired grant with it.
+    let (tenant_a, open_ended) = ("tenant-a".to_owned(), Some(tag("open-ended")));
+    let delete = api::DeleteGrantRequest { tenant: tenant_a, tag: open_ended, expected_version: String::new() };
+    admin.delete_grant(delete).await.unwrap();
+    let (ok, out, err) = grpcurl(&cp, &["-d", r#"{"name":"tenant-a"}"#], &["fhirgw.admin.v1.Admin/DeleteTenant"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("revision"), "{out}");
+    assert!(list().await.is_empty());
+    assert_eq!(admin.get_tenant(api::GetRequest { name: "tenant-a".into() }).await.unwrap_err().code(), Code::NotFound);
+    let trail = admin.list_audit(api::ListAuditRequest { page_size: 2, ..Default::default() }).await.unwrap();
+    let last: Vec<(String, String, String)> =
+        trail.into_inner().entries.into_iter().map(|e| (e.operation, e.kind, e.name)).collect();
+    assert_eq!(
+        last,
+        [
+            ("delete".into(), "tenant".into(), "tenant-a".into()),
+            ("delete".into(), "grant".into(), "tenant-a/https://fhirgw.dev/dataset|short".into()),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -161,10 +161,15 @@ async fn both_planes_count_what_happened() {
     let dp = eventually("the data plane's request metrics settled", Duration::from_secs(10), || async {
         let s = Scrape::of(&dp_admin).await;
         let done = s.value("fhirgw_dp_requests_in_flight", &[]) == 0.0
-            && s.value("fhirgw_dp_request_duration_seconds_count", &[]) == cases.len() as f64;
+            && s.sum("fhirgw_dp_request_duration_seconds_count", &[]) == cases.len() as f64;
         done.then_some(s)
     })
     .await;
+    // Latency per route: the four answered on `instance`, the three that matched no route under `_none`.
+    let durations = |route| dp.value("fhirgw_dp_request_duration_seconds_count", &[("route", route)]);
+    assert_eq!((durations("instance"), durations("_none")), (4.0, 3.0));
+    let le = [("route", "instance"), ("le", "+Inf")];
+    assert_eq!(dp.value("fhirgw_dp_request_duration_seconds_bucket", &le), 4.0);
     for (route, method, class, want) in [
         ("instance", "GET", "2xx", 2.0),
         ("instance", "GET", "4xx", 2.0),
@@ -221,6 +226,27 @@ async fn both_planes_count_what_happened() {
     let (acks, pushes) = (cp.value("fhirgw_cp_config_acks_total", &[]), cp.value("fhirgw_cp_config_pushes_total", &[]));
     assert!(acks >= 1.0 && pushes >= acks, "acks {acks}, pushes {pushes}");
     assert_eq!(cp.value("fhirgw_cp_config_nacks_total", &[]), 0.0);
+
+    // Both planes: which build runs, and the process's own numbers (read from /proc at the scrape).
+    for (plane, scrape) in [("data plane", &dp), ("control plane", &cp)] {
+        let build = scrape.matching("fhirgw_build_info", &[]);
+        assert_eq!(build.len(), 1, "{plane}: {build:?}");
+        assert_eq!(build[0].labels["version"], fhirgw_telemetry::process::VERSION, "{plane}");
+        assert_eq!(build[0].labels["commit"], fhirgw_telemetry::process::COMMIT, "{plane}");
+        assert_eq!(build[0].value, 1.0);
+        for name in [
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_threads",
+            "process_start_time_seconds",
+        ] {
+            assert!(scrape.value(name, &[]) > 0.0, "{plane}: {name}");
+        }
+        assert!(scrape.value("process_cpu_seconds_total", &[]) >= 0.0, "{plane}");
+        assert!(scrape.value("process_open_fds", &[]) <= scrape.value("process_max_fds", &[]), "{plane}");
+    }
 
     // Both admin ports answer liveness; OpenMetrics for scrapers that ask for it.
     for addr in [&dp_admin, &cp_admin] {

@@ -527,3 +527,60 @@ async fn request_bodies_get_413_415_and_503_over_the_budget() {
     .await;
     assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
 }
+
+/// A control plane on another store, even one further ahead (a second cluster's store, a restore of another
+/// volume), is refused by its store identity: the revision alone would let it through. The control plane shows the
+/// data plane in `GetStatus` with a store warning.
+#[tokio::test]
+async fn a_data_plane_refuses_another_store_even_at_a_higher_revision() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let mut cp = world.control_plane("cp", "cp.db").await;
+    let mut dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin1 = admin(&cp).await;
+    let revision = configure(&mut admin1, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin1, 1, revision).await;
+    let held = dp_config(&dp).await;
+    dp.kill().await;
+    cp.kill().await;
+
+    // Another store, configured the same way and then written to well past the revision the data plane holds.
+    let cp2 = world.control_plane_args("cp2", "other.db", "127.0.0.1:0", &["--heartbeat-secs", "1"]).await;
+    let mut admin2 = admin(&cp2).await;
+    let mut revision2 = configure(&mut admin2, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    for i in 0..revision + 3 {
+        let tenant =
+            fhirgw_proto::config::v1::Tenant { name: format!("extra-{i}"), display_name: "extra".into(), audit: None };
+        let put = fhirgw_proto::admin::v1::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() };
+        let entry = admin2.put_tenant(put).await.unwrap().into_inner();
+        revision2 = entry.meta.unwrap().version.parse().unwrap();
+    }
+    assert!(revision2 > revision, "{revision2} <= {revision}");
+
+    let dp = world.data_plane("dp", &grpc_url(&cp2), "dp-state").await;
+    let config = eventually("the data plane refuses the other store", Duration::from_secs(20), || {
+        let dp = &dp;
+        async move {
+            let config = dp_config(dp).await;
+            (!config["refusing"].is_null()).then_some(config)
+        }
+    })
+    .await;
+    let reason = config["refusing"]["reason"].as_str().unwrap();
+    assert!(reason.contains("store"), "{config:#}");
+    assert_eq!(config["system_version"], held["system_version"], "it still serves what it held");
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let r = http().get(format!("http://{}/fhir/Patient/a-pat-1", dp.addr("fhir"))).bearer_auth(&token).send().await;
+    assert_eq!(r.unwrap().status(), 200, "the last good snapshot is served");
+    let status = eventually("GetStatus warns about the data plane", Duration::from_secs(20), || {
+        let mut admin2 = admin2.clone();
+        async move {
+            let s = fixtures::status(&mut admin2).await;
+            s.data_planes.iter().any(|d| !d.store_warnings.is_empty()).then_some(s)
+        }
+    })
+    .await;
+    let warnings = &status.data_planes[0].store_warnings;
+    assert!(warnings.iter().any(|w| w.contains("store")), "{warnings:?}");
+}

@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use fhirgw_e2e::fixtures::{self, READ_SCOPES, configure, grant, status, wait_in_sync};
 use fhirgw_e2e::postgres::Postgres;
-use fhirgw_e2e::{Process, World, admin, admin_as, dp_config, eventually, grpc_url, grpcurl, http, token_hash};
+use fhirgw_e2e::{
+    Process, World, admin, admin_as, config_stream, dp_config, eventually, grpc_url, grpcurl, http, token_hash,
+};
 use fhirgw_proto::admin::v1 as api;
+use fhirgw_proto::config::v1 as pb;
 use tonic::Code;
 
 const PROPAGATION: Duration = Duration::from_secs(20);
@@ -365,4 +368,85 @@ async fn sigterm_ends_every_stream_and_data_planes_move_to_another_replica() {
     let s = wait_all_on(&admin_b, 3, revision, "cp-b").await;
     println!("all 3 data planes on cp-b {:?} after SIGTERM", signalled.elapsed());
     assert!(s.data_planes.iter().all(|d| d.replica == "cp-b"), "{s:?}");
+}
+
+/// Data planes that left are listed by every replica: one whose stream closed on replica A shows in B's `GetStatus`
+/// with why it left; one connected to a replica that dies unannounced shows once that replica stops reporting it.
+#[tokio::test]
+async fn data_planes_that_left_are_listed_on_every_replica() {
+    let pg = tokio::task::spawn_blocking(Postgres::shared).await.unwrap();
+    let world = World::new();
+    let store = world.pg_store_args(pg, &unique("departed"));
+    let mut a = world.control_plane_on("cp-a", &store, "127.0.0.1:0", &[]).await;
+    let b = world.control_plane_on("cp-b", &store, "127.0.0.1:0", &[]).await;
+    let admin_b = admin(&b).await;
+    let tenant = pb::Tenant { name: "tenant-a".into(), display_name: String::new(), audit: None };
+    admin_b
+        .clone()
+        .put_tenant(api::PutTenantRequest { tenant: Some(tenant), expected_version: String::new() })
+        .await
+        .unwrap();
+    // cp-a has the tenant before anyone connects, so the first response each data plane ACKs is the whole story.
+    let admin_a = admin(&a).await;
+    eventually("cp-a has the tenant", PROPAGATION, || {
+        let mut admin = admin_a.clone();
+        async move { (status(&mut admin).await.revision == 1).then_some(()) }
+    })
+    .await;
+    let mut streams = Vec::new();
+    for (node, cp) in [("leaving", &a), ("orphan", &a), ("stays", &b)] {
+        let (stream, first) = config_stream::open(cp, node, "", 0).await;
+        stream.ack(&first).await;
+        streams.push(stream);
+    }
+    let stays = streams.pop().unwrap();
+    let orphan = streams.pop().unwrap();
+    let leaving = streams.pop().unwrap();
+    eventually("cp-b lists the three data planes", PROPAGATION, || {
+        let mut admin = admin_b.clone();
+        async move { (status(&mut admin).await.data_planes.len() == 3).then_some(()) }
+    })
+    .await;
+
+    let config_stream::Stream { tx, inbound: _reading } = leaving;
+    drop(tx);
+    let s = eventually("cp-b lists the data plane that left cp-a", PROPAGATION, || {
+        let mut admin = admin_b.clone();
+        async move {
+            let s = status(&mut admin).await;
+            (s.data_planes.len() == 2 && s.recently_disconnected.len() == 1).then_some(s)
+        }
+    })
+    .await;
+    let gone = &s.recently_disconnected[0];
+    let dp = gone.data_plane.as_ref().unwrap();
+    assert_eq!((dp.node_id.as_str(), dp.replica.as_str()), ("leaving", "cp-a"), "{s:?}");
+    assert_eq!(gone.reason, "stream closed by the data plane");
+    assert_eq!(dp.sync_state, api::SyncState::InSync as i32);
+
+    a.kill().await;
+    let s = eventually("cp-b lists the data plane of the dead replica as gone", PROPAGATION, || {
+        let mut admin = admin_b.clone();
+        async move {
+            let s = status(&mut admin).await;
+            (s.recently_disconnected.len() == 2).then_some(s)
+        }
+    })
+    .await;
+    let nodes: Vec<(&str, &str)> = s
+        .recently_disconnected
+        .iter()
+        .map(|d| (d.data_plane.as_ref().unwrap().node_id.as_str(), d.reason.as_str()))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("orphan", "its control-plane replica `cp-a` stopped reporting it"),
+            ("leaving", "stream closed by the data plane")
+        ],
+        "most recent first"
+    );
+    let connected: Vec<&str> = s.data_planes.iter().map(|d| d.node_id.as_str()).collect();
+    assert_eq!(connected, ["stays"]);
+    drop((orphan, stays));
 }

@@ -210,6 +210,178 @@ async fn a_request_and_a_grant_change_are_traced_end_to_end() {
     .await;
 }
 
+/// An attribute's value as a plain JSON value (string, int, bool), if the span has it.
+fn attribute(span: &Span, key: &str) -> Option<serde_json::Value> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = span.attributes.iter().find(|a| a.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match value {
+        Value::StringValue(s) => s.clone().into(),
+        Value::IntValue(i) => (*i).into(),
+        Value::BoolValue(b) => (*b).into(),
+        other => format!("{other:?}").into(),
+    })
+}
+
+/// Status code of a span: 0 unset, 1 ok, 2 error.
+fn status_code(span: &Span) -> i32 {
+    span.status.as_ref().map_or(0, |s| s.code)
+}
+
+/// The spans a collector shows in Jaeger and Grafana: SERVER and CLIENT kinds, the HTTP semantic conventions'
+/// attribute names, error status on a 5xx, no bridge diagnostics, config applies as trace roots linked to the admin
+/// write, and no span whose parent is never exported.
+#[tokio::test]
+async fn spans_follow_the_http_conventions_and_none_is_orphaned() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = receiver.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(server))
+            .serve_with_incoming(tokio_stream_like(listener))
+            .await
+            .unwrap();
+    });
+    let mut world = World::new();
+    world.otlp_endpoint = Some(format!("http://{addr}"));
+    let mut fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+
+    // Three callers' traces: a read (200), a read outside the grants (404), and one the upstream cannot serve (502).
+    let caller_span = "00f067aa0ba902b7";
+    let get = |trace: &'static str, path: &'static str| {
+        let (dp, token) = (dp.addr("fhir"), token.clone());
+        async move {
+            let r = http()
+                .get(format!("http://{dp}/fhir/{path}"))
+                .bearer_auth(token)
+                .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    let (ok, missing, failed) =
+        ("11111111111111111111111111111111", "22222222222222222222222222222222", "33333333333333333333333333333333");
+    assert_eq!(get(ok, "Patient/a-pat-1").await, 200);
+    assert_eq!(get(missing, "Patient/b-pat-1").await, 404);
+    fhir.kill().await;
+    assert_eq!(get(failed, "Patient/a-pat-1").await, 502);
+
+    // A grant change reaches the data plane as a trace of its own, linked to the admin write.
+    admin
+        .put_grant(api::PutGrantRequest { grant: Some(grant("tenant-a", "extra")), expected_version: String::new() })
+        .await
+        .unwrap();
+    let put = eventually("the admin.put span", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        async move { receiver.named("admin.put").into_iter().map(|(_, s)| s).next_back() }
+    })
+    .await;
+    let apply = eventually("an apply linked to the admin write", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        let put = put.clone();
+        async move {
+            let applies = receiver.named("config_apply").into_iter().map(|(_, s)| s);
+            applies.into_iter().find(|s| s.links.iter().any(|l| l.trace_id == put.trace_id && l.span_id == put.span_id))
+        }
+    })
+    .await;
+    assert!(apply.parent_span_id.is_empty(), "config_apply is a trace root: {apply:?}");
+    assert_ne!(apply.trace_id, put.trace_id, "its own trace, linked to the write's");
+
+    let in_trace = |trace: &str, name: &str| {
+        let (receiver, want, name) = (receiver.clone(), hex(trace), name.to_owned());
+        async move {
+            eventually(
+                &format!("`{name}` in trace {}", String::from_utf8_lossy(&want)),
+                Duration::from_secs(20),
+                || {
+                    let (receiver, want, name) = (receiver.clone(), want.clone(), name.clone());
+                    async move { receiver.named(&name).into_iter().map(|(_, s)| s).find(|s| s.trace_id == want) }
+                },
+            )
+            .await
+        }
+    };
+    // The request: a SERVER span continuing the caller's, named by the conventions.
+    let request = in_trace(ok, "request").await;
+    assert_eq!(request.kind, SpanKind::Server as i32, "{request:?}");
+    assert_eq!(request.parent_span_id, hex(caller_span));
+    assert_eq!(attribute(&request, "http.request.method"), Some("GET".into()));
+    assert_eq!(attribute(&request, "http.route"), Some("instance".into()));
+    assert_eq!(attribute(&request, "http.response.status_code"), Some(200.into()));
+    assert_eq!(attribute(&request, "error.type"), None);
+    assert_eq!(status_code(&request), 0, "{request:?}");
+    let policy = in_trace(ok, "policy").await;
+    assert_eq!(attribute(&policy, "interaction"), Some("read".into()), "a name, not a Rust debug string");
+    // The upstream call: a CLIENT span, a child in the same trace, naming the server but not the path.
+    let upstream = in_trace(ok, "upstream").await;
+    assert_eq!(upstream.kind, SpanKind::Client as i32, "{upstream:?}");
+    assert_eq!(attribute(&upstream, "http.request.method"), Some("GET".into()));
+    assert_eq!(attribute(&upstream, "server.address"), Some("127.0.0.1".into()));
+    let port: i64 =
+        fhir.ready["base_url"].as_str().unwrap().split(':').nth(2).unwrap().split('/').next().unwrap().parse().unwrap();
+    assert_eq!(attribute(&upstream, "server.port"), Some(port.into()));
+    assert_eq!(attribute(&upstream, "http.response.status_code"), Some(200.into()));
+    assert_eq!(status_code(&upstream), 0);
+
+    // A 404 is the client's doing: not an error on the server span.
+    let request = in_trace(missing, "request").await;
+    assert_eq!(attribute(&request, "http.response.status_code"), Some(404.into()));
+    assert_eq!(status_code(&request), 0, "{request:?}");
+
+    // A 502: the server span fails with the status as error.type; the upstream call fails with why.
+    let request = in_trace(failed, "request").await;
+    assert_eq!(attribute(&request, "http.response.status_code"), Some(502.into()));
+    assert_eq!(attribute(&request, "error.type"), Some("502".into()));
+    assert_eq!(status_code(&request), 2, "{request:?}");
+    let upstream = in_trace(failed, "upstream").await;
+    let why = attribute(&upstream, "error.type").unwrap_or_else(|| panic!("{upstream:?}"));
+    assert!(why == "connect_error" || why == "request_error", "{why}");
+    assert_eq!(status_code(&upstream), 2);
+
+    // No bridge diagnostics on any span, and no span waits for a parent that is never exported (the callers' own
+    // span is theirs to export).
+    eventually("every exported span's parent exported too", Duration::from_secs(20), || {
+        let receiver = receiver.clone();
+        async move {
+            let spans: Vec<Span> = receiver.spans.lock().unwrap().iter().map(|(_, s)| s.clone()).collect();
+            let ids: std::collections::HashSet<Vec<u8>> = spans.iter().map(|s| s.span_id.clone()).collect();
+            let orphans: Vec<&Span> = spans
+                .iter()
+                .filter(|s| !s.parent_span_id.is_empty() && s.parent_span_id != hex(caller_span))
+                .filter(|s| !ids.contains(&s.parent_span_id))
+                .collect();
+            orphans.is_empty().then_some(()).or_else(|| {
+                eprintln!("orphans so far: {:?}", orphans.iter().map(|s| &s.name).collect::<Vec<_>>());
+                None
+            })
+        }
+    })
+    .await;
+    let spans: Vec<(String, Span)> = receiver.spans.lock().unwrap().clone();
+    assert!(spans.iter().all(|(_, s)| s.name != "config_session"), "sessions are log context, never exported");
+    for (service, span) in &spans {
+        for a in &span.attributes {
+            let noise = a.key.starts_with("code.")
+                || a.key.starts_with("thread.")
+                || ["busy_ns", "idle_ns", "target"].contains(&a.key.as_str());
+            assert!(!noise, "{service}: span {} carries {}", span.name, a.key);
+        }
+    }
+}
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }

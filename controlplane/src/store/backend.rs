@@ -69,7 +69,8 @@ pub struct DataPlaneRow {
     pub known_digest: String,
     /// The kinds it subscribed to, as their `ResourceKind` numbers, comma separated.
     pub subscribed: String,
-    /// Encoded `fhirgw.admin.v1.DataPlaneStatus`, as the owning replica last computed it.
+    /// Encoded `fhirgw.admin.v1.DataPlaneStatus`, as the owning replica last computed it (a data plane that left:
+    /// `stream` is `departed/<id>`, this a `DisconnectedDataPlane`, and `heartbeat_at` when it left).
     pub status: Vec<u8>,
     /// Unix milliseconds of the owning replica's last heartbeat.
     pub heartbeat_at: i64,

@@ -7,6 +7,48 @@
 //! compare-and-set on the revision row); if another replica got there first, this replica catches up and checks
 //! again. Replicas follow each other's writes through `Backend::wait_for_change` (LISTEN/NOTIFY on PostgreSQL,
 //! with a periodic poll as the fallback) and replay them from the audit log.
+//!
+//!
+//! `Store` is what `admin.rs`, `push.rs`, `status.rs` and `metrics.rs` see: the
+//! whole configuration in memory (`State` behind a `watch`), `write`, `list_audit`, the identity. Underneath, the
+//! `Backend` trait (`store/backend.rs`) is all a database must provide; it speaks in model types (`Objects`,
+//! `AuditRecord`, `DataPlaneRow`) and `BackendError` (`Unavailable` / `Other` / `Corrupt` / `Locked`), never sqlx:
+//!
+//! | method | SQLite | PostgreSQL |
+//! |---|---|---|
+//! | `load`, `revision` | one transaction | one `REPEATABLE READ` transaction |
+//! | `commit(record)` | `UPDATE store_revision … WHERE value = N-1` (the compare-and-set), the object row, the audit row, in one transaction | same, plus `pg_notify('fhirgw_store', N)` delivered on commit |
+//! | `changes_since(rev)` | the audit rows after `rev` | same |
+//! | `wait_for_change(poll)` | sleeps `poll` (nobody else writes: exclusive lock) | `LISTEN fhirgw_store`, at most `poll`; a lost connection returns at once and reconnects next time |
+//! | `list_audit`, `publish_data_planes`, `data_planes` | shared SQL (`$N` placeholders, which sqlx's SQLite accepts) | same |
+//!
+//! **A write** is decided on the in-memory state at revision N (expected version, validation with the data plane's
+//! own `Snapshot::build`) and committed only if the store is still at N. If another replica got there first the
+//! commit writes nothing; the replica catches up and decides again, so of two replicas racing with the same
+//! `expected_version` exactly one wins and the other answers `FAILED_PRECONDITION`. A write that cannot reach the
+//! database within 5 s fails `UNAVAILABLE`; being one transaction, it leaves nothing behind.
+//!
+//! **Fan-out.** Each replica runs `Store::follow`: wait for a change (NOTIFY, or the `--poll-ms` poll), then replay
+//! the audit rows after its revision onto its state (a full reload past 1000 rows or on a gap) and publish it; every
+//! config session of that replica wakes on the `watch`. Versions are content hashes, so a data plane moving between
+//! replicas receives nothing it holds. Without the database a replica keeps its state and streams (heartbeats
+//! included), refuses writes, and catches up when `follow` succeeds again.
+//!
+//! **Status across replicas.** Each replica's `Registry` holds its streams; `status::publish` writes them as rows
+//! (`data_planes`: replica, stream, the encoded `DataPlaneStatus`, what the data plane holds) at once after a change and
+//! every `--status-interval-ms`, and withdraws them on shutdown. `GetStatus` merges its own streams with the other
+//! replicas' fresh rows, recomputes `in_sync`, lag and store warnings against its own state, and keeps one entry per
+//! node (the latest connection).
+//!
+//! **Identity and exclusivity.** `store_meta.store_id` is created in the migration transaction (128 random bits) and
+//! sent in every `ConfigResponse`; the first `ConfigRequest`'s `store_id` / `held_system_version` are recorded per
+//! stream (and replaced by this store's on an ACK). A data plane that refuses a whole response (another store, an older
+//! revision) NACKs it naming no resource and saying why in `summary` with the store identity or revision; `GetStatus`
+//! flags it. SQLite: the control plane holds an exclusive `flock` on `<file>.lock` for its lifetime (taken before
+//! migrations); PostgreSQL: migrations run under `pg_advisory_xact_lock`.
+//!
+//! **Shutdown.** SIGTERM flips one `watch`: every session sends `UNAVAILABLE` and ends, the gRPC server stops
+//! accepting, the status rows are withdrawn, and the process exits within `--shutdown-grace-secs` whatever lingers.
 
 mod backend;
 mod common;

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde_json::Value;
 
-use super::{AuthError, LEEWAY_SECS, Verified, caller_from_claims, unix_now};
+use super::{AuthError, LEEWAY_SECS, Reason, Verified, caller_from_claims, unix_now};
 use crate::http_client::Connector;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +40,7 @@ pub(super) async fn introspect(
     now: Instant,
 ) -> Result<Verified, AuthError> {
     let Some(endpoint) = idp.introspection_endpoint.as_deref() else {
-        return Err(AuthError::Invalid(format!("`{}` does not introspect", idp.name)));
+        return Err(AuthError::invalid(Reason::OpaqueUnsupported, format!("`{}` does not introspect", idp.name)));
     };
     let mut request = Request::post(endpoint)
         .header(header::ACCEPT, "application/json")
@@ -85,12 +85,15 @@ pub(super) async fn introspect(
 /// Whether an introspection answer accepts the token at `now`; the `exp` to cache it until.
 fn check_answer(idp: &IdentityProvider, answer: &Value, now: u64) -> Result<u64, AuthError> {
     if answer.get("active") != Some(&Value::Bool(true)) {
-        return Err(AuthError::Invalid("introspection: token is not active".into()));
+        return Err(AuthError::invalid(Reason::Inactive, "introspection: token is not active"));
     }
     if let Some(iss) = answer.get("iss")
         && iss.as_str() != Some(idp.issuer.as_str())
     {
-        return Err(AuthError::Invalid(format!("introspection: iss {iss} is not `{}`", idp.issuer)));
+        return Err(AuthError::invalid(
+            Reason::UnknownIssuer,
+            format!("introspection: iss {iss} is not `{}`", idp.issuer),
+        ));
     }
     if let Some(aud) = answer.get("aud") {
         let named: Vec<&str> = match aud {
@@ -99,20 +102,25 @@ fn check_answer(idp: &IdentityProvider, answer: &Value, now: u64) -> Result<u64,
             _ => Vec::new(),
         };
         if !named.iter().any(|a| idp.audiences.iter().any(|want| want == a)) {
-            return Err(AuthError::Invalid(format!("introspection: aud {aud} is not this gateway")));
+            return Err(AuthError::invalid(
+                Reason::WrongAudience,
+                format!("introspection: aud {aud} is not this gateway"),
+            ));
         }
     }
     let exp = match answer.get("exp") {
         None => now + DEFAULT_LIFETIME,
-        Some(v) => v.as_u64().ok_or_else(|| AuthError::Invalid("introspection: exp is not a number".into()))?,
+        Some(v) => {
+            v.as_u64().ok_or_else(|| AuthError::invalid(Reason::Malformed, "introspection: exp is not a number"))?
+        }
     };
     if exp + LEEWAY_SECS <= now {
-        return Err(AuthError::Invalid("introspection: token expired".into()));
+        return Err(AuthError::invalid(Reason::Expired, "introspection: token expired"));
     }
     if let Some(nbf) = answer.get("nbf").and_then(Value::as_u64)
         && nbf > now + LEEWAY_SECS
     {
-        return Err(AuthError::Invalid("introspection: token not yet valid".into()));
+        return Err(AuthError::invalid(Reason::NotYetValid, "introspection: token not yet valid"));
     }
     Ok(exp)
 }
@@ -144,26 +152,31 @@ mod tests {
     #[test]
     fn answers() {
         let now = 1_000_000;
-        let cases: &[(Value, Result<u64, &str>)] = &[
+        // An answer, and the exp it is cached until or the reason and words of its refusal.
+        type Case = (Value, Result<u64, (Reason, &'static str)>);
+        let cases: &[Case] = &[
             (json!({"active": true, "exp": now + 100}), Ok(now + 100)),
             (json!({"active": true}), Ok(now + DEFAULT_LIFETIME)),
-            (json!({"active": false, "exp": now + 100}), Err("not active")),
-            (json!({"exp": now + 100}), Err("not active")),
-            (json!({"active": "true"}), Err("not active")),
+            (json!({"active": false, "exp": now + 100}), Err((Reason::Inactive, "not active"))),
+            (json!({"exp": now + 100}), Err((Reason::Inactive, "not active"))),
+            (json!({"active": "true"}), Err((Reason::Inactive, "not active"))),
             (json!({"active": true, "iss": "https://idp.example"}), Ok(now + DEFAULT_LIFETIME)),
-            (json!({"active": true, "iss": "https://evil.example"}), Err("iss")),
+            (json!({"active": true, "iss": "https://evil.example"}), Err((Reason::UnknownIssuer, "iss"))),
             (json!({"active": true, "aud": "https://gw.example/fhir"}), Ok(now + DEFAULT_LIFETIME)),
             (json!({"active": true, "aud": ["x", "https://gw.example/fhir"]}), Ok(now + DEFAULT_LIFETIME)),
-            (json!({"active": true, "aud": "https://other.example/fhir"}), Err("aud")),
-            (json!({"active": true, "aud": 7}), Err("aud")),
-            (json!({"active": true, "exp": now - LEEWAY_SECS - 1}), Err("expired")),
-            (json!({"active": true, "exp": "soon"}), Err("not a number")),
-            (json!({"active": true, "nbf": now + LEEWAY_SECS + 60}), Err("not yet valid")),
+            (json!({"active": true, "aud": "https://other.example/fhir"}), Err((Reason::WrongAudience, "aud"))),
+            (json!({"active": true, "aud": 7}), Err((Reason::WrongAudience, "aud"))),
+            (json!({"active": true, "exp": now - LEEWAY_SECS - 1}), Err((Reason::Expired, "expired"))),
+            (json!({"active": true, "exp": "soon"}), Err((Reason::Malformed, "not a number"))),
+            (json!({"active": true, "nbf": now + LEEWAY_SECS + 60}), Err((Reason::NotYetValid, "not yet valid"))),
         ];
         for (answer, want) in cases {
             match (check_answer(&idp(), answer, now), want) {
                 (Ok(got), Ok(want)) => assert_eq!(got, *want, "{answer}"),
-                (Err(AuthError::Invalid(got)), Err(want)) => assert!(got.contains(want), "{answer}: {got}"),
+                (Err(AuthError::Invalid { reason, detail }), Err((want_reason, want))) => {
+                    assert_eq!(reason, *want_reason, "{answer}");
+                    assert!(detail.contains(want), "{answer}: {detail}");
+                }
                 (got, want) => panic!("{answer}: got {got:?}, want {want:?}"),
             }
         }

@@ -100,7 +100,10 @@ impl Jwks {
                 return Ok((jwk.clone(), set));
             }
         }
-        Err(AuthError::Invalid(format!("no key `{}` in the JWKS of `{}`", kid.unwrap_or("(none)"), idp.name)))
+        Err(AuthError::invalid(
+            super::Reason::Signature,
+            format!("no key `{}` in the JWKS of `{}`", kid.unwrap_or("(none)"), idp.name),
+        ))
     }
 
     /// `idp`'s key set, fetched again when it is older than the provider's `jwks_max_age` at `now`; and whether this

@@ -16,6 +16,7 @@
 
 mod introspect;
 mod jwks;
+mod reason;
 /// Scopes are policy (`policy::scopes`); re-exported here for the code that reads them off tokens.
 pub use crate::policy::scopes;
 
@@ -38,6 +39,7 @@ use sha2::{Digest, Sha256};
 
 use crate::http_client::{self, Connector};
 use crate::metrics::CacheCounter;
+pub use reason::Reason;
 use scopes::Scopes;
 
 pub const LEEWAY_SECS: u64 = 30;
@@ -54,9 +56,10 @@ pub struct Caller {
     pub scopes: Scopes,
     /// The `patient` claim (SMART launch context), if any.
     pub patient: Option<String>,
-    /// The client application (`client_id`, RFC 9068; else `azp`), for the audit trail.
+    /// The OAuth client the token was issued to (`client_id`, RFC 9068 and RFC 7662; else OpenID's `azp`), for the
+    /// access log. Never used for a decision.
     pub client_id: Option<String>,
-    /// The identity provider's issuer, which scopes `subject` and `client_id`.
+    /// The identity provider's issuer, which scopes `subject` and `client_id` (for the audit trail).
     pub issuer: String,
 }
 
@@ -68,9 +71,9 @@ pub enum AuthError {
     /// one bearer token. Answered 400 `invalid_request` (RFC 6750 §3.1) before any token is looked at.
     #[error("ambiguous credentials: {0}")]
     Ambiguous(&'static str),
-    /// The token is refused. The reason is for the log only; the client learns just `invalid_token`.
-    #[error("invalid token: {0}")]
-    Invalid(String),
+    /// The token is refused. The client learns the kind (`Reason::description`); the detail is for the log only.
+    #[error("invalid token ({}): {detail}", reason.code())]
+    Invalid { reason: Reason, detail: String },
     /// The issuer's keys or introspection endpoint cannot be reached: a 503, not the caller's fault.
     #[error("identity provider `{issuer}` unavailable: {reason}")]
     IssuerUnavailable { issuer: String, reason: String },
@@ -114,6 +117,22 @@ impl moka::Expiry<[u8; 32], Arc<Verified>> for VerifiedExpiry {
     }
 }
 
+impl AuthError {
+    pub(crate) fn invalid(reason: Reason, detail: impl Into<String>) -> Self {
+        AuthError::Invalid { reason, detail: detail.into() }
+    }
+
+    /// The stable code of this refusal (the access log's `reason`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "token_missing",
+            AuthError::Ambiguous(_) => "credentials_ambiguous",
+            AuthError::Invalid { reason, .. } => reason.code(),
+            AuthError::IssuerUnavailable { .. } => "idp_unavailable",
+        }
+    }
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -132,25 +151,56 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     if values.next().is_some() {
         return Err(AuthError::Ambiguous("more than one Authorization header"));
     }
-    let value = value.to_str().map_err(|_| AuthError::Invalid("authorization header is not ASCII".into()))?;
-    let (scheme, token) =
-        value.split_once(' ').ok_or_else(|| AuthError::Invalid("malformed authorization header".into()))?;
-    let token = token.trim_matches(' ');
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-        return Err(AuthError::Invalid("not a bearer token".into()));
+    // Read as bytes, in one pass over the token (a JWT is a kilobyte, and this is on every request's path).
+    let value = value.as_bytes();
+    let space = value
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or_else(|| AuthError::invalid(Reason::NotBearer, "malformed authorization header"))?;
+    let (scheme, token) = (&value[..space], trim_spaces(&value[space + 1..]));
+    if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() {
+        return Err(AuthError::invalid(Reason::NotBearer, "not a bearer token"));
     }
     if !is_b64token(token) {
+        if !token.is_ascii() {
+            return Err(AuthError::invalid(Reason::NotBearer, "authorization header is not ASCII"));
+        }
         return Err(AuthError::Ambiguous("the Authorization header must hold exactly one bearer token"));
     }
-    Ok(token)
+    // A b64token is ASCII, so this cannot fail.
+    std::str::from_utf8(token).map_err(|_| AuthError::invalid(Reason::NotBearer, "authorization header is not ASCII"))
 }
+
+fn trim_spaces(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' '] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// The bytes of RFC 6750's `b64token` before its `=` padding, as a table.
+const B64TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        i += 1;
+    }
+    table
+};
 
 /// RFC 6750's `b64token`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`. A space or comma
 /// inside (`Bearer a, Bearer b`, `Bearer a b`) would be a second credential.
-fn is_b64token(token: &str) -> bool {
-    let body = token.trim_end_matches('=');
-    !body.is_empty()
-        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+fn is_b64token(token: &[u8]) -> bool {
+    let mut body = token;
+    while let [rest @ .., b'='] = body {
+        body = rest;
+    }
+    !body.is_empty() && body.iter().all(|&b| B64TOKEN[usize::from(b)])
 }
 
 /// `iss` read before verification, only to pick the issuer whose keys will verify the token.
@@ -188,7 +238,7 @@ pub(crate) fn caller_from_claims(idp: &IdentityProvider, claims: &Value) -> Resu
     let tenant = claims
         .get(&idp.tenant_claim)
         .and_then(Value::as_str)
-        .ok_or_else(|| AuthError::Invalid(format!("no `{}` claim", idp.tenant_claim)))?;
+        .ok_or_else(|| AuthError::invalid(Reason::NoTenant, format!("no string `{}` claim", idp.tenant_claim)))?;
     let scopes = match (claims.get("scope"), claims.get("scp")) {
         (Some(Value::String(s)), _) => Scopes::parse(s),
         (_, Some(Value::Array(items))) => Scopes::from_list(items.iter().filter_map(Value::as_str)),
@@ -261,10 +311,13 @@ impl Authenticator {
         };
         // Checked on every request, cached or not: the expiry to the second, and the tenant still existing.
         if verified.exp + LEEWAY_SECS <= unix_now() {
-            return Err(AuthError::Invalid("token expired".into()));
+            return Err(AuthError::invalid(Reason::Expired, "token expired"));
         }
         if !snapshot.tenants.contains_key(&verified.caller.tenant) {
-            return Err(AuthError::Invalid(format!("unknown tenant `{}`", verified.caller.tenant)));
+            return Err(AuthError::invalid(
+                Reason::UnknownTenant,
+                format!("unknown tenant `{}`", verified.caller.tenant),
+            ));
         }
         Ok(verified.caller.clone())
     }
@@ -276,40 +329,52 @@ impl Authenticator {
             let mut introspecting = snapshot.identity_providers.iter().filter(|p| p.introspection_endpoint.is_some());
             return match (introspecting.next(), introspecting.next()) {
                 (Some(idp), None) => introspect::introspect(&self.http, idp, token, now).await,
-                (None, _) => Err(AuthError::Invalid("opaque token, and no identity provider introspects".into())),
-                (Some(_), Some(_)) => {
-                    Err(AuthError::Invalid("opaque token, and more than one identity provider introspects".into()))
-                }
+                (None, _) => Err(AuthError::invalid(
+                    Reason::OpaqueUnsupported,
+                    "opaque token, and no identity provider introspects",
+                )),
+                (Some(_), Some(_)) => Err(AuthError::invalid(
+                    Reason::OpaqueUnsupported,
+                    "opaque token, and more than one identity provider introspects",
+                )),
             };
         }
-        let issuer = unverified_issuer(token).ok_or_else(|| AuthError::Invalid("no readable iss claim".into()))?;
-        let idp = snapshot
-            .identity_providers
-            .iter()
-            .find(|p| p.issuer == issuer)
-            .ok_or_else(|| AuthError::Invalid(format!("issuer `{issuer}` is not trusted")))?;
+        let issuer =
+            unverified_issuer(token).ok_or_else(|| AuthError::invalid(Reason::Malformed, "no readable iss claim"))?;
+        let idp =
+            snapshot.identity_providers.iter().find(|p| p.issuer == issuer).ok_or_else(|| {
+                AuthError::invalid(Reason::UnknownIssuer, format!("issuer `{issuer}` is not trusted"))
+            })?;
         if idp.jwks_uri.is_empty() {
             return match idp.introspection_endpoint {
                 Some(_) => introspect::introspect(&self.http, idp, token, now).await,
-                None => Err(AuthError::Invalid(format!("`{}` has neither JWKS nor introspection", idp.name))),
+                None => Err(AuthError::invalid(
+                    Reason::UnknownIssuer,
+                    format!("`{}` has neither JWKS nor introspection", idp.name),
+                )),
             };
         }
         self.verify_jwt(idp, token, now).await
     }
 
     async fn verify_jwt(&self, idp: &IdentityProvider, token: &str, now: Instant) -> Result<Verified, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(format!("header: {e}")))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::invalid(Reason::Malformed, format!("header: {e}")))?;
         let alg = algorithm_name(header.alg);
         if !idp.algorithms.iter().any(|a| a == alg) {
-            return Err(AuthError::Invalid(format!("algorithm {alg} is not allowed for `{}`", idp.name)));
+            return Err(AuthError::invalid(
+                Reason::Signature,
+                format!("algorithm {alg} is not allowed for `{}`", idp.name),
+            ));
         }
         let (jwk, key_set) = self.jwks.key(idp, header.kid.as_deref(), now).await?;
         if let Some(key_alg) = jwk.common.key_algorithm
             && format!("{key_alg:?}") != alg
         {
-            return Err(AuthError::Invalid(format!("key is for {key_alg:?}, token uses {alg}")));
+            return Err(AuthError::invalid(Reason::Signature, format!("key is for {key_alg:?}, token uses {alg}")));
         }
-        let key = DecodingKey::from_jwk(&jwk).map_err(|e| AuthError::Invalid(format!("unusable key: {e}")))?;
+        let key = DecodingKey::from_jwk(&jwk)
+            .map_err(|e| AuthError::invalid(Reason::Signature, format!("unusable key: {e}")))?;
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
         validation.leeway = LEEWAY_SECS;
@@ -318,8 +383,12 @@ impl Authenticator {
         validation.set_audience(&idp.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
-            .map_err(|e| AuthError::Invalid(format!("verification: {e}")))?;
-        let exp = data.claims.get("exp").and_then(Value::as_u64).ok_or_else(|| AuthError::Invalid("no exp".into()))?;
+            .map_err(|e| AuthError::invalid(reason::of_jwt_error(e.kind()), format!("verification: {e}")))?;
+        let exp = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| AuthError::invalid(Reason::Malformed, "no exp"))?;
         Ok(Verified {
             idp: idp.clone(),
             caller: caller_from_claims(idp, &data.claims)?,
@@ -355,6 +424,9 @@ mod tests {
             (vec!["Basic dXNlcjpwYXNz"], Err("not a bearer token")),
             (vec!["Bearer"], Err("malformed")),
             (vec!["Bearer "], Err("not a bearer token")),
+            (vec!["Bearer a~+/9-._Z="], Ok("a~+/9-._Z=")),
+            (vec!["Bearer ="], Err("exactly one")),
+            (vec!["Bearer a;b"], Err("exactly one")),
         ];
         for (values, want) in cases {
             let mut headers = HeaderMap::new();

@@ -70,7 +70,8 @@ pub enum Interaction {
 }
 
 impl Interaction {
-    /// The interaction's name as FHIR calls it (`read`, `search-type`, …), for logs, metrics and span attributes.
+    /// The interaction's name, for logs, metrics and span attributes: FHIR's code where it has one (`read`,
+    /// `search-type`, `history-instance`, …), else the gateway's own (`search-compartment`, `conditional`, `operation`).
     pub fn name(&self) -> &'static str {
         match self {
             Interaction::Capabilities => "capabilities",
@@ -86,8 +87,13 @@ impl Interaction {
             Interaction::Update { .. } => "update",
             Interaction::Patch { .. } => "patch",
             Interaction::Delete { .. } => "delete",
-            Interaction::Conditional { .. } => "conditional",
-            Interaction::BatchOrTransaction => "batch",
+            Interaction::Conditional { method, .. } => match *method {
+                Method::PUT => "conditional-update",
+                Method::PATCH => "conditional-patch",
+                Method::DELETE => "conditional-delete",
+                _ => "conditional",
+            },
+            Interaction::BatchOrTransaction => "batch-or-transaction",
             Interaction::Operation { .. } => "operation",
             Interaction::Unknown => "unknown",
         }
@@ -229,6 +235,36 @@ mod tests {
         ];
         for (method, path, query, want) in cases {
             assert_eq!(c(method.clone(), path, query), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn names_carry_nothing_from_the_request() {
+        let cases: &[(Method, &str, bool, &str)] = &[
+            (Method::GET, "metadata", false, "capabilities"),
+            (Method::GET, "Patient/p1", false, "read"),
+            (Method::GET, "Patient/p1/_history/2", false, "vread"),
+            (Method::GET, "Patient", true, "search-type"),
+            (Method::POST, "Patient/_search", false, "search-type"),
+            (Method::GET, "", true, "search-system"),
+            (Method::GET, "Patient/p1/Observation", false, "search-compartment"),
+            (Method::GET, "Patient/p1/_history", false, "history-instance"),
+            (Method::GET, "Patient/_history", false, "history-type"),
+            (Method::GET, "_history", false, "history-system"),
+            (Method::POST, "Patient", false, "create"),
+            (Method::PUT, "Patient/p1", false, "update"),
+            (Method::PATCH, "Patient/p1", false, "patch"),
+            (Method::DELETE, "Patient/p1", false, "delete"),
+            (Method::PUT, "Patient", true, "conditional-update"),
+            (Method::PATCH, "Patient", true, "conditional-patch"),
+            (Method::DELETE, "Patient", true, "conditional-delete"),
+            (Method::POST, "", false, "batch-or-transaction"),
+            (Method::GET, "Patient/p1/$everything", false, "operation"),
+            (Method::PUT, "Patient", false, "unknown"),
+        ];
+        for (method, path, query, want) in cases {
+            let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            assert_eq!(classify(method, &segments, *query).name(), *want, "{method} {path}");
         }
     }
 }

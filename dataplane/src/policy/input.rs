@@ -85,6 +85,13 @@ pub enum RequestBody {
     Invalid(String),
     /// A body of a media type the gateway does not read.
     Other,
+    /// The raw content of a Binary create or update (a PDF, an image): never read by the gateway, streamed to the
+    /// upstream inside a Binary resource as it arrives. `content_type` is the client's `Content-Type` as sent,
+    /// `length` its `Content-Length`.
+    Upload {
+        content_type: String,
+        length: Option<u64>,
+    },
 }
 
 /// The request as the planner sees it.
@@ -110,6 +117,11 @@ pub struct Input {
     pub respond_async: bool,
     /// The client accepts XML only.
     pub xml_only: bool,
+    /// The client's `Accept` when its first media type is neither FHIR nor JSON nor `*/*` (a PDF, an image): for a
+    /// Binary, the raw content is asked for.
+    pub raw_accept: Option<String>,
+    /// `X-Security-Context`: for a raw Binary upload, the resource whose access rules the Binary follows.
+    pub security_context: Option<String>,
     pub within: Within,
 }
 
@@ -148,17 +160,28 @@ impl Input {
             if_none_exist: text("if-none-exist"),
             respond_async: respond_async(headers),
             xml_only: wants_xml_only(headers),
+            raw_accept: raw_accept(headers),
+            security_context: text("x-security-context"),
             within: Within::Request,
         }
     }
+}
+
+/// Whether a request with this media type (lowercase, no parameters) carries a FHIR resource (or a form) rather
+/// than raw content: what a Binary create or update with any other type uploads.
+pub fn is_fhir_media(media: &str) -> bool {
+    is_json(media) || media.contains("fhir") || media == "application/x-www-form-urlencoded" || media.is_empty()
+}
+
+fn is_json(media: &str) -> bool {
+    media.ends_with("+json") || media == "application/json" || media == "application/json+fhir"
 }
 
 fn parse_body(media: &str, bytes: &[u8]) -> RequestBody {
     if media == "application/x-www-form-urlencoded" {
         return RequestBody::Form(form_urlencoded::parse(bytes).into_owned().collect());
     }
-    let json = media.ends_with("+json") || media == "application/json" || media == "application/json+fhir";
-    if !json {
+    if !is_json(media) {
         return RequestBody::Other;
     }
     match serde_json::from_slice(bytes) {
@@ -175,6 +198,14 @@ fn respond_async(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|p| p.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("respond-async")))
+}
+
+/// The `Accept` header, when its first media range is a concrete type that is not FHIR or JSON.
+fn raw_accept(headers: &HeaderMap) -> Option<String> {
+    let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
+    let first = accept.split(',').next()?.split(';').next()?.trim().to_ascii_lowercase();
+    let fhir = first.contains("fhir") || first.contains("json") || first.contains('*') || first.is_empty();
+    (!fhir && first.contains('/')).then(|| accept.to_owned())
 }
 
 fn wants_xml_only(headers: &HeaderMap) -> bool {

@@ -3,6 +3,7 @@
 //! everything here is table-tested.
 
 pub mod batch;
+pub mod bundle_filter;
 pub mod classify;
 pub mod compartment;
 pub mod docref;
@@ -19,6 +20,5 @@ pub mod raw;
 pub mod references;
 pub mod refusal;
 pub mod scopes;
-pub mod stream;
 pub mod verify;
 pub mod write;

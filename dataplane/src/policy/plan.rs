@@ -41,6 +41,9 @@ pub enum Query {
     Resource { ty: String, id: String, vid: Option<String> },
     /// `GET [type]?params`, the params already narrowed with the tenant's tags.
     Search { ty: String, params: Params },
+    /// A Binary's metadata without its content (`GET Binary/[id]?_elements=contentType,securityContext`): its tags,
+    /// version and security context, however large the content.
+    BinaryMeta { id: String, vid: Option<String> },
 }
 
 impl Query {
@@ -110,9 +113,12 @@ impl Call {
 
 /// A request body the gateway sends.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Payload {
-    pub content_type: &'static str,
-    pub value: Value,
+pub enum Payload {
+    /// A JSON document of this media type.
+    Json { content_type: &'static str, value: Value },
+    /// A Binary resource, checked, whose `data` is the client's raw request body: base64-encoded while it streams
+    /// through, never held whole.
+    BinaryUpload(Value),
 }
 
 /// How the upstream's answer to a [`Call`] is checked before anything reaches the client.
@@ -136,6 +142,11 @@ pub enum Expect {
     ExportStatus,
     /// Cancelling an export.
     ExportCancel,
+    /// A Binary's raw content, of the version checked: streamed through as the upstream sends it.
+    BinaryContent { head: bool },
+    /// A raw Binary upload's answer: its status, `Location` and `ETag`. A body (the content again, as base64 JSON)
+    /// is not read.
+    Uploaded,
     /// An export file: NDJSON lines of the declared type, each verified.
     ExportFile { declared: Option<String> },
 }

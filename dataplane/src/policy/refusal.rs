@@ -70,6 +70,36 @@ impl Refusal {
         !matches!(self, Refusal::UpstreamUnusable(_))
     }
 
+    /// A short stable code per kind of refusal (the access log's `reason`); an entry's refusal gives its own.
+    pub fn code(&self) -> &'static str {
+        use Refusal::*;
+        match self {
+            NoRoute => "no_route",
+            MethodNotAllowed => "method_not_allowed",
+            Denied { .. } => "route_denied",
+            Forbidden(_) => "forbidden",
+            NotFound => "not_found",
+            BadRequest(_) => "bad_request",
+            Query(QueryError::Refused { .. }) => "query_refused",
+            Query(QueryError::NotAcceptable { .. }) => "not_acceptable",
+            Page(_) => "bad_page_link",
+            ExportLink(_) => "bad_export_link",
+            UnsupportedMedia(_) => "unsupported_media_type",
+            PreconditionFailed => "precondition_failed",
+            Write(WriteError::ForeignTag(_) | WriteError::ForbiddenPatch(_) | WriteError::WouldOrphan) => {
+                "write_forbidden"
+            }
+            Write(_) => "bad_write",
+            FhirPathPatch(FhirPathPatchError::Forbidden { .. }) => "patch_forbidden",
+            FhirPathPatch(_) => "bad_patch",
+            MultipleMatches => "multiple_matches",
+            Reference { .. } => "reference_not_visible",
+            UpdateAsCreate => "update_as_create",
+            UpstreamUnusable(_) => "upstream_unusable",
+            Entry { refusal, .. } => refusal.code(),
+        }
+    }
+
     /// The OperationOutcome a client gets for this refusal.
     pub fn outcome(&self) -> Outcome {
         use Refusal::*;

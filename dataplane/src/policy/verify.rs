@@ -2,25 +2,22 @@
 //! tenant's active tags. A resource whose tags cannot be seen (no `meta`, `_elements` dropped it, not JSON) is
 //! outside the grants.
 
-use std::collections::{HashMap, HashSet};
-
 use fhirgw_config::tenant::Tag;
 use serde_json::Value;
 
-/// The tags a request may see, fixed for the request at its start.
+/// The tags a request may see, fixed for the request at its start: sorted, so a lookup is a binary search with no
+/// hashing and no allocation (tenants hold a handful of tags; building this is on every request's path).
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
-    /// Codes by system, so a lookup needs no allocation.
-    tags: HashMap<String, HashSet<String>>,
+    tags: Vec<(String, String)>,
 }
 
 impl Grants {
     pub fn new<'a>(tags: impl IntoIterator<Item = &'a Tag>) -> Self {
-        let mut by_system: HashMap<String, HashSet<String>> = HashMap::new();
-        for tag in tags {
-            by_system.entry(tag.system.clone()).or_default().insert(tag.code.clone());
-        }
-        Grants { tags: by_system }
+        let mut tags: Vec<(String, String)> = tags.into_iter().map(|t| (t.system.clone(), t.code.clone())).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        Grants { tags }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -28,7 +25,7 @@ impl Grants {
     }
 
     pub fn contains(&self, system: &str, code: &str) -> bool {
-        self.tags.get(system).is_some_and(|codes| codes.contains(code))
+        self.tags.binary_search_by(|(s, c)| (s.as_str(), c.as_str()).cmp(&(system, code))).is_ok()
     }
 
     pub fn covers(&self, resource: &Value) -> bool {

@@ -108,16 +108,7 @@ impl Exec<'_> {
     /// diagnostics, another resource) is reduced to the status and headers. Locations are made public.
     pub(super) async fn written(&self, response: Response<Incoming>, ty: &str) -> Result<Response<Body>, ProxyError> {
         let status = response.status();
-        expect_status(status, &[StatusCode::OK, StatusCode::CREATED, StatusCode::NO_CONTENT], true)?;
-        let mut keep = validators(response.headers());
-        for name in [header::LOCATION, header::CONTENT_LOCATION] {
-            if let Some(url) = response.headers().get(&name).and_then(|v| v.to_str().ok())
-                && let Some(public) = rewrite_url(&self.upstream, self.env.public, url)
-                && let Ok(value) = HeaderValue::try_from(public)
-            {
-                keep.insert(name, value);
-            }
-        }
+        let keep = self.write_headers(&response)?;
         let body = buffer(response, RESOURCE_MAX_BYTES).await?;
         let visible = serde_json::from_slice::<Value>(&body).ok().filter(|v| {
             let id = v.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -139,6 +130,33 @@ impl Exec<'_> {
             *out.status_mut() = StatusCode::CREATED;
         }
         Ok(out)
+    }
+
+    /// A raw Binary upload's answer: the status, validators and public locations; any body (the content again, as
+    /// base64 JSON) is left unread.
+    pub(super) fn uploaded(&self, response: Response<Incoming>) -> Result<Response<Body>, ProxyError> {
+        let keep = self.write_headers(&response)?;
+        let mut out = Response::new(crate::body::empty());
+        *out.status_mut() =
+            if response.status() == StatusCode::OK { StatusCode::NO_CONTENT } else { response.status() };
+        *out.headers_mut() = keep;
+        Ok(out)
+    }
+
+    /// A write's status checked, and the headers of its answer the client gets: validators, and `Location` /
+    /// `Content-Location` made public (dropped when they lead elsewhere).
+    fn write_headers(&self, response: &Response<Incoming>) -> Result<HeaderMap, ProxyError> {
+        expect_status(response.status(), &[StatusCode::OK, StatusCode::CREATED, StatusCode::NO_CONTENT], true)?;
+        let mut keep = validators(response.headers());
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(url) = response.headers().get(&name).and_then(|v| v.to_str().ok())
+                && let Some(public) = rewrite_url(&self.upstream, self.env.public, url)
+                && let Ok(value) = HeaderValue::try_from(public)
+            {
+                keep.insert(name, value);
+            }
+        }
+        Ok(keep)
     }
 
     /// `$meta-add` / `$meta-delete`: the resource's new `meta`, passed on only as a Parameters resource.
@@ -294,6 +312,30 @@ impl Exec<'_> {
             Some(code) => (json!({ "response": { "status": status_line(code) } }), false, false),
             None => (json!({ "response": { "status": status_line(StatusCode::BAD_GATEWAY) } }), false, false),
         }
+    }
+
+    /// A Binary's raw content at the version the plan checked: the upstream's bytes, streamed through unchanged
+    /// (with its media type, length and validators), memory flat.
+    pub(super) fn binary_content(
+        &self,
+        response: Response<Incoming>,
+        head: bool,
+    ) -> Result<Response<Body>, ProxyError> {
+        expect_status(response.status(), &[StatusCode::OK], false)?;
+        let mut keep = validators(response.headers());
+        for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+            if let Some(value) = response.headers().get(&name) {
+                keep.insert(name, value.clone());
+            }
+        }
+        let body = if head {
+            crate::body::empty()
+        } else {
+            super::filtered_body::passthrough(response.into_body(), self.upstream.idle_body_timeout, "Binary")
+        };
+        let mut out = Response::new(body);
+        *out.headers_mut() = keep;
+        Ok(out)
     }
 
     /// The upstream's CapabilityStatement, rewritten for the gateway (see `discovery`), serialised.

@@ -1,4 +1,4 @@
-//! Bundles stream through the gateway: each `entry` is verified as it passes (`policy::stream::BundleFilter`), so
+//! Bundles stream through the gateway: each `entry` is verified as it passes (`policy::bundle_filter::BundleFilter`), so
 //! memory stays bounded by the largest entry whatever the Bundle's size. Links are rewritten and signed, `fullUrl`s
 //! and absolute references on the upstream's base moved to the public base (each entry is whole and parsed by then,
 //! so a URL split across upstream chunks is rewritten like any other), and `total` never reveals an unfiltered
@@ -15,12 +15,12 @@ use serde_json::{Value, json};
 
 use super::filtered_body::Labels;
 use crate::body::Body;
+use crate::policy::bundle_filter::{BundleFilter, EntryPolicy, Options, RawVerdict};
 use crate::policy::compartment;
 use crate::policy::links::{PageContext, rewrite_links, rewrite_references, rewrite_url};
 use crate::policy::paging::PageSigner;
 use crate::policy::raw;
 use crate::policy::scopes::{Allowed, Permission, Scopes};
-use crate::policy::stream::{BundleFilter, EntryPolicy, Options, RawVerdict};
 use crate::policy::verify::{Grants, entry_visible, rewrite_full_url};
 
 /// Everything one Bundle's verification needs, owned: the body outlives the request handler.
@@ -157,7 +157,7 @@ impl EntryPolicy for Rules {
 }
 
 impl super::filtered_body::ChunkFilter for BundleFilter<Rules> {
-    type Error = crate::policy::stream::StreamError;
+    type Error = crate::policy::bundle_filter::StreamError;
 
     fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), Self::Error> {
         BundleFilter::push(self, chunk, out)

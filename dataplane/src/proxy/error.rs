@@ -65,9 +65,9 @@ impl ProxyError {
                 .challenge("Bearer realm=\"fhirgw\""),
             Auth(e @ AuthError::Ambiguous(_)) => Outcome::new(StatusCode::BAD_REQUEST, "invalid", e.to_string())
                 .challenge("Bearer realm=\"fhirgw\", error=\"invalid_request\""),
-            Auth(AuthError::Invalid(_)) => {
-                Outcome::new(StatusCode::UNAUTHORIZED, "login", "The bearer token is not valid.")
-                    .challenge("Bearer realm=\"fhirgw\", error=\"invalid_token\"")
+            // Which check failed, in the client developer's terms (authn::Reason); the detail stays in the log.
+            Auth(AuthError::Invalid { reason, .. }) => {
+                Outcome::new(StatusCode::UNAUTHORIZED, "login", reason.description()).challenge(reason.challenge())
             }
             Auth(AuthError::IssuerUnavailable { .. }) => {
                 Outcome::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "The token cannot be verified right now.")
@@ -134,6 +134,36 @@ impl ProxyError {
                 "The gateway cannot record this access right now.",
             )
             .retry_after(5),
+        }
+    }
+
+    /// A short stable code for this refusal or failure: the access log's `reason`, one per kind (never a detail
+    /// that could carry a token, a patient id or a query value).
+    pub fn code(&self) -> &'static str {
+        use crate::body_budget::BodyError;
+        use ProxyError::*;
+        match self {
+            NotReady => "not_ready",
+            Path(_) => "bad_path",
+            Ambiguous(_) => "ambiguous_headers",
+            Auth(e) => e.code(),
+            TooLong { .. } => "target_too_long",
+            HeadersTooLarge { .. } => "headers_too_large",
+            Body(BodyError::TooLarge { .. }) => "body_too_large",
+            Body(BodyError::Busy) => "body_budget_exhausted",
+            Body(BodyError::Encoding(_)) => "body_encoding",
+            Body(BodyError::Read(_)) => "body_read",
+            Body(BodyError::Idle(_)) => "body_idle",
+            GrantsStale => "grants_stale",
+            MissingUpstream(_) => "missing_upstream",
+            Upstream(UpstreamError::Credential { .. }) => "upstream_credential",
+            Upstream(UpstreamError::Connect { .. }) => "upstream_connect",
+            Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
+            Upstream(UpstreamError::Request(_)) => "upstream_request",
+            UpstreamStatus(_) => "upstream_status",
+            AuditUnavailable => "audit_unavailable",
+            Unverifiable(_) => "unverifiable",
+            Refused(refusal) => refusal.code(),
         }
     }
 }

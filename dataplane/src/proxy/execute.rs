@@ -3,7 +3,7 @@
 //! status in one place, and verifies the answer as the plan's `Expect` says (`answers.rs`, `export.rs`, the
 //! streamed Bundle and NDJSON filters).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use fhirgw_config::path::join_encoded;
@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::upload::Upload;
 use super::{Proxy, ProxyError, headers};
 use crate::body::{self, Body};
 use crate::policy::input::{Access, Env, Input};
@@ -42,11 +43,22 @@ pub(super) struct Exec<'a> {
     pub forwarded: &'a HeaderMap,
     /// The request's audit record: told the final step and what the answers showed.
     pub trail: &'a crate::audit::Trail,
+    /// A raw Binary upload's body, not read yet: taken by the one call that streams it.
+    pub upload: Mutex<Option<Upload>>,
 }
 
 impl Exec<'_> {
-    /// Plans `input` and runs the plan: facts until the planner decides, then its answer.
+    /// Plans `input` and runs the plan: facts until the planner decides, then its answer. An upload the plan did
+    /// not send (a refusal) is drained for a while, so the client reads its answer rather than a reset.
     pub async fn run(&self, input: &Input) -> Result<Response<Body>, ProxyError> {
+        let result = self.run_plan(input).await;
+        if let Some(upload) = self.upload.lock().ok().and_then(|mut slot| slot.take()) {
+            crate::body_budget::discard(upload.body, upload.length);
+        }
+        result
+    }
+
+    async fn run_plan(&self, input: &Input) -> Result<Response<Body>, ProxyError> {
         let mut facts = Facts::default();
         for _ in 0..MAX_ROUNDS {
             let step = planner::plan(input, &self.env, self.access, &facts);
@@ -90,6 +102,13 @@ impl Exec<'_> {
                 }
                 join_encoded(&self.upstream.base_path, &segments)
             }
+            Query::BinaryMeta { id, vid } => {
+                let mut segments = vec!["Binary".to_owned(), id.clone()];
+                if let Some(vid) = vid {
+                    segments.extend(["_history".to_owned(), vid.clone()]);
+                }
+                format!("{}?_elements=contentType,securityContext", join_encoded(&self.upstream.base_path, &segments))
+            }
             Query::Search { ty, params } => format!(
                 "{}?{}",
                 join_encoded(&self.upstream.base_path, std::slice::from_ref(ty)),
@@ -99,14 +118,16 @@ impl Exec<'_> {
         let response = self.request(Method::GET, &target, None, &[]).await?;
         let status = response.status();
         match (query, status) {
-            (Query::Resource { .. }, StatusCode::NOT_FOUND | StatusCode::GONE) => return Ok(Fact::Resource(None)),
+            (Query::Resource { .. } | Query::BinaryMeta { .. }, StatusCode::NOT_FOUND | StatusCode::GONE) => {
+                return Ok(Fact::Resource(None));
+            }
             (_, StatusCode::OK) => {}
             (_, other) => return Err(ProxyError::UpstreamStatus(other)),
         }
         let body = buffer(response, RESOURCE_MAX_BYTES).await?;
         Ok(match query {
             // A resource that is not JSON cannot be seen: the same as a missing one.
-            Query::Resource { .. } => Fact::Resource(serde_json::from_slice(&body).ok()),
+            Query::Resource { .. } | Query::BinaryMeta { .. } => Fact::Resource(serde_json::from_slice(&body).ok()),
             Query::Search { .. } => Fact::Bundle(
                 serde_json::from_slice::<Value>(&body)
                     .map_err(|e| ProxyError::Unverifiable(format!("the search result is not JSON: {e}")))?,
@@ -132,6 +153,8 @@ impl Exec<'_> {
             Expect::ExportStatus => self.export_status(response).await,
             Expect::ExportCancel => self.export_cancel(response),
             Expect::ExportFile { declared } => self.export_file(response, declared),
+            Expect::BinaryContent { head } => self.binary_content(response, head),
+            Expect::Uploaded => self.uploaded(response),
         }
     }
 
@@ -153,12 +176,23 @@ impl Exec<'_> {
         for (name, value) in extra {
             headers.insert(name.clone(), value.clone());
         }
-        let body = match payload {
-            Some(Payload { content_type, value }) => {
+        let (body, upload) = match payload {
+            Some(Payload::Json { content_type, value }) => {
                 headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-                body::full(Bytes::from(value.to_string()))
+                (body::full(Bytes::from(value.to_string())), None)
             }
-            None => body::empty(),
+            Some(Payload::BinaryUpload(binary)) => {
+                let client = self.upload.lock().ok().and_then(|mut slot| slot.take()).ok_or_else(|| {
+                    ProxyError::Upstream(UpstreamError::Request("the upload's body was already sent".into()))
+                })?;
+                let outbound = super::upload::encode(&binary, client).await?;
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+json"));
+                if let Some(length) = outbound.length {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                }
+                (outbound.body, Some((outbound.done, outbound.failure)))
+            }
+            None => (body::empty(), None),
         };
         let mut request = Request::builder()
             .method(method)
@@ -166,7 +200,17 @@ impl Exec<'_> {
             .body(body)
             .map_err(|e| ProxyError::Upstream(UpstreamError::Request(e.to_string())))?;
         *request.headers_mut() = headers;
-        let response = self.proxy.upstreams.send(&self.upstream, request).await?;
+        let response = match upload {
+            None => self.proxy.upstreams.send(&self.upstream, request).await?,
+            // An upload cut short by its client fails with the client's reason, not as the upstream's failure.
+            Some((done, failure)) => match self.proxy.upstreams.send_upload(&self.upstream, request, done).await {
+                Ok(response) => match failure.take() {
+                    Some(reason) => return Err(reason.into()),
+                    None => response,
+                },
+                Err(e) => return Err(failure.take().map_or_else(|| e.into(), ProxyError::from)),
+            },
+        };
         headers::require_identity(response.headers())?;
         Ok(response)
     }

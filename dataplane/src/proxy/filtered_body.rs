@@ -83,3 +83,22 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
     });
     StreamBody::new(stream).boxed_unsync()
 }
+
+/// A body the gateway passes through unchanged once the plan has checked what it is (a Binary's content at the
+/// version checked): the upstream's frames as they come, no copy, with the same idle timeout and abort accounting
+/// as the verified bodies above.
+pub(super) fn passthrough(body: Incoming, idle: Duration, what: &'static str) -> Body {
+    let stream = futures_util::stream::unfold(Some(body), move |state| async move {
+        let mut body = state?;
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => Some((Err(Aborted::boxed("upstream_idle", IdleTimeout(idle))), None)),
+            Ok(Some(Ok(frame))) => Some((Ok(frame), Some(body))),
+            Ok(Some(Err(e))) => {
+                debug!(error = %e, "upstream {what} failed while streaming");
+                Some((Err(Aborted::boxed("upstream_error", e)), None))
+            }
+            Ok(None) => None,
+        }
+    });
+    StreamBody::new(stream).boxed_unsync()
+}

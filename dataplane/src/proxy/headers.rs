@@ -95,9 +95,9 @@ pub struct Ambiguous(pub &'static str);
 
 /// Headers whose one value decides what the gateway does must be there at most once: `Host` (the public base),
 /// `Content-Type` (how a body is read), `Content-Encoding`, `If-Match` (the version a write is pinned to; one entity
-/// tag), `If-None-Exist` (the condition of a create) and `Prefer` (consistent preferences). `Authorization` is
-/// checked where it is read (`authn`). Forwarding headers from trusted proxies are lists by design: the value of the
-/// nearest proxy counts (`public.rs`).
+/// tag), `If-None-Exist` (the condition of a create), `X-Security-Context` (a raw upload's dataset) and `Prefer`
+/// (consistent preferences). `Authorization` is checked where it is read (`authn`). Forwarding headers from trusted
+/// proxies are lists by design: the value of the nearest proxy counts (`public.rs`).
 pub fn check_unambiguous(headers: &HeaderMap, method: &Method) -> Result<(), Ambiguous> {
     for (name, label) in [
         (header::HOST, "Host"),
@@ -105,6 +105,7 @@ pub fn check_unambiguous(headers: &HeaderMap, method: &Method) -> Result<(), Amb
         (header::CONTENT_ENCODING, "Content-Encoding"),
         (header::IF_MATCH, "If-Match"),
         (HeaderName::from_static("if-none-exist"), "If-None-Exist"),
+        (HeaderName::from_static("x-security-context"), "X-Security-Context"),
     ] {
         if headers.get_all(&name).iter().nth(1).is_some() {
             return Err(Ambiguous(label));
@@ -234,6 +235,7 @@ mod tests {
             ("If-Match list", vec![("if-match", "W/\"1\", W/\"2\"")], Some("If-Match")),
             ("If-Match any", vec![("if-match", "*")], Some("If-Match")),
             ("two If-None-Exist", vec![("if-none-exist", "a=1"), ("if-none-exist", "a=2")], Some("If-None-Exist")),
+            ("two X-Security-Context", vec![("x-security-context", "Patient/1"), ("x-security-context", "Patient/2")], Some("X-Security-Context")),
             ("conflicting Prefer", vec![("prefer", "return=minimal"), ("prefer", "return=representation")], Some("Prefer")),
             ("conflicting Prefer in one value", vec![("prefer", "return=minimal, return=OperationOutcome")], Some("Prefer")),
             ("repeated Prefer", vec![("prefer", "return=minimal"), ("prefer", "return=minimal, respond-async")], None),

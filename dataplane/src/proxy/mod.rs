@@ -26,6 +26,7 @@ mod headers;
 mod ndjson_stream;
 mod public;
 mod respond;
+mod upload;
 
 pub(crate) use headers::request_id;
 pub use public::{PublicConfig, PublicConfigError};
@@ -49,7 +50,7 @@ use self::respond::{bytes_response, bytes_response_with, json_response, validato
 use crate::authn::{AuthError, Authenticator};
 use crate::body::Body;
 use crate::policy::classify::{Interaction, classify};
-use crate::policy::input::{Access, Env, Input};
+use crate::policy::input::{Access, Env, Input, RequestBody};
 use crate::policy::paging::PageSigner;
 use crate::policy::planner;
 use crate::policy::refusal::Refusal;
@@ -66,8 +67,6 @@ pub struct Proxy {
     pub upstreams: Arc<UpstreamClient>,
     pub authn: Arc<Authenticator>,
     pub pages: PageSigner,
-    /// Longest time grants are trusted without confirmation from the control plane.
-    pub grant_ttl: std::time::Duration,
     pub public: PublicConfig,
     /// Rewritten CapabilityStatements by (config digest, public base, request target), kept for a minute.
     pub capabilities: moka::future::Cache<(String, String, String), Bytes>,
@@ -94,15 +93,19 @@ impl Proxy {
             tenant = tracing::field::Empty,
             config_version = tracing::field::Empty,
             status = tracing::field::Empty,
+            otel.kind = "server",
             otel.status_code = tracing::field::Empty,
         );
         fhirgw_telemetry::continue_from_headers(&span, request.headers());
         let trace_id = fhirgw_telemetry::trace_id(&span, Some(request.headers()));
         let trace_id_for_abort = trace_id.clone();
-        // Metrics are recorded here only: the route the pipeline matched, the response as the client gets it.
-        let (in_flight, method, mut route) = (self.metrics.request_started(), request.method().clone(), None);
+        // Metrics and the access line are recorded here only: what the pipeline learned (route, caller), the response
+        // as the client gets it. A request dropped before its head (the client went away) is recorded by the guard.
+        let in_flight = self.metrics.request_started(request.method()).traced(span.clone(), trace_id_for_abort);
+        let mut facts = crate::access_log::Facts::default();
         let trail = self.audit.begin(&request, peer, &self.public);
-        let result = self.pipeline(request, peer, &mut route, &trail).instrument(span.clone()).await;
+        let result = self.pipeline(request, peer, &mut facts, &trail).instrument(span.clone()).await;
+        let mut reason = result.as_ref().err().map(ProxyError::code);
         let (response, error) = match result {
             Ok(response) => (response, None),
             Err(error) => {
@@ -124,6 +127,7 @@ impl Proxy {
             Ok(()) => response,
             Err(crate::audit::Unrecorded) => {
                 warn!(parent: &span, status = response.status().as_u16(), "answered 503: the request's audit event is not durable");
+                reason = Some(ProxyError::AuditUnavailable.code());
                 let mut outcome = ProxyError::AuditUnavailable.outcome();
                 outcome.trace_id = trace_id;
                 outcome.into_response()
@@ -131,14 +135,14 @@ impl Proxy {
         };
         drop(lease);
         span.record("status", response.status().as_u16());
-        Ok(in_flight.traced(span, trace_id_for_abort).finish(&method, route, response))
+        Ok(in_flight.caller(facts.tenant, facts.client_id, reason).finish(facts.route, response))
     }
 
     async fn pipeline(
         &self,
         request: Request<Incoming>,
         peer: std::net::SocketAddr,
-        route: &mut Option<String>,
+        facts: &mut crate::access_log::Facts,
         trail: &crate::audit::Trail,
     ) -> Result<Response<Body>, ProxyError> {
         let snapshot = self.state.load().ok_or(ProxyError::NotReady)?;
@@ -178,6 +182,7 @@ impl Proxy {
             };
             span.record("tenant", caller.tenant.as_str());
             trail.caller(&caller, snapshot.tenants.get(&caller.tenant));
+            facts.caller(&caller);
             Some(caller)
         };
         let Some(matched) = table.route(request.method(), relative) else {
@@ -185,7 +190,7 @@ impl Proxy {
         };
         trail.route(matched.route);
         span.record("route", matched.route.id.as_str());
-        *route = Some(matched.route.id.clone());
+        facts.route = Some(matched.route.id.clone());
         let guard = &matched.route.guard;
         let limit =
             if guard.max_url_bytes == 0 { fhirgw_config::route::DEFAULT_MAX_URL_BYTES } else { guard.max_url_bytes };
@@ -226,12 +231,11 @@ impl Proxy {
         };
         let now = SystemTime::now();
         // Cut off from the control plane for longer than the grant TTL: grants may have been revoked meanwhile.
-        let confirmed = self.state.confirmed_at().and_then(|at| now.duration_since(at).ok());
-        if confirmed.is_none_or(|age| age > self.grant_ttl) {
+        if self.state.grants_stale(now) {
             return Err(ProxyError::GrantsStale);
         }
         let access = Access::new(&caller.tenant, caller.scopes.clone(), caller.patient.clone(), &snapshot, now);
-        let input = read_input(request, interaction, handler, relative).await?;
+        let (input, upload) = read_input(request, interaction, handler, relative).await?;
         trail.input(&input, &env);
         let exec = execute::Exec {
             proxy: self,
@@ -240,6 +244,7 @@ impl Proxy {
             access: &access,
             forwarded: &forwarded,
             trail,
+            upload: std::sync::Mutex::new(upload),
         };
         let name = handler.map_or(input.interaction.name(), |h| {
             if h == fhirgw_config::route::Handler::DocRef { "docref" } else { "export" }
@@ -275,8 +280,15 @@ impl Proxy {
         let call = planner::capabilities(&input, env);
         // No caller: an access that sees nothing (the CapabilityStatement is checked for its shape, not for grants).
         let access = Access::new("", crate::policy::scopes::Scopes::parse(""), None, env.snapshot, SystemTime::now());
-        let exec =
-            execute::Exec { proxy: self, env: *env, upstream: upstream.clone(), access: &access, forwarded, trail };
+        let exec = execute::Exec {
+            proxy: self,
+            env: *env,
+            upstream: upstream.clone(),
+            access: &access,
+            forwarded,
+            trail,
+            upload: std::sync::Mutex::new(None),
+        };
         let response = exec.request(call.method, &call.target, None, &call.headers).await?;
         let body = exec.capabilities(response).await?;
         self.capabilities.insert(key, body.clone()).await;
@@ -285,22 +297,52 @@ impl Proxy {
 }
 
 /// The request as the planner sees it, with its body read (within the process-wide budget) and parsed once, for the
-/// methods that carry one.
+/// methods that carry one. The raw content of a Binary create or update is not read: it is returned as it came, to
+/// be streamed to the upstream (`upload.rs`).
 async fn read_input(
     request: Request<Incoming>,
     interaction: Interaction,
     handler: Option<fhirgw_config::route::Handler>,
     relative: &[String],
-) -> Result<Input, ProxyError> {
+) -> Result<(Input, Option<upload::Upload>), ProxyError> {
     let method = request.method().clone();
     if !matches!(method, Method::POST | Method::PUT | Method::PATCH) {
         let (parts, _) = request.into_parts();
-        return Ok(Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None));
+        let input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None);
+        return Ok((input, None));
+    }
+    let binary_write = handler.is_none()
+        && matches!(&interaction, Interaction::Create { ty } | Interaction::Update { ty, .. } if ty == "Binary");
+    if binary_write && let Some(content_type) = raw_content_type(request.headers()) {
+        let (parts, body) = request.into_parts();
+        let length = crate::body_budget::content_length(&parts.headers);
+        let refusal = match crate::body_budget::check_encoding(&parts.headers) {
+            Err(e) => Some(e),
+            Ok(()) if length.is_some_and(|n| n > upload::UPLOAD_MAX_BYTES) => {
+                Some(crate::body_budget::BodyError::TooLarge { limit: upload::UPLOAD_MAX_BYTES as usize })
+            }
+            Ok(()) => None,
+        };
+        if let Some(refusal) = refusal {
+            crate::body_budget::discard(body, length);
+            return Err(refusal.into());
+        }
+        let mut input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None);
+        input.body = RequestBody::Upload { content_type, length };
+        return Ok((input, Some(upload::Upload { body, length })));
     }
     let form = matches!(interaction, Interaction::SearchType { post: true, .. } | Interaction::SearchSystem);
     let max = if form && handler.is_none() { FORM_MAX_BYTES } else { BODY_MAX_BYTES };
     let (parts, body) = crate::body_budget::read(request, max).await?;
-    Ok(Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, Some(&body)))
+    let input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, Some(&body));
+    Ok((input, None))
+}
+
+/// The `Content-Type` of a body that is raw content rather than a FHIR resource (see `input::is_fhir_media`).
+fn raw_content_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let media = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    (!crate::policy::input::is_fhir_media(&media)).then(|| value.to_owned())
 }
 
 fn upstream_of(snapshot: &Snapshot, name: &str) -> Result<Arc<Upstream>, ProxyError> {

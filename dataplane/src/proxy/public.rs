@@ -15,6 +15,8 @@ pub struct PublicConfig {
     /// e.g. `https://fhir.example.org` or `https://api.example.org/gateway` (no trailing slash).
     pub base_url: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
+    /// The FHIR port itself serves TLS (`--tls-cert-file`): a request's own scheme is https.
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,7 +50,7 @@ impl PublicConfig {
                 .map_err(|_| PublicConfigError::Cidr(item.to_owned()))?;
             trusted_proxies.push(net);
         }
-        Ok(PublicConfig { base_url, trusted_proxies })
+        Ok(PublicConfig { base_url, trusted_proxies, tls: false })
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -66,7 +68,7 @@ impl PublicConfig {
             .map(|a| a.as_str().to_owned())
             .or_else(|| header(headers, "host").map(str::to_owned))
             .filter(|h| valid_host(h));
-        let mut scheme = "http".to_owned();
+        let mut scheme = if self.tls { "https" } else { "http" }.to_owned();
         let mut host = own_host;
         let mut prefix = String::new();
         if self.trusts(peer.ip()) {

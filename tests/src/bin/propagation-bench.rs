@@ -97,7 +97,8 @@ async fn run(store: &str, admin: &mut Admin, endpoints: &[String], rounds: usize
             let state = ConfigState::new();
             let client = ConfigClient {
                 endpoint: endpoints[all_clients.len() % endpoints.len()].clone(),
-                token: DATAPLANE_TOKEN.into(),
+                token: Some(DATAPLANE_TOKEN.into()),
+                tls: None,
                 node: push::Node { id: format!("bench-{store}-{}", all_clients.len()), ..Default::default() },
                 state: state.clone(),
                 persist: None,

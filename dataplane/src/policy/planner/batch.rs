@@ -80,7 +80,7 @@ impl Planner<'_> {
         Ok(Step::Send(Call {
             method: Method::POST,
             target: self.target(&[], &[]),
-            body: Some(Payload { content_type: FHIR_JSON, value: body }),
+            body: Some(Payload::Json { content_type: FHIR_JSON, value: body }),
             headers: Vec::new(),
             expect: Expect::Batch(BatchExpect { transaction: kind == Kind::Transaction, entries: expects }),
         }))
@@ -152,6 +152,8 @@ impl Planner<'_> {
             if_none_exist: request_field(entry, "ifNoneExist").map(str::to_owned),
             respond_async: false,
             xml_only: false,
+            raw_accept: None,
+            security_context: None,
             within,
         };
         // The entry's own route decides its query guard.
@@ -183,8 +185,9 @@ impl Planner<'_> {
             }
         }
         match call.body {
-            Some(payload) => out["resource"] = payload.value,
-            None => {
+            Some(Payload::Json { value, .. }) => out["resource"] = value,
+            // (A raw upload is never an entry's.)
+            Some(Payload::BinaryUpload(_)) | None => {
                 if let Some(obj) = out.as_object_mut() {
                     obj.remove("resource");
                 }

@@ -170,7 +170,7 @@ impl Planner<'_> {
             let body = export::upstream_parameters(&upstream_params, patients);
             let mut call = Call::get(self.target(&self.input.relative, &[]), Expect::ExportKickOff);
             call.method = Method::POST;
-            call.body = Some(Payload { content_type: FHIR_JSON, value: body });
+            call.body = Some(Payload::Json { content_type: FHIR_JSON, value: body });
             call
         };
         call.headers.push(async_header);

@@ -8,6 +8,7 @@
 //! still missing.
 
 mod batch;
+mod binary;
 mod handlers;
 mod read;
 mod search;
@@ -80,7 +81,11 @@ struct Planner<'a> {
 
 impl Planner<'_> {
     fn plan(&self) -> Planned {
-        if self.input.xml_only {
+        let binary = matches!(&self.input.interaction,
+            Interaction::Read { ty, .. } | Interaction::VRead { ty, .. } if ty == "Binary")
+            && self.input.raw_accept.is_some();
+        let upload = matches!(self.input.body, super::input::RequestBody::Upload { .. });
+        if self.input.xml_only && !binary && !upload {
             return Err(Refusal::Query(super::query::QueryError::NotAcceptable { format: "XML".into() }).into());
         }
         if let Some(handler) = self.input.handler {
@@ -89,6 +94,8 @@ impl Planner<'_> {
         let input = self.input;
         match &input.interaction {
             Interaction::Capabilities => Ok(Step::Send(capabilities(input, self.env))),
+            Interaction::Read { id, .. } if binary => self.binary_content(id, None),
+            Interaction::VRead { id, vid, .. } if binary => self.binary_content(id, Some(vid)),
             Interaction::Read { ty, id } => self.read(ty, id, None),
             Interaction::VRead { ty, id, vid } => self.read(ty, id, Some(vid)),
             Interaction::SearchType { ty, post } => self.search_type(ty, *post),
@@ -97,6 +104,8 @@ impl Planner<'_> {
             Interaction::HistoryInstance { ty, id } => self.history(ty, Some(id)),
             Interaction::Compartment { ty, id, target } => self.compartment(ty, id, target),
             Interaction::Operation { ty: Some(ty), id: Some(id), name } => self.instance_operation(ty, id, name),
+            Interaction::Create { ty } if upload => self.binary_upload(ty, None),
+            Interaction::Update { ty, id } if upload => self.binary_upload(ty, Some(id)),
             Interaction::Create { ty } => self.create(ty),
             Interaction::Update { ty, id } => self.update(ty, id, false),
             Interaction::Patch { ty, id } => self.patch(ty, id),

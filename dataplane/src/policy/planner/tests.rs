@@ -12,8 +12,8 @@ use http::Method;
 use serde_json::{Value, json};
 
 use super::plan;
-use crate::policy::classify::classify;
-use crate::policy::input::{Access, Env, Input};
+use crate::policy::classify::{Interaction, classify};
+use crate::policy::input::{Access, Env, Input, RequestBody, is_fhir_media};
 use crate::policy::paging::PageSigner;
 use crate::policy::plan::{Expect, Fact, Facts, Query, Step};
 use crate::policy::scopes::Scopes;
@@ -69,11 +69,19 @@ fn snapshot() -> Snapshot {
             expires_at: None,
         }],
     };
+    // A tenant holding both datasets.
+    let mut both = tenant("ab");
+    both.grants = [tenant("a"), tenant("b")]
+        .into_iter()
+        .flat_map(|t| t.grants)
+        .map(|g| pb::Grant { tenant: "ab".into(), ..g })
+        .collect();
     let set: ResourceSet = [
         ((Kind::Upstream, "fhir".to_owned()), RawResource::encode(Kind::Upstream, &upstream)),
         ((Kind::RouteTable, "main".to_owned()), RawResource::encode(Kind::RouteTable, &table)),
         ((Kind::Tenant, "a".to_owned()), RawResource::encode(Kind::Tenant, &tenant("a"))),
         ((Kind::Tenant, "b".to_owned()), RawResource::encode(Kind::Tenant, &tenant("b"))),
+        ((Kind::Tenant, "ab".to_owned()), RawResource::encode(Kind::Tenant, &both)),
     ]
     .into();
     Snapshot::build(set, 1).unwrap_or_else(|e| panic!("{e:?}"))
@@ -96,6 +104,9 @@ fn store() -> BTreeMap<(String, String), Value> {
         r("Observation", "b-obs", "b", json!({"subject": {"reference": "Patient/b1"}})),
         r("Group", "ga", "a", json!({})),
         r("Group", "gb", "b", json!({})),
+        r("Binary", "bin-a", "a", json!({"contentType": "application/pdf"})),
+        r("Binary", "bin-b", "b", json!({"contentType": "application/pdf"})),
+        r("Binary", "bin-a-ctx-b", "a", json!({"securityContext": {"reference": "Patient/b1"}})),
     ]
     .into()
 }
@@ -104,6 +115,9 @@ fn store() -> BTreeMap<(String, String), Value> {
 fn answer(query: &Query) -> Fact {
     let store = store();
     match query {
+        Query::BinaryMeta { id, vid } => {
+            answer(&Query::Resource { ty: "Binary".into(), id: id.clone(), vid: vid.clone() })
+        }
         Query::Resource { ty, id, vid } => Fact::Resource(
             store
                 .get(&(ty.clone(), id.clone()))
@@ -204,7 +218,13 @@ fn run(case: &Case, snapshot: &Snapshot, signer: &PageSigner, now: SystemTime) -
         other => other.to_string().into_bytes(),
     });
     let interaction = classify(&case.method, &relative, case.query.is_some());
-    let input = Input::new(&case.method, interaction, handler, &relative, case.query, &headers, body.as_deref());
+    let mut input = Input::new(&case.method, interaction, handler, &relative, case.query, &headers, body.as_deref());
+    // As the proxy reads it: a Binary create or update with raw content is not read, but streamed.
+    let binary_write =
+        matches!(&input.interaction, Interaction::Create { ty } | Interaction::Update { ty, .. } if ty == "Binary");
+    if binary_write && !is_fhir_media(case.media) {
+        input.body = RequestBody::Upload { content_type: case.media.to_owned(), length: None };
+    }
     let guard = matched.map(|m| m.route.guard.clone()).unwrap_or_default();
     let upstream = snapshot.upstreams["fhir"].clone();
     let env = Env { snapshot, upstream: &upstream, public: PUBLIC, guard: &guard, table, signer };
@@ -241,6 +261,8 @@ fn describe(step: &Step) -> String {
                 Expect::ExportStatus => "export-status",
                 Expect::ExportCancel => "export-cancel",
                 Expect::ExportFile { .. } => "export-file",
+                Expect::BinaryContent { .. } => "binary-content",
+                Expect::Uploaded => "uploaded",
             };
             format!("SEND {} {} {expect}", call.method, call.target)
         }
@@ -333,6 +355,29 @@ fn plans_table() {
         ("$export without respond-async", case(Method::GET, "$export").q("_type=Patient"), "REFUSE 400".into()),
         ("$export of another tenant's Group", case(Method::GET, "Group/gb/$export").q("_type=Patient").header("prefer", "respond-async"), "REFUSE 404".into()),
         ("an export link of another kind", case(Method::GET, "$export-file").q("_token=x.y"), "REFUSE 400".into()),
+        // Binary content: the metadata checked first (and its security context), then the content at that version.
+        ("binary content", case(Method::GET, "Binary/bin-a").header("accept", "application/pdf"), "SEND GET /fhir/Binary/bin-a/_history/1 binary-content".into()),
+        ("binary content of another tenant's", case(Method::GET, "Binary/bin-b").header("accept", "application/pdf"), "REFUSE 404".into()),
+        ("binary content under another tenant's context", case(Method::GET, "Binary/bin-a-ctx-b").header("accept", "application/pdf"), "REFUSE 404".into()),
+        ("binary content as XML is still content", case(Method::GET, "Binary/bin-a").header("accept", "application/xml"), "SEND GET /fhir/Binary/bin-a/_history/1 binary-content".into()),
+        ("a Binary as FHIR XML", case(Method::GET, "Binary/bin-a").header("accept", "application/fhir+xml"), "REFUSE 406".into()),
+        ("a Binary as FHIR JSON is a read", case(Method::GET, "Binary/bin-a"), "SEND GET /fhir/Binary/bin-a resource".into()),
+        // Binary uploads: raw content streamed into a Binary the gateway builds and checks.
+        ("binary upload", case(Method::POST, "Binary").media("application/pdf"), "SEND POST /fhir/Binary uploaded".into()),
+        ("binary upload under a context", case(Method::POST, "Binary").media("application/pdf").header("x-security-context", "Patient/a1"), "SEND POST /fhir/Binary uploaded".into()),
+        ("binary upload under another tenant's context", case(Method::POST, "Binary").media("application/pdf").header("x-security-context", "Patient/b1"), "REFUSE 422".into()),
+        ("binary upload under a missing context", case(Method::POST, "Binary").media("application/pdf").header("x-security-context", "Patient/zz"), "REFUSE 422".into()),
+        ("binary upload under a conditional context", case(Method::POST, "Binary").media("application/pdf").header("x-security-context", "Patient?identifier=A1"), "REFUSE 400".into()),
+        ("binary upload under a context elsewhere", case(Method::POST, "Binary").media("application/pdf").header("x-security-context", "https://elsewhere.example/fhir/Patient/a1"), "REFUSE 400".into()),
+        ("binary upload, several datasets, no context", case(Method::POST, "Binary").tenant("ab").media("application/pdf"), "REFUSE 400".into()),
+        ("binary upload, several datasets, a context", case(Method::POST, "Binary").tenant("ab").media("application/pdf").header("x-security-context", "Patient/b1"), "SEND POST /fhir/Binary uploaded".into()),
+        ("binary upload without create scope", case(Method::POST, "Binary").scopes("user/*.read").media("application/pdf"), "REFUSE 403".into()),
+        ("binary upload with a bad content type", case(Method::POST, "Binary").media("application/pdf;  x=1"), "REFUSE 400".into()),
+        ("binary re-upload", case(Method::PUT, "Binary/bin-a").media("image/png"), "SEND PUT /fhir/Binary/bin-a uploaded".into()),
+        ("binary re-upload of another tenant's", case(Method::PUT, "Binary/bin-b").media("image/png"), "REFUSE 405".into()),
+        ("binary re-upload of a missing one", case(Method::PUT, "Binary/zz").media("image/png"), "REFUSE 405".into()),
+        ("binary re-upload with a stale If-Match", case(Method::PUT, "Binary/bin-a").media("image/png").header("if-match", "W/\"2\""), "REFUSE 412".into()),
+        ("raw content is for Binary only", case(Method::POST, "DocumentReference").media("application/pdf"), "REFUSE 415".into()),
         // grants that expired (case 11): nothing is visible, nothing can be written.
         ("metadata needs no grants", case(Method::GET, "metadata"), "SEND GET /fhir/metadata capabilities".into()),
         ("unknown interactions are refused", case(Method::OPTIONS, "Patient"), "REFUSE 403".into()),
@@ -401,8 +446,9 @@ fn plans_table() {
         "update",
         "patch",
         "delete",
-        "conditional",
-        "batch",
+        "conditional-update",
+        "conditional-delete",
+        "batch-or-transaction",
         "operation",
         "capabilities",
         "unknown",
@@ -451,6 +497,11 @@ fn out_of_grant_and_missing_plan_alike() {
             case(Method::GET, "DocumentReference/$docref").q("patient=zz"),
         ),
         (
+            "binary content",
+            case(Method::GET, "Binary/bin-b").header("accept", "application/pdf"),
+            case(Method::GET, "Binary/zz").header("accept", "application/pdf"),
+        ),
+        (
             "$export Group",
             case(Method::GET, "Group/gb/$export").q("_type=Patient").header("prefer", "respond-async"),
             case(Method::GET, "Group/zz/$export").q("_type=Patient").header("prefer", "respond-async"),
@@ -481,7 +532,10 @@ fn transaction_reads_are_pinned_and_facts_read_once() {
     let (step, asked) = run(&case(Method::POST, "").body(body), &snapshot, &signer, SystemTime::now());
     assert_eq!(asked, vec![Query::resource("Patient", "a1")], "each fact once");
     let Step::Send(call) = step else { panic!("{step:?}") };
-    let sent = call.body.map(|p| p.value).unwrap_or_default();
+    let sent = match call.body {
+        Some(crate::policy::plan::Payload::Json { value, .. }) => value,
+        _ => Value::Null,
+    };
     assert_eq!(sent["entry"][0]["request"]["url"], "Patient/a1/_history/1");
     assert_eq!(sent["entry"][1]["resource"]["meta"]["tag"][0]["code"], "a", "stamped");
 }
@@ -504,4 +558,46 @@ fn expired_grants_see_nothing() {
     let (step, _) =
         run(&case(Method::POST, "Observation").body(json!({"resourceType": "Observation"})), &snapshot, &signer, now);
     assert_eq!(describe(&step), "REFUSE 403");
+}
+
+/// What a raw upload sends: a Binary built here with the content type, the checked context, the dataset of that
+/// context (or the stored Binary's, or the tenant's only one), pinned to the stored version on an update.
+#[test]
+fn binary_uploads_carry_the_checked_context_and_dataset() {
+    let snapshot = snapshot();
+    let signer = PageSigner::new(&[9; 32]);
+    let now = SystemTime::now();
+    let tag = |code: &str| json!([{"system": DS, "code": code}]);
+    let cases = [
+        (
+            case(Method::POST, "Binary").media("application/pdf"),
+            json!({"resourceType": "Binary", "contentType": "application/pdf", "meta": {"tag": tag("a")}}),
+            None,
+        ),
+        (
+            case(Method::POST, "Binary")
+                .tenant("ab")
+                .media("text/plain; charset=utf-8")
+                .header("x-security-context", &format!("{PUBLIC}/Patient/b1")),
+            json!({"resourceType": "Binary", "contentType": "text/plain; charset=utf-8",
+                   "securityContext": {"reference": "Patient/b1"}, "meta": {"tag": tag("b")}}),
+            None,
+        ),
+        (
+            case(Method::PUT, "Binary/bin-a").media("image/png").header("if-match", "W/\"1\""),
+            json!({"resourceType": "Binary", "id": "bin-a", "contentType": "image/png", "meta": {"tag": tag("a")}}),
+            Some("W/\"1\""),
+        ),
+    ];
+    for (case, want, if_match) in cases {
+        let (step, _) = run(&case, &snapshot, &signer, now);
+        let Step::Send(call) = step else { panic!("{} {}: {step:?}", case.method, case.path) };
+        let Some(crate::policy::plan::Payload::BinaryUpload(binary)) = &call.body else {
+            panic!("not an upload: {call:?}")
+        };
+        assert_eq!(binary, &want, "{} {}", case.method, case.path);
+        let header = |name: &str| call.headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.to_str().ok());
+        assert_eq!(header("if-match"), if_match);
+        assert_eq!(header("prefer"), Some("return=minimal"));
+    }
 }

@@ -113,7 +113,7 @@ impl Planner<'_> {
         Ok(Step::Send(Call {
             method: Method::POST,
             target: self.target(&[ty.to_owned()], &[]),
-            body: Some(Payload { content_type: FHIR_JSON, value: resource }),
+            body: Some(Payload::Json { content_type: FHIR_JSON, value: resource }),
             headers,
             expect: Expect::Written { ty: ty.to_owned() },
         }))
@@ -143,7 +143,7 @@ impl Planner<'_> {
         Ok(Step::Send(Call {
             method: Method::PUT,
             target: self.target(&[ty.to_owned(), id.to_owned()], &[]),
-            body: Some(Payload { content_type: FHIR_JSON, value: resource }),
+            body: Some(Payload::Json { content_type: FHIR_JSON, value: resource }),
             headers: vec![if_match(&version)?],
             expect: Expect::Written { ty: ty.to_owned() },
         }))
@@ -181,7 +181,7 @@ impl Planner<'_> {
         Ok(Step::Send(Call {
             method: Method::PATCH,
             target: self.target(&[ty.to_owned(), id.to_owned()], &[]),
-            body: Some(Payload { content_type, value: patch }),
+            body: Some(Payload::Json { content_type, value: patch }),
             headers: vec![if_match(&version)?],
             expect: Expect::Written { ty: ty.to_owned() },
         }))
@@ -295,7 +295,7 @@ impl Planner<'_> {
         Ok(Step::Send(Call {
             method: Method::POST,
             target: self.target(&[ty.to_owned(), id.to_owned(), operation.to_owned()], &[]),
-            body: Some(Payload { content_type: FHIR_JSON, value: body }),
+            body: Some(Payload::Json { content_type: FHIR_JSON, value: body }),
             headers: vec![if_match(&version)?],
             expect: Expect::MetaParameters { operation: operation.to_owned() },
         }))
@@ -387,13 +387,13 @@ fn update_as_create(stop: Stop) -> Stop {
 }
 
 /// `If-Match` on the version the gateway checked.
-fn if_match(version: &str) -> Result<(HeaderName, HeaderValue), Stop> {
+pub(super) fn if_match(version: &str) -> Result<(HeaderName, HeaderValue), Stop> {
     let value = HeaderValue::try_from(format!("W/\"{version}\""))
         .map_err(|_| Refusal::UpstreamUnusable("the stored versionId is not a valid header value".into()))?;
     Ok((header::IF_MATCH, value))
 }
 
 /// `W/"3"`, `"3"` or `3` → `3`.
-fn etag_version(etag: &str) -> &str {
+pub(super) fn etag_version(etag: &str) -> &str {
     etag.trim().trim_start_matches("W/").trim_matches('"')
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fhirgw_config::resource::MAX_RESOURCE_BYTES;
-use fhirgw_config::tenant::{grant_fields, system_to_timestamp, tenant_fields};
+use fhirgw_config::tenant::{grant_fields, system_to_timestamp};
 use fhirgw_proto::admin::v1 as api;
 use fhirgw_proto::admin::v1::admin_server::Admin;
 use fhirgw_proto::config::v1 as pb;
@@ -17,7 +17,13 @@ use crate::metrics::Metrics;
 use crate::objects::{ObjKind, Object, grant_key};
 use crate::operators::Operator;
 use crate::status::Registry;
-use crate::store::{AuditQuery, AuditRecord, Change, Expected, Store, StoreError, now_millis};
+use crate::store::{Change, Expected, Store, StoreError, now_millis};
+
+mod audit;
+mod kinds;
+
+use audit::{audit_entry, audit_query};
+use kinds::StoredKind;
 
 pub struct AdminService {
     store: Arc<Store>,
@@ -177,6 +183,26 @@ fn check_grant(grant: &pb::Grant) -> Result<String, Status> {
     Ok(grant_key(&grant.tenant, required(grant.tag.as_ref(), "grant.tag")?))
 }
 
+/// Whether `grant` has expired at `now` (data planes stop honouring it at that instant).
+fn grant_expired(grant: &pb::Grant, now: SystemTime) -> bool {
+    grant_fields(grant).ok().and_then(|g| g.expires_at).is_some_and(|at| at <= now)
+}
+
+/// The tenant's grants in `objects` (name, revision), split into expired at `now` and not.
+fn tenant_grants(objects: &crate::objects::Objects, tenant: &str, now: SystemTime) -> (Vec<(String, u64)>, usize) {
+    let prefix = format!("{tenant}/");
+    let mut expired = Vec::new();
+    let mut live = 0;
+    for ((_, name), obj) in objects.iter().filter(|((k, n), _)| *k == ObjKind::Grant && n.starts_with(&prefix)) {
+        // A grant that does not decode is not known to have expired: it keeps its tenant.
+        match pb::Grant::decode(obj.body.as_slice()) {
+            Ok(grant) if grant_expired(&grant, now) => expired.push((name.clone(), obj.revision)),
+            _ => live += 1,
+        }
+    }
+    (expired, live)
+}
+
 fn grant_name(tenant: &str, tag: Option<&pb::Tag>) -> Result<String, Status> {
     if tenant.is_empty() {
         return Err(invalid("`tenant` is required"));
@@ -184,30 +210,47 @@ fn grant_name(tenant: &str, tag: Option<&pb::Tag>) -> Result<String, Status> {
     Ok(grant_key(tenant, required(tag, "tag")?))
 }
 
+impl AdminService {
+    async fn put_kind<K: StoredKind>(&self, request: Request<K::Put>) -> Result<Response<K::Entry>, Status> {
+        let actor = actor(&request);
+        let (object, expected) = K::from_put(request.into_inner());
+        let object = required(object, K::FIELD)?;
+        let key = object.key()?;
+        let revision = self.put(actor, K::KIND, key, &object, &expected, |_| Ok(())).await?;
+        Ok(Response::new(object.entry(now_meta(revision))))
+    }
+
+    fn get_kind<K: StoredKind>(&self, name: &str) -> Result<Response<K::Entry>, Status> {
+        let (object, meta) = self.get::<K>(K::KIND, name)?;
+        Ok(Response::new(object.entry(meta)))
+    }
+
+    fn list_kind<K: StoredKind>(&self) -> Result<Vec<K::Entry>, Status> {
+        Ok(self.list::<K>(K::KIND)?.into_iter().map(|(object, meta)| object.entry(meta)).collect())
+    }
+
+    async fn delete_kind<K: StoredKind>(
+        &self,
+        request: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
+        let actor = actor(&request);
+        let req = request.into_inner();
+        self.delete(actor, K::KIND, req.name, &req.expected_version, |_| Ok(())).await
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn put_tenant(&self, request: Request<api::PutTenantRequest>) -> Result<Response<api::TenantEntry>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let tenant = required(req.tenant, "tenant")?;
-        tenant_fields(&tenant).map_err(|e| invalid(e.to_string()))?;
-        let revision =
-            self.put(actor, ObjKind::Tenant, tenant.name.clone(), &tenant, &req.expected_version, |_| Ok(())).await?;
-        Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta: now_meta(revision) }))
+        self.put_kind::<pb::Tenant>(request).await
     }
 
     async fn get_tenant(&self, request: Request<api::GetRequest>) -> Result<Response<api::TenantEntry>, Status> {
-        let (tenant, meta) = self.get(ObjKind::Tenant, &request.into_inner().name)?;
-        Ok(Response::new(api::TenantEntry { tenant: Some(tenant), meta }))
+        self.get_kind::<pb::Tenant>(&request.into_inner().name)
     }
 
     async fn list_tenants(&self, _: Request<api::ListRequest>) -> Result<Response<api::ListTenantsResponse>, Status> {
-        let tenants = self
-            .list(ObjKind::Tenant)?
-            .into_iter()
-            .map(|(tenant, meta)| api::TenantEntry { tenant: Some(tenant), meta })
-            .collect();
-        Ok(Response::new(api::ListTenantsResponse { tenants }))
+        Ok(Response::new(api::ListTenantsResponse { tenants: self.list_kind::<pb::Tenant>()? }))
     }
 
     async fn delete_tenant(
@@ -216,13 +259,41 @@ impl Admin for AdminService {
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let actor = actor(&request);
         let req = request.into_inner();
-        let prefix = format!("{}/", req.name);
+        // Expired grants give nothing and do not keep their tenant: when the tenant can go (it exists at the expected
+        // version and has no other grant), they are deleted first, each as its own write in the audit trail and only
+        // at the version seen expired, so a grant renewed meanwhile stops the delete instead.
+        let expired = {
+            let state = self.store.state();
+            let tenant = state.objects.get(&(ObjKind::Tenant, req.name.clone()));
+            let version_ok = match Expected::parse(&req.expected_version) {
+                Ok(Expected::Any) => true,
+                Ok(Expected::Revision(want)) => tenant.is_some_and(|t| t.revision == want),
+                Ok(Expected::Absent) | Err(_) => false,
+            };
+            let (expired, live) = tenant_grants(&state.objects, &req.name, SystemTime::now());
+            if tenant.is_some() && version_ok && live == 0 { expired } else { Vec::new() }
+        };
+        for (name, revision) in expired {
+            match self.delete(actor.clone(), ObjKind::Grant, name, &revision.to_string(), |_| Ok(())).await {
+                Ok(_) => {}
+                // Deleted by someone else meanwhile: just as good.
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => return Err(status),
+            }
+        }
         self.delete(actor, ObjKind::Tenant, req.name.clone(), &req.expected_version, |objects| {
-            let grants = objects.keys().filter(|(k, n)| *k == ObjKind::Grant && n.starts_with(&prefix)).count();
-            if grants > 0 {
+            let (expired, live) = tenant_grants(objects, &req.name, SystemTime::now());
+            if live > 0 {
                 return Err(StoreError::Conflict(format!(
-                    "tenant `{}` still has {grants} grant(s); delete them first",
+                    "tenant `{}` still has {live} grant(s) that have not expired; delete them first",
                     req.name
+                )));
+            }
+            if !expired.is_empty() {
+                return Err(StoreError::Conflict(format!(
+                    "tenant `{}` has {} grant(s) that expired meanwhile; retry",
+                    req.name,
+                    expired.len()
                 )));
             }
             Ok(())
@@ -231,18 +302,12 @@ impl Admin for AdminService {
     }
 
     async fn put_grant(&self, request: Request<api::PutGrantRequest>) -> Result<Response<api::GrantEntry>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let grant = required(req.grant, "grant")?;
-        let name = check_grant(&grant)?;
-        let revision = self.put(actor, ObjKind::Grant, name, &grant, &req.expected_version, |_| Ok(())).await?;
-        Ok(Response::new(api::GrantEntry { grant: Some(grant), meta: now_meta(revision) }))
+        self.put_kind::<pb::Grant>(request).await
     }
 
     async fn get_grant(&self, request: Request<api::GrantKey>) -> Result<Response<api::GrantEntry>, Status> {
         let req = request.into_inner();
-        let (grant, meta) = self.get(ObjKind::Grant, &grant_name(&req.tenant, req.tag.as_ref())?)?;
-        Ok(Response::new(api::GrantEntry { grant: Some(grant), meta }))
+        self.get_kind::<pb::Grant>(&grant_name(&req.tenant, req.tag.as_ref())?)
     }
 
     async fn list_grants(
@@ -250,12 +315,8 @@ impl Admin for AdminService {
         request: Request<api::ListGrantsRequest>,
     ) -> Result<Response<api::ListGrantsResponse>, Status> {
         let tenant = request.into_inner().tenant;
-        let grants = self
-            .list::<pb::Grant>(ObjKind::Grant)?
-            .into_iter()
-            .filter(|(g, _)| tenant.is_empty() || g.tenant == tenant)
-            .map(|(grant, meta)| api::GrantEntry { grant: Some(grant), meta })
-            .collect();
+        let mut grants = self.list_kind::<pb::Grant>()?;
+        grants.retain(|entry| tenant.is_empty() || entry.grant.as_ref().is_some_and(|g| g.tenant == tenant));
         Ok(Response::new(api::ListGrantsResponse { grants }))
     }
 
@@ -273,112 +334,74 @@ impl Admin for AdminService {
         &self,
         request: Request<api::PutUpstreamRequest>,
     ) -> Result<Response<api::UpstreamEntry>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let upstream = required(req.upstream, "upstream")?;
-        let revision = self
-            .put(actor, ObjKind::Upstream, upstream.name.clone(), &upstream, &req.expected_version, |_| Ok(()))
-            .await?;
-        Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta: now_meta(revision) }))
+        self.put_kind::<pb::Upstream>(request).await
     }
 
     async fn get_upstream(&self, request: Request<api::GetRequest>) -> Result<Response<api::UpstreamEntry>, Status> {
-        let (upstream, meta) = self.get(ObjKind::Upstream, &request.into_inner().name)?;
-        Ok(Response::new(api::UpstreamEntry { upstream: Some(upstream), meta }))
+        self.get_kind::<pb::Upstream>(&request.into_inner().name)
     }
 
     async fn list_upstreams(
         &self,
         _: Request<api::ListRequest>,
     ) -> Result<Response<api::ListUpstreamsResponse>, Status> {
-        let upstreams = self
-            .list(ObjKind::Upstream)?
-            .into_iter()
-            .map(|(upstream, meta)| api::UpstreamEntry { upstream: Some(upstream), meta })
-            .collect();
-        Ok(Response::new(api::ListUpstreamsResponse { upstreams }))
+        Ok(Response::new(api::ListUpstreamsResponse { upstreams: self.list_kind::<pb::Upstream>()? }))
     }
 
     async fn delete_upstream(
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        self.delete(actor, ObjKind::Upstream, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete_kind::<pb::Upstream>(request).await
     }
 
     async fn put_route_table(
         &self,
         request: Request<api::PutRouteTableRequest>,
     ) -> Result<Response<api::RouteTableEntry>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let table = required(req.route_table, "route_table")?;
-        let revision =
-            self.put(actor, ObjKind::RouteTable, table.name.clone(), &table, &req.expected_version, |_| Ok(())).await?;
-        Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta: now_meta(revision) }))
+        self.put_kind::<pb::RouteTable>(request).await
     }
 
     async fn get_route_table(
         &self,
         request: Request<api::GetRequest>,
     ) -> Result<Response<api::RouteTableEntry>, Status> {
-        let (table, meta) = self.get(ObjKind::RouteTable, &request.into_inner().name)?;
-        Ok(Response::new(api::RouteTableEntry { route_table: Some(table), meta }))
+        self.get_kind::<pb::RouteTable>(&request.into_inner().name)
     }
 
     async fn list_route_tables(
         &self,
         _: Request<api::ListRequest>,
     ) -> Result<Response<api::ListRouteTablesResponse>, Status> {
-        let route_tables = self
-            .list(ObjKind::RouteTable)?
-            .into_iter()
-            .map(|(t, meta)| api::RouteTableEntry { route_table: Some(t), meta })
-            .collect();
-        Ok(Response::new(api::ListRouteTablesResponse { route_tables }))
+        Ok(Response::new(api::ListRouteTablesResponse { route_tables: self.list_kind::<pb::RouteTable>()? }))
     }
 
     async fn delete_route_table(
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        self.delete(actor, ObjKind::RouteTable, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete_kind::<pb::RouteTable>(request).await
     }
 
     async fn put_identity_provider(
         &self,
         request: Request<api::PutIdentityProviderRequest>,
     ) -> Result<Response<api::IdentityProviderEntry>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        let idp = required(req.identity_provider, "identity_provider")?;
-        let revision = self
-            .put(actor, ObjKind::IdentityProvider, idp.name.clone(), &idp, &req.expected_version, |_| Ok(()))
-            .await?;
-        Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta: now_meta(revision) }))
+        self.put_kind::<pb::IdentityProvider>(request).await
     }
 
     async fn get_identity_provider(
         &self,
         request: Request<api::GetRequest>,
     ) -> Result<Response<api::IdentityProviderEntry>, Status> {
-        let (idp, meta) = self.get(ObjKind::IdentityProvider, &request.into_inner().name)?;
-        Ok(Response::new(api::IdentityProviderEntry { identity_provider: Some(idp), meta }))
+        self.get_kind::<pb::IdentityProvider>(&request.into_inner().name)
     }
 
     async fn list_identity_providers(
         &self,
         _: Request<api::ListRequest>,
     ) -> Result<Response<api::ListIdentityProvidersResponse>, Status> {
-        let identity_providers = self
-            .list(ObjKind::IdentityProvider)?
-            .into_iter()
-            .map(|(i, meta)| api::IdentityProviderEntry { identity_provider: Some(i), meta })
-            .collect();
+        let identity_providers = self.list_kind::<pb::IdentityProvider>()?;
         Ok(Response::new(api::ListIdentityProvidersResponse { identity_providers }))
     }
 
@@ -386,26 +409,26 @@ impl Admin for AdminService {
         &self,
         request: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
-        let actor = actor(&request);
-        let req = request.into_inner();
-        self.delete(actor, ObjKind::IdentityProvider, req.name, &req.expected_version, |_| Ok(())).await
+        self.delete_kind::<pb::IdentityProvider>(request).await
     }
 
     async fn get_status(&self, _: Request<api::GetStatusRequest>) -> Result<Response<api::StatusResponse>, Status> {
         let state = self.store.state();
         let store_id = self.store.store_id();
         let changed_since = |rev| self.store.changed_since(rev);
-        let local = self.registry.report(&state, store_id, changed_since);
-        // The other replicas' data planes, as they last published them; without the database, this replica's own.
-        let since = now_millis().saturating_sub(i64::try_from(self.registry.stale_after().as_millis()).unwrap_or(0));
+        // The other replicas' data planes as they last published them, those that left recently included; without
+        // the database, this replica's own.
+        let now = now_millis();
+        let since = now.saturating_sub(i64::try_from(crate::status::DEPARTED_FOR.as_millis()).unwrap_or(0));
         let remote = if self.store.is_shared() { self.remote_data_planes(since).await } else { Vec::new() };
-        let data_planes = self.registry.merge(local, remote, &state, store_id, changed_since);
+        let fleet = self.registry.fleet(&state, store_id, remote, now, changed_since);
         Ok(Response::new(api::StatusResponse {
             revision: state.revision,
             config_version: state.digest.clone(),
-            data_planes,
+            data_planes: fleet.connected,
             store_id: store_id.to_owned(),
             replica: self.store.replica().to_owned(),
+            recently_disconnected: fleet.departed,
         }))
     }
 
@@ -439,68 +462,5 @@ impl AdminService {
                 Vec::new()
             }
         }
-    }
-}
-
-const AUDIT_PAGE: u32 = 100;
-const AUDIT_PAGE_MAX: u32 = 1000;
-
-fn millis(t: &prost_types::Timestamp) -> i64 {
-    t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)
-}
-
-fn audit_query(req: &api::ListAuditRequest) -> Result<AuditQuery, Status> {
-    if !req.kind.is_empty() {
-        req.kind.parse::<ObjKind>().map_err(|_| {
-            invalid(format!(
-                "kind `{}` is not one of tenant, grant, upstream, route_table, identity_provider",
-                req.kind
-            ))
-        })?;
-    }
-    let before_revision = match req.page_token.as_str() {
-        "" => None,
-        token => Some(token.parse::<u64>().map_err(|_| invalid("page_token is not one this API issued"))?),
-    };
-    let limit = match req.page_size {
-        0 => AUDIT_PAGE,
-        n => n.min(AUDIT_PAGE_MAX),
-    };
-    Ok(AuditQuery {
-        kind: req.kind.clone(),
-        name: req.name.clone(),
-        actor: req.actor.clone(),
-        since: req.since.as_ref().map(millis),
-        until: req.until.as_ref().map(millis),
-        before_revision,
-        limit,
-    })
-}
-
-fn audit_entry(r: AuditRecord) -> api::AuditEntry {
-    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(r.at).unwrap_or(0));
-    let message = match r.kind.parse::<ObjKind>() {
-        Ok(ObjKind::Tenant) => "Tenant",
-        Ok(ObjKind::Grant) => "Grant",
-        Ok(ObjKind::Upstream) => "Upstream",
-        Ok(ObjKind::RouteTable) => "RouteTable",
-        Ok(ObjKind::IdentityProvider) => "IdentityProvider",
-        Err(_) => "",
-    };
-    let body = r
-        .body
-        .filter(|_| !message.is_empty())
-        .map(|value| prost_types::Any { type_url: format!("type.googleapis.com/fhirgw.config.v1.{message}"), value });
-    api::AuditEntry {
-        revision: r.revision,
-        at: Some(system_to_timestamp(at)),
-        actor: r.actor,
-        version_after: if r.op == "delete" { String::new() } else { r.revision.to_string() },
-        operation: r.op,
-        kind: r.kind,
-        name: r.name,
-        version_before: r.version_before.map(|v| v.to_string()).unwrap_or_default(),
-        body,
-        replica: r.replica,
     }
 }
