@@ -8,12 +8,16 @@
 #   FHIRGW_BIN_DIR=A FHIRGW_BIN_DIR_BEFORE=B bench/instructions.sh    two builds, B first: the table compares them
 #
 # Environment: REQUESTS=2000 (counted, after WARMUP=300) on one keep-alive connection; CALLGRIND_KEEP=dir keeps the
-# callgrind files (read them with `callgrind_annotate --inclusive=yes dir/cg.dp.*.1`). Prints a markdown table.
+# callgrind files (read them with `callgrind_annotate --inclusive=yes dir/cg.dp.*.1`); AUDIT=relaxed|strict runs the
+# data plane with an audit spool and an NDJSON file sink, the tenant audited in that mode (the writer thread and the
+# shipper are counted too: callgrind counts every thread of the process). Prints a markdown table.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bench="$root/bench"
 REQUESTS="${REQUESTS:-2000}"
+AUDIT="${AUDIT:-}"
+[[ -z "$AUDIT" || "$AUDIT" == relaxed || "$AUDIT" == strict ]] || { echo "AUDIT must be relaxed or strict" >&2; exit 2; }
 WARMUP="${WARMUP:-300}"
 # shellcheck source=bench/lib.sh
 source "$bench/lib.sh"
@@ -91,6 +95,7 @@ measure() { # label bin-dir -> prints "label dp bare" instructions per request
   valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.dp.%p" \
     "$bin/fhirgw-dataplane" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --control-plane "http://$cp_addr" \
     --token-file "$work/dataplane.token" --state-dir "$work/dp-$label" --paging-key-file "$work/paging.key" \
+    ${AUDIT:+--audit-dir "$work/audit-$label" --audit-ndjson "$work/audit-$label.ndjson"} \
     >"$work/dp-$label.out" 2>"$work/dp-$label.log" & local dp_pid=$!; pids+=("$dp_pid")
   local dp_line dp_addr dp_admin audience issuer_url auth
   dp_line="$(wait_for_line "$work/dp-$label.out")"
@@ -111,7 +116,11 @@ JSON
 {"identity_provider": {"name": "dev", "issuer": "$issuer_url", "jwks_uri": "$issuer_url/jwks",
   "audiences": ["$audience"], "tenant_claim": "tenant"}}
 JSON
-  g PutTenant <<<'{"tenant": {"name": "bench"}}'
+  if [[ -n "$AUDIT" ]]; then
+    g PutTenant <<<"{\"tenant\": {\"name\": \"bench\", \"audit\": {\"mode\": \"AUDIT_MODE_${AUDIT^^}\"}}}"
+  else
+    g PutTenant <<<'{"tenant": {"name": "bench"}}'
+  fi
   g PutGrant <<<'{"grant": {"tenant": "bench", "tag": {"system": "https://fhirgw.dev/dataset", "code": "bench"}}}'
   auth="Authorization: Bearer $(curl -sf --max-time 5 -d client_id=bench -d 'scope=user/*.read' "$issuer_url/token" | json_get access_token)"
   wait_http "http://$dp_admin/readyz" 200
@@ -140,7 +149,7 @@ results=()
 results+=("$(measure after "$after_bins")")
 
 echo
-echo "Instructions per verified read (GET /fhir/Patient/p1 + bearer, 1.5 KB), $REQUESTS requests on one keep-alive connection, callgrind"
+echo "Instructions per verified read (GET /fhir/Patient/p1 + bearer, 1.5 KB), $REQUESTS requests on one keep-alive connection, callgrind${AUDIT:+, tenant audited ($AUDIT; spool and NDJSON file sink)}"
 echo
 echo "| build | data plane | bare hyper proxy | data plane ÷ bare |"
 echo "|---|---:|---:|---:|"

@@ -26,8 +26,11 @@ const HEADER: u64 = MAGIC.len() as u64;
 const RECORD_HEADER: usize = 16;
 /// Largest record payload: an event is a few KiB; anything near this is a bug, refused rather than written.
 pub const MAX_PAYLOAD: usize = 1 << 20;
-/// Slice-by-16 tables: the CRC of a 2 KiB event costs well under a microsecond.
-static CRC: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
+/// CRC-32C (Castagnoli) of the parts, as of their concatenation: the CPU's own instruction where it has one (SSE 4.2,
+/// ARMv8 CRC), about 8 bytes per instruction; slice-by-16 tables cost ~19k instructions per event written and read.
+fn crc32c(parts: &[&[u8]]) -> u32 {
+    parts.iter().fold(0, |crc, part| crc32c::crc32c_append(crc, part))
+}
 
 /// A place in the spool: a segment and a byte offset in it (always on a record boundary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,12 +74,10 @@ pub fn frame(payload: &[u8], at_ms: u64, out: &mut Vec<u8>) -> Result<(), SpoolE
     if payload.len() > MAX_PAYLOAD {
         return Err(SpoolError::TooLarge(payload.len()));
     }
-    let mut digest = CRC.digest();
-    digest.update(&at_ms.to_le_bytes());
-    digest.update(payload);
+    let crc = crc32c(&[&at_ms.to_le_bytes(), payload]);
     // The length fits: MAX_PAYLOAD is far below u32::MAX.
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&digest.finalize().to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&at_ms.to_le_bytes());
     out.extend_from_slice(payload);
     Ok(())
@@ -348,7 +349,7 @@ impl Spool {
         let mut bytes = Vec::with_capacity(20);
         bytes.extend_from_slice(&to.segment.to_le_bytes());
         bytes.extend_from_slice(&to.offset.to_le_bytes());
-        bytes.extend_from_slice(&CRC.checksum(&bytes).to_le_bytes());
+        bytes.extend_from_slice(&crc32c(&[&bytes]).to_le_bytes());
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
         file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -412,10 +413,7 @@ fn read_record(reader: &mut impl Read) -> std::io::Result<Option<(u64, Vec<u8>)>
     if let Err(e) = reader.read_exact(&mut payload) {
         return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
     }
-    let mut digest = CRC.digest();
-    digest.update(&rest);
-    digest.update(&payload);
-    if digest.finalize() != crc {
+    if crc32c(&[&rest, &payload]) != crc {
         return Ok(None);
     }
     Ok(Some((u64::from_le_bytes(rest), payload)))
@@ -458,7 +456,7 @@ fn recover(path: &Path) -> Result<u64, SpoolError> {
 fn read_cursor(path: &Path) -> Option<Position> {
     let bytes = fs::read(path).ok()?;
     let (body, crc) = bytes.split_at_checked(16)?;
-    if crc.len() != 4 || CRC.checksum(body).to_le_bytes() != crc {
+    if crc.len() != 4 || crc32c(&[body]).to_le_bytes() != crc {
         tracing::warn!(path = %path.display(), "audit spool: unreadable cursor; shipping again from the oldest segment");
         return None;
     }

@@ -75,13 +75,18 @@ impl Trail {
         client: Option<IpAddr>,
         id: Option<&str>,
     ) -> Self {
-        let record = Record {
-            method: method.clone(),
-            path: uri.path().to_owned(),
-            query: uri.query().map(str::to_owned),
-            client,
-            request_id: id.map(str::to_owned),
-            ..Record::default()
+        // Without a spool nothing is written: only what decides the mode (tenant, route, interaction) is kept.
+        let record = if spooled {
+            Record {
+                method: method.clone(),
+                path: uri.path().to_owned(),
+                query: uri.query().map(str::to_owned),
+                client,
+                request_id: id.map(str::to_owned),
+                ..Record::default()
+            }
+        } else {
+            Record { method: method.clone(), ..Record::default() }
         };
         Trail {
             active: AtomicBool::new(true),
@@ -118,7 +123,8 @@ impl Trail {
     }
 
     pub fn interaction(&self, interaction: &Interaction, relative: &[String]) {
-        self.with(|r| r.interaction = Some((interaction.clone(), None, relative.to_vec())));
+        let relative = if self.spooled { relative.to_vec() } else { Vec::new() };
+        self.with(|r| r.interaction = Some((interaction.clone(), None, relative)));
     }
 
     /// The route's handler, if it has one.
@@ -136,6 +142,9 @@ impl Trail {
     pub fn caller(&self, caller: &Caller, tenant: Option<&fhirgw_config::tenant::Tenant>) {
         self.with(|r| {
             r.tenant = Some(tenant.map(|t| t.audit).unwrap_or_default());
+            if !self.spooled {
+                return;
+            }
             r.who = Some(Who {
                 tenant: caller.tenant.clone(),
                 subject: caller.subject.clone(),
