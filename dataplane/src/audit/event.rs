@@ -126,10 +126,17 @@ impl Json<'_> {
         self.0.extend_from_slice(text.as_bytes());
     }
 
-    /// A JSON string (quoted, escaped).
+    /// A JSON string (quoted, escaped). Most values (ids, types, addresses, base64) need no escape: copied whole.
     fn text(&mut self, text: &str) {
-        // Writing into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *self.0, text);
+        if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *self.0, text);
+        } else {
+            self.0.reserve(text.len() + 2);
+            self.0.push(b'"');
+            self.0.extend_from_slice(text.as_bytes());
+            self.0.push(b'"');
+        }
     }
 
     /// `"name":"value"` with the value escaped, after a comma.

@@ -153,3 +153,14 @@ fn operations_name_their_definition() {
     let transaction = event["entity"].as_array().and_then(|e| e.last()).cloned().unwrap_or_default();
     assert_eq!(transaction["detail"][1]["valueString"], "3", "{event}");
 }
+
+#[test]
+fn strings_are_written_as_serde_json_would() {
+    for text in
+        ["", "Patient/p1", "a\"b", "back\\slash", "line\nbreak", "tab\t", "\u{1}", "é ü ✓", "</script>", "\u{7f}"]
+    {
+        let mut out = Vec::new();
+        Json(&mut out).text(text);
+        assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(text).unwrap(), "{text:?}");
+    }
+}

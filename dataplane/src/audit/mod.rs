@@ -106,19 +106,18 @@ impl std::fmt::Debug for Auditor {
 
 /// A fresh AuditEvent id (a random UUID): assigned once, so every delivery of the event carries the same one.
 pub fn new_id() -> String {
-    let b: [u8; 16] = rand::rng().random();
-    let hex = hex(&b);
-    // Version 4, variant 1.
-    let variant = ['8', '9', 'a', 'b'][usize::from(b[8] >> 6)];
-    format!("{}-{}-4{}-{variant}{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
-}
-
-fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    let mut b: [u8; 16] = rand::rng().random();
+    // Version 4, variant 1 (RFC 9562).
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     out
 }
