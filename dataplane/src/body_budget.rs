@@ -6,9 +6,14 @@
 //! chunk as they arrive. When the budget cannot take them the request is answered 503 with `Retry-After` without
 //! reading the body (or the rest of it). The reservation lives in the request's extensions ([`Lease`]) and is given
 //! back when `Proxy::handle` has the response head, by which time the parsed body and what was made from it are gone.
+//!
+//! A reservation is only as good as the client's pace: a body that stalls for [`BodyTiming::idle`], or is not
+//! complete within [`BodyTiming::total`], is answered 408 and its share given back, so a few clients that declare
+//! large bodies and then send nothing cannot hold the budget (and every other caller's writes) for ever.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HeaderMap};
@@ -26,22 +31,39 @@ const STEP: usize = 64 * 1024;
 const LINGER_BYTES: u64 = 32 * 1024 * 1024;
 const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a client may take over its request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyTiming {
+    /// Longest wait for the next bytes of a body (buffered bodies and raw uploads): 408 past it.
+    pub idle: Duration,
+    /// Longest time to receive a whole buffered body (at most 16 MiB): 408 past it. Raw uploads (up to 1 GiB) are
+    /// bounded by `idle` only.
+    pub total: Duration,
+}
+
+impl Default for BodyTiming {
+    fn default() -> Self {
+        BodyTiming { idle: Duration::from_secs(30), total: Duration::from_secs(60) }
+    }
+}
+
 #[derive(Debug)]
 pub struct BodyBudget {
     limit: usize,
     used: AtomicUsize,
     /// `fhirgw_dp_request_body_bytes_reserved`.
     gauge: Gauge,
+    timing: BodyTiming,
 }
 
 impl BodyBudget {
     pub fn new(limit: usize) -> Arc<Self> {
-        Self::with_gauge(limit, Gauge::default())
+        Self::with_gauge(limit, Gauge::default(), BodyTiming::default())
     }
 
-    /// A budget that reports what is reserved in `gauge`.
-    pub fn with_gauge(limit: usize, gauge: Gauge) -> Arc<Self> {
-        Arc::new(BodyBudget { limit, used: AtomicUsize::new(0), gauge })
+    /// A budget that reports what is reserved in `gauge`, for bodies that arrive within `timing`.
+    pub fn with_gauge(limit: usize, gauge: Gauge, timing: BodyTiming) -> Arc<Self> {
+        Arc::new(BodyBudget { limit, used: AtomicUsize::new(0), gauge, timing })
     }
 
     /// Bytes reserved right now, by all requests.
@@ -89,6 +111,11 @@ impl Lease {
         Lease(Arc::new(Mutex::new(Held { budget, bytes: 0 })))
     }
 
+    /// How long the client may take over its body.
+    pub fn timing(&self) -> BodyTiming {
+        self.0.lock().map_or_else(|_| BodyTiming::default(), |held| held.budget.timing)
+    }
+
     /// Makes sure `total` bytes are reserved for this request; false when the budget cannot take them.
     fn reserve(&self, total: usize) -> bool {
         let Ok(mut held) = self.0.lock() else { return false };
@@ -116,6 +143,8 @@ pub enum BodyError {
     Read(#[source] hyper::Error),
     #[error("the client sent nothing of its body for {0:?}")]
     Idle(std::time::Duration),
+    #[error("the request body did not arrive within {0:?}")]
+    Slow(std::time::Duration),
 }
 
 impl BodyError {
@@ -144,6 +173,11 @@ impl BodyError {
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
                 format!("The request body stalled: nothing arrived for {} seconds.", after.as_secs()),
+            ),
+            BodyError::Slow(within) => Outcome::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("The request body did not arrive within {} seconds.", within.as_secs()),
             ),
         }
     }
@@ -220,7 +254,16 @@ async fn read_into(parts: &Parts, body: &mut Incoming, max: usize) -> Result<Byt
         buffer.reserve_exact(length);
     }
     let mut reserved = declared.map_or(0, |l| usize::try_from(l).unwrap_or(usize::MAX));
-    while let Some(frame) = body.frame().await {
+    let timing = lease.as_ref().map_or_else(BodyTiming::default, Lease::timing);
+    let deadline = tokio::time::Instant::now() + timing.total;
+    loop {
+        let next = tokio::time::timeout(timing.idle, tokio::time::timeout_at(deadline, body.frame()));
+        let frame = match next.await {
+            Err(_) => return Err(BodyError::Idle(timing.idle)),
+            Ok(Err(_)) => return Err(BodyError::Slow(timing.total)),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(frame))) => frame,
+        };
         let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else { continue };
         let total = buffer.len() + data.len();
         if total > max {

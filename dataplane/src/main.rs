@@ -119,6 +119,13 @@ struct Args {
     /// is read.
     #[arg(long, env = "FHIRGW_DP_BODY_BUDGET_BYTES", default_value_t = 64 * 1024 * 1024)]
     body_budget_bytes: usize,
+    /// Seconds a request body (buffered, or a raw Binary upload) may stall with nothing arriving: 408 past it.
+    #[arg(long, env = "FHIRGW_DP_BODY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    body_idle_timeout_secs: u64,
+    /// Seconds a buffered request body (at most 16 MiB) may take to arrive whole: 408 past it, and its share of
+    /// --body-budget-bytes is given back. Raw Binary uploads are bounded by --body-idle-timeout-secs only.
+    #[arg(long, env = "FHIRGW_DP_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    body_read_timeout_secs: u64,
     /// Log format: text or json.
     #[arg(long, env = "FHIRGW_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -349,6 +356,10 @@ async fn main() -> anyhow::Result<()> {
         body_budget: fhirgw_dataplane::body_budget::BodyBudget::with_gauge(
             args.body_budget_bytes,
             metrics.body_reserved(),
+            fhirgw_dataplane::body_budget::BodyTiming {
+                idle: Duration::from_secs(args.body_idle_timeout_secs.max(1)),
+                total: Duration::from_secs(args.body_read_timeout_secs.max(1)),
+            },
         ),
         audit: auditor.clone(),
     });

@@ -584,3 +584,103 @@ async fn a_data_plane_refuses_another_store_even_at_a_higher_revision() {
     let warnings = &status.data_planes[0].store_warnings;
     assert!(warnings.iter().any(|w| w.contains("store")), "{warnings:?}");
 }
+
+/// A client that declares a large body and then sends nothing, or trickles it, holds its share of the body budget
+/// only until `--body-idle-timeout-secs` or `--body-read-timeout-secs`: it gets a 408 and the share comes back, so a
+/// few such clients cannot starve every other caller's writes.
+#[tokio::test]
+async fn stalled_and_trickled_bodies_give_their_budget_back() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world
+        .data_plane_args(
+            "dp",
+            &grpc_url(&cp),
+            "dp-state",
+            &world.path("dataplane.token"),
+            &["--body-budget-bytes", "1000000", "--body-idle-timeout-secs", "1", "--body-read-timeout-secs", "3"],
+        )
+        .await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", "openid user/*.*");
+    let url = format!("http://{}/fhir/Patient", dp.addr("fhir"));
+    let patient = |size: usize| {
+        let mut body = vec![b' '; size];
+        let json = br#"{"resourceType":"Patient","name":[{"family":"Budget"}]}"#;
+        body[size - json.len()..].copy_from_slice(json);
+        body
+    };
+    let post = |body: Vec<u8>| {
+        http().post(&url).bearer_auth(&token).header("content-type", "application/fhir+json").body(body)
+    };
+    let head = format!(
+        "POST /fhir/Patient HTTP/1.1\r\nhost: fhirgw\r\nauthorization: Bearer {token}\r\ncontent-type: application/fhir+json\r\ncontent-length: 900000\r\n\r\n"
+    );
+    // The answer on a raw connection: status line and body (the data plane closes the connection after it).
+    async fn answer(stream: &mut TcpStream, within: Duration) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"}") {
+                    break;
+                }
+            }
+        })
+        .await;
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    // Stalled: 900 kB declared, 10 bytes sent. Its share is reserved at once, so a 500 kB write must wait...
+    let mut stalled = TcpStream::connect(dp.addr("fhir")).await.unwrap();
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(b"          ").await.unwrap();
+    eventually("the stalled body holds its share", Duration::from_secs(10), || async {
+        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await >= 900_000.0).then_some(())
+    })
+    .await;
+    assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 503);
+    // ...only until the body has stalled for a second: 408, and the share comes back.
+    let started = Instant::now();
+    let text = answer(&mut stalled, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("OperationOutcome") && text.contains("stalled"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    eventually("the stalled body's share is given back", Duration::from_secs(10), || async {
+        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
+
+    // Trickled: a few bytes every 300 ms never stalls for a second, but the whole body is due within 3 s.
+    let mut trickle = TcpStream::connect(dp.addr("fhir")).await.unwrap();
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut text = String::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        if trickle.write_all(&[b' '; 100]).await.is_err() {
+            break;
+        }
+        text = answer(&mut trickle, Duration::from_millis(300)).await;
+        if !text.is_empty() {
+            break;
+        }
+    }
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("did not arrive within 3 seconds"), "{text}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "answered after {took:?}");
+    eventually("the trickled body's share is given back", Duration::from_secs(10), || async {
+        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
+}

@@ -154,6 +154,7 @@ impl ProxyError {
             Body(BodyError::Encoding(_)) => "body_encoding",
             Body(BodyError::Read(_)) => "body_read",
             Body(BodyError::Idle(_)) => "body_idle",
+            Body(BodyError::Slow(_)) => "body_slow",
             GrantsStale => "grants_stale",
             MissingUpstream(_) => "missing_upstream",
             Upstream(UpstreamError::Credential { .. }) => "upstream_credential",

@@ -329,7 +329,11 @@ async fn read_input(
         }
         let mut input = Input::new(&method, interaction, handler, relative, parts.uri.query(), &parts.headers, None);
         input.body = RequestBody::Upload { content_type, length };
-        return Ok((input, Some(upload::Upload { body, length })));
+        let idle = parts
+            .extensions
+            .get::<crate::body_budget::Lease>()
+            .map_or_else(|| crate::body_budget::BodyTiming::default().idle, |lease| lease.timing().idle);
+        return Ok((input, Some(upload::Upload { body, length, idle })));
     }
     let form = matches!(interaction, Interaction::SearchType { post: true, .. } | Interaction::SearchSystem);
     let max = if form && handler.is_none() { FORM_MAX_BYTES } else { BODY_MAX_BYTES };

@@ -4,7 +4,7 @@
 //! each client frame becomes one upstream frame, so memory stays flat however large the file.
 //!
 //! The client's body is bounded by [`UPLOAD_MAX_BYTES`] (a declared length over it is refused before anything is
-//! sent; a chunked body that grows past it is cut off) and may not stall for longer than [`CLIENT_IDLE`]. Either
+//! sent; a chunked body that grows past it is cut off) and may not stall for longer than `--body-idle-timeout-secs` (30 s). Either
 //! failure ends the upstream request with an error, so the upstream never stores a truncated Binary, and the client
 //! gets the reason ([`Failure`]).
 
@@ -27,14 +27,13 @@ use crate::body_budget::BodyError;
 /// Largest raw Binary content accepted. FHIR servers keep a Binary's content in their database or blob store and
 /// answer with it base64-encoded, a third larger; past a gigabyte, a file belongs in object storage with a link.
 pub(super) const UPLOAD_MAX_BYTES: u64 = 1 << 30;
-/// Longest the client's body may stall mid-upload.
-pub(super) const CLIENT_IDLE: Duration = Duration::from_secs(30);
-
 /// The client's body of a raw upload, not read yet.
 pub(crate) struct Upload {
     pub body: Incoming,
     /// Its declared `Content-Length`.
     pub length: Option<u64>,
+    /// Longest the body may stall (`--body-idle-timeout-secs`).
+    pub idle: Duration,
 }
 
 /// Why the client's body ended the upload early (kept for the answer; the upstream request just fails).
@@ -66,13 +65,13 @@ pub(super) struct Outbound {
 /// `binary` (a JSON object without `data`) with the client's body streamed into `data`. An empty body uploads a
 /// Binary without `data` (FHIR has no empty base64 value).
 pub(super) async fn encode(binary: &Value, upload: Upload) -> Result<Outbound, BodyError> {
-    let Upload { mut body, length } = upload;
+    let Upload { mut body, length, idle } = upload;
     let done = Arc::new(Notify::new());
     let failure = Arc::new(Failure::default());
     // The first bytes decide whether there is any content at all.
     let first = loop {
-        match tokio::time::timeout(CLIENT_IDLE, body.frame()).await {
-            Err(_) => return Err(BodyError::Idle(CLIENT_IDLE)),
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(BodyError::Idle(idle)),
             Ok(None) => break None,
             Ok(Some(Err(e))) => return Err(BodyError::Read(e)),
             Ok(Some(Ok(frame))) => match frame.into_data() {
@@ -91,6 +90,7 @@ pub(super) async fn encode(binary: &Value, upload: Upload) -> Result<Outbound, B
     let length = length.map(|n| (prefix.len() + suffix.len()) as u64 + base64_len(n));
     let state = State {
         body,
+        idle,
         first: Some(first),
         encoder: Base64Stream::default(),
         seen: 0,
@@ -135,6 +135,7 @@ fn base64_len(n: u64) -> u64 {
 
 struct State {
     body: Incoming,
+    idle: Duration,
     first: Option<Bytes>,
     encoder: Base64Stream,
     seen: u64,
@@ -148,8 +149,8 @@ impl State {
         loop {
             let data = match self.first.take() {
                 Some(first) => first,
-                None => match tokio::time::timeout(CLIENT_IDLE, self.body.frame()).await {
-                    Err(_) => return Err(BodyError::Idle(CLIENT_IDLE)),
+                None => match tokio::time::timeout(self.idle, self.body.frame()).await {
+                    Err(_) => return Err(BodyError::Idle(self.idle)),
                     Ok(None) => return Ok(None),
                     Ok(Some(Err(e))) => return Err(BodyError::Read(e)),
                     Ok(Some(Ok(frame))) => match frame.into_data() {
