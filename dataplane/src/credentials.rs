@@ -169,6 +169,12 @@ impl TokenSource {
             return Ok(fetched.token);
         }
         self.lookups.miss();
+        // Boxed: a miss is rare, and its fetch would otherwise make the future of every upstream call (moved
+        // several times per request) kilobytes larger.
+        Box::pin(self.refresh(key, auth)).await
+    }
+
+    async fn refresh(&self, key: String, auth: &UpstreamAuth) -> Result<Arc<str>, Arc<CredentialError>> {
         if let Some(error) = self.failures.get(&key).await {
             return self.stale_or(&key, error).await;
         }

@@ -91,14 +91,14 @@ impl UpstreamClient {
                 }
                 self.credential_lookups.miss();
                 let path = token_file.clone();
-                let value = self
-                    .credentials
-                    .try_get_with(token_file.clone(), async {
-                        let token = read_token_file(&path).await?;
-                        bearer_value(&token).ok_or_else(|| format!("{path}: the token is not a valid header value"))
-                    })
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
+                // Boxed: the rare miss would otherwise make every request's future (moved several times per
+                // request) kilobytes larger.
+                let value = Box::pin(self.credentials.try_get_with(token_file.clone(), async {
+                    let token = read_token_file(&path).await?;
+                    bearer_value(&token).ok_or_else(|| format!("{path}: the token is not a valid header value"))
+                }))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
                 return Ok(Some(value));
             }
             UpstreamAuth::ClientCredentials { .. } | UpstreamAuth::MetadataIdentityToken { .. } => {

@@ -119,15 +119,14 @@ impl Jwks {
         }
         let http = self.http.clone();
         let mut fetched = false;
-        let set = self
-            .cache
-            .try_get_with(uri.clone(), async {
-                fetched = true;
-                let keys = fetch(&http, uri).await?;
-                // Dated from the request that asked, a little before the fetch: never younger than it is.
-                Ok::<_, String>(Arc::new(KeySet { keys, fetched_at: now }))
-            })
-            .await;
+        // Boxed: the fetch is rare, and inline it would make every request's future kilobytes larger.
+        let set = Box::pin(self.cache.try_get_with(uri.clone(), async {
+            fetched = true;
+            let keys = fetch(&http, uri).await?;
+            // Dated from the request that asked, a little before the fetch: never younger than it is.
+            Ok::<_, String>(Arc::new(KeySet { keys, fetched_at: now }))
+        }))
+        .await;
         self.lookups.record(!fetched);
         let set = set.map_err(|e: Arc<String>| AuthError::IssuerUnavailable {
             issuer: idp.issuer.clone(),

@@ -227,7 +227,8 @@ impl Proxy {
             if handler.is_some() {
                 return Err(AuthError::Missing.into());
             }
-            return self.capability_statement(&request, relative, &env, &upstream, &forwarded, trail).await;
+            // Boxed: rarer than reads and searches, and inline it would enlarge every request's future.
+            return Box::pin(self.capability_statement(&request, relative, &env, &upstream, &forwarded, trail)).await;
         };
         let now = SystemTime::now();
         // Cut off from the control plane for longer than the grant TTL: grants may have been revoked meanwhile.
