@@ -28,8 +28,8 @@ use crate::policy::verify::{Grants, resource_visible};
 #[derive(Debug, Default)]
 struct Record {
     method: Method,
-    path: String,
-    query: Option<String>,
+    /// The request target (a clone shares the request's bytes: nothing is copied).
+    uri: http::Uri,
     client: Option<IpAddr>,
     request_id: Option<String>,
     public: Option<String>,
@@ -79,8 +79,7 @@ impl Trail {
         let record = if spooled {
             Record {
                 method: method.clone(),
-                path: uri.path().to_owned(),
-                query: uri.query().map(str::to_owned),
+                uri: uri.clone(),
                 client,
                 request_id: id.map(str::to_owned),
                 ..Record::default()
@@ -211,8 +210,7 @@ impl Trail {
                     RequestBody::Form(params) => Some(crate::policy::query::encode(params)),
                     _ => None,
                 };
-                act.query =
-                    Some(query_form(&input.method, public, &input.relative, r.query.as_deref(), form.as_deref()));
+                act.query = Some(query_form(&input.method, public, &input.relative, r.uri.query(), form.as_deref()));
             }
             if let Some(ty) = input.relative.first() {
                 act.patients = merge(act.patients, patients_in_params(ty, &input.params));
@@ -334,13 +332,11 @@ impl Trail {
             };
             if act.query.is_some() {
                 act.query = Some(match &record.interaction {
-                    Some((_, _, relative)) => {
-                        query_form(&record.method, &public, relative, record.query.as_deref(), None)
-                    }
+                    Some((_, _, relative)) => query_form(&record.method, &public, relative, record.uri.query(), None),
                     // Not even classified (an irregular path): the request target as received.
-                    None => match &record.query {
-                        Some(q) => format!("{} {}?{}", record.method, record.path, describe::redact(q)),
-                        None => format!("{} {}", record.method, record.path),
+                    None => match record.uri.query() {
+                        Some(q) => format!("{} {}?{}", record.method, record.uri.path(), describe::redact(q)),
+                        None => format!("{} {}", record.method, record.uri.path()),
                     },
                 });
             }
