@@ -443,36 +443,50 @@ async fn a_bundle_cut_by_the_upstream_is_counted_logged_and_traced_as_aborted() 
     assert!(line.contains("upstream_error"), "{line}");
 }
 
+/// A configured stack whose data plane runs with `args`, and a tenant-a token that may write Patients.
+struct BodyStack {
+    _world: World,
+    _fhir: Process,
+    _cp: Process,
+    dp: Process,
+    token: String,
+    url: String,
+}
+
+impl BodyStack {
+    async fn start(args: &[&str]) -> BodyStack {
+        let world = World::new();
+        let fhir = world.fhir_server().await;
+        let issuer = fixtures::issuer().await;
+        let cp = world.control_plane("cp", "cp.db").await;
+        let dp = world.data_plane_args("dp", &grpc_url(&cp), "dp-state", &world.path("dataplane.token"), args).await;
+        let mut admin = admin(&cp).await;
+        let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+        fixtures::wait_in_sync(&admin, 1, revision).await;
+        let token = issuer.token("tenant-a", "openid user/*.*");
+        let url = format!("http://{}/fhir/Patient", dp.addr("fhir"));
+        BodyStack { _world: world, _fhir: fhir, _cp: cp, dp, token, url }
+    }
+
+    fn post(&self, body: Vec<u8>) -> reqwest::RequestBuilder {
+        http().post(&self.url).bearer_auth(&self.token).header("content-type", "application/fhir+json").body(body)
+    }
+}
+
+/// A Patient padded with whitespace to `size` bytes (valid JSON).
+fn padded_patient(size: usize) -> Vec<u8> {
+    let mut body = vec![b' '; size];
+    let json = br#"{"resourceType":"Patient","name":[{"family":"Budget"}]}"#;
+    body[size - json.len()..].copy_from_slice(json);
+    body
+}
+
 #[tokio::test]
 async fn request_bodies_get_413_415_and_503_over_the_budget() {
-    let world = World::new();
-    let fhir = world.fhir_server().await;
-    let issuer = fixtures::issuer().await;
-    let cp = world.control_plane("cp", "cp.db").await;
-    let dp = world
-        .data_plane_args(
-            "dp",
-            &grpc_url(&cp),
-            "dp-state",
-            &world.path("dataplane.token"),
-            &["--body-budget-bytes", "1000000"],
-        )
-        .await;
-    let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    fixtures::wait_in_sync(&admin, 1, revision).await;
-    let token = issuer.token("tenant-a", "openid user/*.*");
-    let url = format!("http://{}/fhir/Patient", dp.addr("fhir"));
-    // A Patient padded with whitespace to `size` bytes (valid JSON).
-    let patient = |size: usize| {
-        let mut body = vec![b' '; size];
-        let json = br#"{"resourceType":"Patient","name":[{"family":"Budget"}]}"#;
-        body[size - json.len()..].copy_from_slice(json);
-        body
-    };
-    let post = |body: Vec<u8>| {
-        http().post(&url).bearer_auth(&token).header("content-type", "application/fhir+json").body(body)
-    };
+    let stack = BodyStack::start(&["--body-budget-bytes", "1000000"]).await;
+    let (dp, token) = (&stack.dp, &stack.token);
+    let patient = padded_patient;
+    let post = |body: Vec<u8>| stack.post(body);
     let outcome = |r: reqwest::Response| async move {
         let status = r.status().as_u16();
         let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
@@ -502,7 +516,7 @@ async fn request_bodies_get_413_415_and_503_over_the_budget() {
     slow.write_all(&vec![b' '; 600_000]).await.unwrap();
     slow.write_all(b"\r\n").await.unwrap();
     eventually("the slow upload holds its share", Duration::from_secs(10), || async {
-        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await >= 600_000.0).then_some(())
+        (metric(dp, "fhirgw_dp_request_body_bytes_reserved").await >= 600_000.0).then_some(())
     })
     .await;
     // ...so a 500 kB body that would fit alone waits its turn: 503.
@@ -522,7 +536,7 @@ async fn request_bodies_get_413_415_and_503_over_the_budget() {
     }
     assert!(buf.starts_with(b"HTTP/1.1 201"), "{}", String::from_utf8_lossy(&buf));
     eventually("the share is given back", Duration::from_secs(10), || async {
-        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+        (metric(dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
     })
     .await;
     assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
@@ -590,33 +604,18 @@ async fn a_data_plane_refuses_another_store_even_at_a_higher_revision() {
 /// few such clients cannot starve every other caller's writes.
 #[tokio::test]
 async fn stalled_and_trickled_bodies_give_their_budget_back() {
-    let world = World::new();
-    let fhir = world.fhir_server().await;
-    let issuer = fixtures::issuer().await;
-    let cp = world.control_plane("cp", "cp.db").await;
-    let dp = world
-        .data_plane_args(
-            "dp",
-            &grpc_url(&cp),
-            "dp-state",
-            &world.path("dataplane.token"),
-            &["--body-budget-bytes", "1000000", "--body-idle-timeout-secs", "1", "--body-read-timeout-secs", "3"],
-        )
-        .await;
-    let mut admin = admin(&cp).await;
-    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
-    fixtures::wait_in_sync(&admin, 1, revision).await;
-    let token = issuer.token("tenant-a", "openid user/*.*");
-    let url = format!("http://{}/fhir/Patient", dp.addr("fhir"));
-    let patient = |size: usize| {
-        let mut body = vec![b' '; size];
-        let json = br#"{"resourceType":"Patient","name":[{"family":"Budget"}]}"#;
-        body[size - json.len()..].copy_from_slice(json);
-        body
-    };
-    let post = |body: Vec<u8>| {
-        http().post(&url).bearer_auth(&token).header("content-type", "application/fhir+json").body(body)
-    };
+    let stack = BodyStack::start(&[
+        "--body-budget-bytes",
+        "1000000",
+        "--body-idle-timeout-secs",
+        "1",
+        "--body-read-timeout-secs",
+        "3",
+    ])
+    .await;
+    let (dp, token) = (&stack.dp, &stack.token);
+    let patient = padded_patient;
+    let post = |body: Vec<u8>| stack.post(body);
     let head = format!(
         "POST /fhir/Patient HTTP/1.1\r\nhost: fhirgw\r\nauthorization: Bearer {token}\r\ncontent-type: application/fhir+json\r\ncontent-length: 900000\r\n\r\n"
     );
@@ -644,7 +643,7 @@ async fn stalled_and_trickled_bodies_give_their_budget_back() {
     stalled.write_all(head.as_bytes()).await.unwrap();
     stalled.write_all(b"          ").await.unwrap();
     eventually("the stalled body holds its share", Duration::from_secs(10), || async {
-        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await >= 900_000.0).then_some(())
+        (metric(dp, "fhirgw_dp_request_body_bytes_reserved").await >= 900_000.0).then_some(())
     })
     .await;
     assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 503);
@@ -655,7 +654,7 @@ async fn stalled_and_trickled_bodies_give_their_budget_back() {
     assert!(text.contains("OperationOutcome") && text.contains("stalled"), "{text}");
     assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
     eventually("the stalled body's share is given back", Duration::from_secs(10), || async {
-        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+        (metric(dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
     })
     .await;
     assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
@@ -679,7 +678,7 @@ async fn stalled_and_trickled_bodies_give_their_budget_back() {
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "answered after {took:?}");
     eventually("the trickled body's share is given back", Duration::from_secs(10), || async {
-        (metric(&dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
+        (metric(dp, "fhirgw_dp_request_body_bytes_reserved").await == 0.0).then_some(())
     })
     .await;
     assert_eq!(post(patient(500_000)).send().await.unwrap().status(), 201);
