@@ -74,13 +74,27 @@ fn on_upstream_base<'u>(upstream: &Upstream, url: &'u str) -> Option<&'u str> {
 /// longer authority that starts with it (`:80900` for `:8090`) counts too: this only decides whether text can pass
 /// without looking closer, so it errs towards yes. No copy of `text` is made.
 pub fn mentions_origin(text: &[u8], upstream: &Upstream) -> bool {
-    let Some((scheme, authority)) = upstream.origin.split_once("://") else { return true };
-    memchr::memmem::find_iter(text, b"://").any(|at| {
-        let before = at.checked_sub(scheme.len()).and_then(|start| text.get(start..at));
-        let after = text.get(at + 3..at + 3 + authority.len());
-        before.is_some_and(|s| s.eq_ignore_ascii_case(scheme.as_bytes()))
-            && after.is_some_and(|a| a.eq_ignore_ascii_case(authority.as_bytes()))
-    })
+    origin_mentions(text, upstream).next().is_some()
+}
+
+/// Where `text` spells the upstream's origin, as [`mentions_origin`] counts it: the offset of each mention's first
+/// byte, in order. An origin without `://` (never built by the configuration) is mentioned at offset 0.
+pub fn origin_mentions<'t>(text: &'t [u8], upstream: &'t Upstream) -> impl Iterator<Item = usize> + 't {
+    // Built once: a searcher costs more to build than to run over one entry.
+    static SEPARATOR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"://"));
+    let parts = upstream.origin.split_once("://");
+    let malformed = parts.is_none().then_some(0);
+    let mentions = parts.into_iter().flat_map(move |(scheme, authority)| {
+        SEPARATOR.find_iter(text).filter_map(move |at| {
+            let start = at.checked_sub(scheme.len())?;
+            let before = text.get(start..at)?;
+            let after = text.get(at + 3..at + 3 + authority.len())?;
+            (before.eq_ignore_ascii_case(scheme.as_bytes()) && after.eq_ignore_ascii_case(authority.as_bytes()))
+                .then_some(start)
+        })
+    });
+    malformed.into_iter().chain(mentions)
 }
 
 /// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
@@ -185,6 +199,9 @@ mod tests {
         for (what, text, want) in cases {
             assert_eq!(mentions_origin(text.as_bytes(), &up), *want, "{what}: {text}");
         }
+        let text =
+            r#"["http://upstream:8090/a",{"x":"HTTP://Upstream:8090"},"https://upstream:8090","http://upstream:8090"]"#;
+        assert_eq!(origin_mentions(text.as_bytes(), &up).collect::<Vec<_>>(), [2, 32, 80]);
     }
 
     #[test]

@@ -1,9 +1,38 @@
 //! NDJSON verified line by line while it streams: memory is bounded by the longest line (capped), whatever the
-//! size of the file. Each line is parsed on its own and decided by a policy; kept lines are re-serialised from the
-//! parsed value, so the client receives exactly what was checked. A line that is not JSON cannot be verified and is
-//! dropped; a line longer than the cap fails the whole stream (the client sees a reset, never a cut line).
+//! size of the file. Each line is decided on its own by a [`LinePolicy`]: from its bytes when its light view is
+//! enough (the line is then validated as one JSON value and copied as it is), otherwise parsed and re-serialised
+//! from the parsed value; either way the client receives only what was checked. A line that is not JSON cannot be
+//! verified and is dropped; a line longer than the cap fails the whole stream (the client sees a reset, never a cut
+//! line).
 
 use serde_json::Value;
+
+/// What [`LinePolicy::line_raw`] decided about a line from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineVerdict {
+    /// Send the line's bytes as they are.
+    Keep,
+    Drop,
+    /// Only the parsed path ([`LinePolicy::line`]) can decide.
+    Undecided,
+}
+
+/// Decides the lines of one file.
+pub trait LinePolicy {
+    /// The fast path: decides a line (without its line break) from its bytes. `Keep` must only be answered for bytes
+    /// the policy has validated as one complete JSON value. The default leaves every line to [`LinePolicy::line`].
+    fn line_raw(&mut self, _line: &[u8]) -> LineVerdict {
+        LineVerdict::Undecided
+    }
+    /// Decides one parsed line: `Some` (possibly modified) to keep it.
+    fn line(&mut self, value: Value) -> Option<Value>;
+}
+
+impl<F: FnMut(Value) -> Option<Value>> LinePolicy for F {
+    fn line(&mut self, value: Value) -> Option<Value> {
+        self(value)
+    }
+}
 
 /// Longest accepted line, in bytes (without its line break).
 pub const MAX_LINE_BYTES: usize = 16 << 20;
@@ -39,16 +68,11 @@ impl LineFilter {
     }
 
     /// Feeds one chunk; complete lines that `keep` accepts are appended to `out`, each ending in `\n`.
-    pub fn push(
-        &mut self,
-        mut chunk: &[u8],
-        out: &mut Vec<u8>,
-        keep: &mut dyn FnMut(Value) -> Option<Value>,
-    ) -> Result<(), LineError> {
+    pub fn push(&mut self, mut chunk: &[u8], out: &mut Vec<u8>, keep: &mut dyn LinePolicy) -> Result<(), LineError> {
         if self.failed {
             return Err(LineError::Failed);
         }
-        while let Some(end) = chunk.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', chunk) {
             let (head, rest) = (&chunk[..end], &chunk[end + 1..]);
             if self.partial.is_empty() {
                 self.check(head.len())?;
@@ -73,11 +97,7 @@ impl LineFilter {
     }
 
     /// The end of the stream: a last line without a line break is decided too.
-    pub fn finish(
-        &mut self,
-        out: &mut Vec<u8>,
-        keep: &mut dyn FnMut(Value) -> Option<Value>,
-    ) -> Result<Stats, LineError> {
+    pub fn finish(&mut self, out: &mut Vec<u8>, keep: &mut dyn LinePolicy) -> Result<Stats, LineError> {
         if self.failed {
             return Err(LineError::Failed);
         }
@@ -95,19 +115,32 @@ impl LineFilter {
         Ok(())
     }
 
-    fn decide(&mut self, line: &[u8], out: &mut Vec<u8>, keep: &mut dyn FnMut(Value) -> Option<Value>) {
+    fn decide(&mut self, line: &[u8], out: &mut Vec<u8>, keep: &mut dyn LinePolicy) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
-        let kept = serde_json::from_slice::<Value>(line).ok().and_then(keep);
-        match kept.and_then(|value| serde_json::to_vec(&value).ok()) {
-            Some(bytes) => {
-                out.extend_from_slice(&bytes);
-                out.push(b'\n');
-                self.stats.kept += 1;
+        let kept = match keep.line_raw(line) {
+            LineVerdict::Keep => {
+                out.extend_from_slice(line);
+                true
             }
-            None => self.stats.dropped += 1,
+            LineVerdict::Drop => false,
+            LineVerdict::Undecided => {
+                let kept = serde_json::from_slice::<Value>(line).ok().and_then(|value| keep.line(value));
+                let start = out.len();
+                let written = kept.is_some_and(|value| serde_json::to_writer(&mut *out, &value).is_ok());
+                if !written {
+                    out.truncate(start);
+                }
+                written
+            }
+        };
+        if kept {
+            out.push(b'\n');
+            self.stats.kept += 1;
+        } else {
+            self.stats.dropped += 1;
         }
     }
 }

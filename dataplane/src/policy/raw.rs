@@ -1,7 +1,7 @@
 //! A light look at one Bundle entry, for the streaming filter's fast path: most entries can be decided, and kept
 //! byte for byte, without building a `serde_json::Value` tree and serialising it again.
 //!
-//! [`view`] deserialises only what the decision needs (`fullUrl`, `resource.resourceType`, `resource.meta.tag`)
+//! [`entry_prefix`] deserialises only what the decision needs (`fullUrl`, `resource.resourceType`, `resource.meta.tag`)
 //! and skips the rest with serde's `IgnoredAny`, which still checks the JSON syntax of everything it skips. It
 //! answers `None` (so the caller takes the full path) for anything unusual: invalid UTF-8 (which the skipping does
 //! not check), a duplicate of a field that matters (serde refuses it), a type other than expected, and any `\u` or
@@ -69,9 +69,29 @@ impl ResourceView<'_> {
     }
 }
 
-/// The light view of one entry, or `None` when only the full path can decide it.
-pub fn view(raw: &[u8]) -> Option<EntryView<'_>> {
-    serde_json::from_str(plain(raw)?).ok()
+/// The entry at the start of `input` (more bytes may follow it): its length and its light view. `None` when `input`
+/// does not start with one complete, valid JSON object (it may be cut short: the caller then buffers the rest). The
+/// view is `None` when only the full path can decide the entry (see [`plain`]); its bytes are valid JSON either way.
+pub fn entry_prefix(input: &[u8]) -> Option<(usize, Option<EntryView<'_>>)> {
+    if input.first() != Some(&b'{') {
+        return None;
+    }
+    // One pass of serde over the entry both finds its end and validates it. A string it cannot borrow (an escape)
+    // still parses; `plain` below sends that entry to the full path.
+    let mut entries = serde_json::Deserializer::from_slice(input).into_iter::<serde::de::IgnoredAny>();
+    let mut views = serde_json::Deserializer::from_slice(input).into_iter::<EntryView<'_>>();
+    match views.next() {
+        Some(Ok(view)) => {
+            let len = views.byte_offset();
+            Some((len, plain(&input[..len]).map(|_| view)))
+        }
+        // Not the light view's shape (a duplicate field, a number for a tag): valid JSON still goes to the full path.
+        Some(Err(e)) if !e.is_eof() => match entries.next() {
+            Some(Ok(_)) => Some((entries.byte_offset(), None)),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// The light view of one resource (a read's body), or `None` when only the full path can decide it.
@@ -136,14 +156,18 @@ mod tests {
             ("not JSON", r#"{"resource":{"resourceType":"Patient",}}"#.into(), None),
         ];
         for (what, raw, want) in cases {
-            let decided = view(raw.as_bytes())
+            let decided = entry_prefix(raw.as_bytes())
+                .and_then(|(_, view)| view)
                 .map(|v| v.resource.as_ref().is_some_and(|r| r.resource_type.is_some() && r.covered_by(&grants)));
             assert_eq!(decided, want, "{what}");
             if let (Some(decided), Ok(parsed)) = (decided, serde_json::from_str::<Value>(&raw)) {
                 assert_eq!(decided, entry_visible(&parsed, &grants, &|_| true), "{what} disagrees with entry_visible");
             }
         }
-        assert!(view(b"{\"resource\":{\"resourceType\":\"\xff\"}}").is_none(), "invalid UTF-8");
+        assert!(
+            entry_prefix(b"{\"resource\":{\"resourceType\":\"\xff\"}}").and_then(|(_, v)| v).is_none(),
+            "invalid UTF-8"
+        );
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub(super) fn filtered<F: ChunkFilter>(body: Incoming, filter: F, idle: Duration
             match next {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    let mut out = Vec::new();
+                    // Room for the whole chunk: kept bytes are most of it, and growing would copy them again.
+                    let mut out = Vec::with_capacity(data.len() + 256);
                     if let Err(e) = filter.push(&data, &mut out) {
                         debug!(parent: &span, error = %e, "upstream {} rejected while streaming", labels.what);
                         return Some((Err(Aborted::boxed("unverifiable", e)), None));

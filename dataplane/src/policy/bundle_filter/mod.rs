@@ -31,23 +31,34 @@ mod tests;
 use lexer::{FeedError, Scan, feed, is_ws};
 
 /// What [`EntryPolicy::entry_raw`] decided about an entry from its bytes.
-#[derive(Debug)]
-pub enum RawVerdict<'a> {
-    /// Keep these bytes as the entry (the input itself, or the input with a splice).
-    Keep(std::borrow::Cow<'a, [u8]>),
+#[derive(Debug, PartialEq, Eq)]
+pub enum RawVerdict {
+    /// Keep the entry's bytes as they are, or with one range of them replaced.
+    Keep(Option<Splice>),
     /// Drop the entry, which had this `search.mode`.
     Drop(EntryMode),
     /// Only the parsed path ([`EntryPolicy::entry`]) can decide.
     Undecided,
 }
 
+/// Bytes to write in place of a range of a kept entry's bytes (a `fullUrl` moved to the public base).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Splice {
+    pub range: std::ops::Range<usize>,
+    pub with: Vec<u8>,
+}
+
 /// Decides the entries and links of one Bundle.
 pub trait EntryPolicy {
-    /// Decides one entry from its raw bytes when that is enough (the fast path). The bytes were delimited by the
-    /// lexer but not validated: a verdict other than `Undecided` must only be given for bytes the policy has
-    /// validated as one complete JSON value. The default leaves every entry to [`EntryPolicy::entry`].
-    fn entry_raw<'a>(&mut self, _raw: &'a [u8]) -> RawVerdict<'a> {
-        RawVerdict::Undecided
+    /// The fast path: decides the entry that starts at `input[0]` from its bytes. `input` may go on past the entry
+    /// (the rest of an upstream chunk). Returns the entry's length and the verdict, or `None` when `input` does not
+    /// hold one whole entry that is valid JSON: the filter then buffers the entry up to its end (its own lexer) and
+    /// asks again with exactly its bytes, and if the answer is still `None` parses them (which reports what is wrong).
+    /// A length must only be returned for bytes the policy has validated as one complete JSON value (they are copied
+    /// to the client as they are); `Undecided` hands those bytes to [`EntryPolicy::entry`]. The default has no fast
+    /// path.
+    fn entry_raw(&mut self, _input: &[u8]) -> Option<(usize, RawVerdict)> {
+        None
     }
     /// Decide one entry (the whole `entry` array element, parsed). Return `Some` (possibly modified, e.g. `fullUrl`
     /// rewritten) to keep it, `None` to drop it.
@@ -352,6 +363,19 @@ impl<P: EntryPolicy> BundleFilter<P> {
                     self.state = State::AfterMember;
                     return Ok(1);
                 }
+                self.value_start = self.offset;
+                // Most entries are whole in the chunk at hand: decided and copied from it, without the lexer's pass
+                // or a copy into `buf`. Whole means a byte follows it: a number at the chunk's end may go on in the
+                // next one (`-2` of `-2.5`).
+                if let Some((n, verdict)) = self.policy.entry_raw(input)
+                    && n > 0
+                    && n < input.len()
+                    && n <= self.options.max_entry_bytes
+                {
+                    self.write_entry(&input[..n], verdict, out)?;
+                    self.state = State::AfterEntry;
+                    return Ok(n);
+                }
                 self.buf.clear();
                 self.begin_value(State::Entry);
                 Ok(0)
@@ -363,7 +387,14 @@ impl<P: EntryPolicy> BundleFilter<P> {
                     FeedError::TooLarge => StreamError::EntryTooLarge { offset: self.value_start, limit },
                 })?;
                 if done {
-                    self.write_entry(out)?;
+                    let buf = std::mem::take(&mut self.buf);
+                    let verdict = match self.policy.entry_raw(&buf) {
+                        Some((n, verdict)) if n == buf.len() => verdict,
+                        _ => RawVerdict::Undecided,
+                    };
+                    let written = self.write_entry(&buf, verdict, out);
+                    self.buf = buf;
+                    written?;
                     self.state = State::AfterEntry;
                 }
                 Ok(n)
@@ -481,42 +512,48 @@ impl<P: EntryPolicy> BundleFilter<P> {
         }
     }
 
-    /// A complete `entry` element is in `buf`.
-    fn write_entry(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
-        match self.policy.entry_raw(&self.buf) {
+    /// Writes one complete `entry` element: `raw` as the fast path decided it (and validated it), or parsed here when
+    /// `Undecided`.
+    fn write_entry(&mut self, raw: &[u8], verdict: RawVerdict, out: &mut Vec<u8>) -> Result<(), StreamError> {
+        let splice = match verdict {
             RawVerdict::Drop(mode) => {
                 self.count_dropped(mode);
                 return Ok(());
             }
-            RawVerdict::Keep(bytes) => {
-                if self.stats.kept == 0 {
-                    // As `member_prefix`, on fields disjoint from the borrowed `buf`.
-                    if self.written > 0 {
-                        out.push(b',');
-                    }
-                    self.written += 1;
-                    out.extend_from_slice(b"\"entry\":[");
-                } else {
-                    out.push(b',');
-                }
-                out.extend_from_slice(&bytes);
-                self.stats.kept += 1;
-                return Ok(());
+            RawVerdict::Keep(splice) => splice,
+            RawVerdict::Undecided => {
+                let entry: Value = serde_json::from_slice(raw).map_err(|e| self.invalid(&e))?;
+                let mode = EntryMode::of(&entry);
+                let Some(entry) = self.policy.entry(entry) else {
+                    self.count_dropped(mode);
+                    return Ok(());
+                };
+                self.entry_separator(out);
+                return serde_json::to_writer(&mut *out, &entry).map_err(StreamError::Encode);
             }
-            RawVerdict::Undecided => {}
-        }
-        let entry: Value = self.parse_buf()?;
-        let mode = EntryMode::of(&entry);
-        let Some(entry) = self.policy.entry(entry) else {
-            self.count_dropped(mode);
-            return Ok(());
         };
+        self.entry_separator(out);
+        match splice {
+            None => out.extend_from_slice(raw),
+            Some(Splice { range, with }) => {
+                let (Some(head), Some(tail)) = (raw.get(..range.start), raw.get(range.end..)) else {
+                    return Err(self.malformed("a splice outside its entry"));
+                };
+                out.extend_from_slice(head);
+                out.extend_from_slice(&with);
+                out.extend_from_slice(tail);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `entry` before the first kept element, or separates the next one; counts it kept.
+    fn entry_separator(&mut self, out: &mut Vec<u8>) {
         if self.stats.kept == 0 {
             self.member_prefix(out, b"\"entry\":[");
         } else {
             out.push(b',');
         }
         self.stats.kept += 1;
-        serde_json::to_writer(&mut *out, &entry).map_err(StreamError::Encode)
     }
 }

@@ -17,16 +17,35 @@ const DATASET: &str = "https://fhirgw.dev/dataset";
 
 /// What the proxy does: `verify::filter_bundle`'s entry rule, `rewrite_full_urls`, and links kept only when on
 /// the upstream (moved to the public base).
+/// With `fast`, it also decides entries from their bytes (`entry_raw`): dropped, or kept byte for byte when the
+/// parsed path would not change them; `run_chunks` checks both ways agree on every input of every test.
 struct TestPolicy {
     grants: Grants,
+    fast: bool,
 }
 
 fn policy() -> TestPolicy {
     let tag = Tag { system: DATASET.into(), code: "a".into() };
-    TestPolicy { grants: Grants::new([&tag]) }
+    TestPolicy { grants: Grants::new([&tag]), fast: false }
 }
 
 impl EntryPolicy for TestPolicy {
+    fn entry_raw(&mut self, input: &[u8]) -> Option<(usize, RawVerdict)> {
+        if !self.fast {
+            return None;
+        }
+        let mut values = serde_json::Deserializer::from_slice(input).into_iter::<Value>();
+        let value = values.next()?.ok()?;
+        let len = values.byte_offset();
+        let mode = EntryMode::of(&value);
+        let verdict = match self.entry(value.clone()) {
+            None => RawVerdict::Drop(mode),
+            Some(kept) if kept == value => RawVerdict::Keep(None),
+            Some(_) => RawVerdict::Undecided,
+        };
+        Some((len, verdict))
+    }
+
     fn entry(&mut self, mut entry: Value) -> Option<Value> {
         let keep = entry.get("resource").is_some_and(|r| {
             !matches!(r.get("resourceType").and_then(Value::as_str), None | Some("OperationOutcome" | "Bundle"))
@@ -66,8 +85,26 @@ fn opts(keep_total: bool) -> Options {
 
 type Outcome = Result<(Vec<u8>, Stats), StreamError>;
 
-fn run_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>, options: Options) -> Outcome {
-    let mut filter = BundleFilter::new(policy(), options);
+/// The filter without the fast path; the same input through the fast path must give the same document (kept
+/// entries are then sent as they came, so the bytes may differ in spacing) and the same stats, or the same error.
+fn run_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]> + Clone, options: Options) -> Outcome {
+    let chunks_text: Vec<String> =
+        chunks.clone().into_iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    let slow = run_with(policy(), chunks.clone(), options);
+    let fast = run_with(TestPolicy { fast: true, ..policy() }, chunks, options);
+    match (&slow, &fast) {
+        (Ok((a, sa)), Ok((b, sb))) => {
+            let parse = |out: &[u8]| serde_json::from_slice::<Value>(out).expect("the output is JSON");
+            assert_eq!((parse(a), sa), (parse(b), sb), "the fast path disagrees");
+        }
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "the fast path fails otherwise"),
+        _ => panic!("the fast path disagrees: {slow:?} vs {fast:?} on {:?}", chunks_text),
+    }
+    slow
+}
+
+fn run_with<'a>(policy: TestPolicy, chunks: impl IntoIterator<Item = &'a [u8]>, options: Options) -> Outcome {
+    let mut filter = BundleFilter::new(policy, options);
     let mut out = Vec::new();
     for chunk in chunks {
         filter.push(chunk, &mut out)?;
