@@ -588,21 +588,21 @@ echo "|---|---:|---:|---|"
 cpu_goal() { # label dp-key reference-key reference-label limit
   local a="${R[$2,us_per_req]:-–}" b="${R[$3,us_per_req]:-–}" q
   q="$(quot "$a" "$b")"
-  echo "| $1: data plane CPU per request ÷ $4's | $a ÷ $b µs = **$q×** | ≤ $5× | $(goal "$q" "<=" "$5") |"
+  echo "| $1: CPU per request, data plane ÷ $4 | $a ÷ $b µs = **$q×** | ≤ $5× | $(goal "$q" "<=" "$5") |"
 }
 stream_goal() { # label kind limit
   local a="${S[dp_$2,median]}" b="${S[nginx_$2,median]}" q ok
   q="$(quot "$a" "$b")"
   ok="$(goal "$q" ">=" "$3")"
   [[ -z "${S[dp_$2,fail]}" ]] || ok="**failed**: ${S[dp_$2,fail]}"
-  echo "| $1: MiB/s ÷ nginx reverse proxy's | $a ÷ $b = **$q×** | ≥ $3× | $ok |"
+  echo "| $1: MiB/s, data plane ÷ nginx reverse proxy | $a ÷ $b = **$q×** | ≥ $3× | $ok |"
   echo "| same, data plane peak RSS | $(mb "${S[dp_$2,hwm]}") MiB | < 32 MiB | $(goal "$(mb "${S[dp_$2,hwm]}")" "<" 32) |"
 }
-cpu_goal "verified read (\`GET $read_path\` + bearer)" dp_read bare_multi_read "bare hyper proxy (multi)" 1.25
+cpu_goal "verified read (\`GET $read_path\` + bearer)" dp_read bare_multi_read "bare hyper proxy (multi runtime)" 1.25
 cpu_goal "same" dp_read nginx_read "nginx reverse proxy" 1.6
 stream_goal "verified $bundle_mib MiB searchset Bundle" bundle 0.75
 echo "| idle keep-alive connection, resident KiB each ($conn_held held) | **$per_conn** (nginx $ngx_per_conn) | ≤ 8 | $(goal "$per_conn" "<=" 8) |"
-cpu_goal "narrowed search returning a $SEARCH_ENTRIES-entry Bundle (\`GET $search_path\` + bearer)" dp_search bare_multi_search "bare hyper proxy (multi), same bytes" 1.5
+cpu_goal "narrowed search returning a $SEARCH_ENTRIES-entry Bundle (\`GET $search_path\` + bearer)" dp_search bare_multi_search "bare hyper proxy (multi runtime) on the same bytes" 1.5
 stream_goal "bulk export NDJSON file of $export_mib MiB, verified line by line" export 0.75
 stream_goal "$BIG_MB MiB Binary content (metadata verified)" binary 0.9
 echo
