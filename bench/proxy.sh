@@ -9,10 +9,14 @@
 #   DURATION=15 WARMUP=3 THREADS=2 CONNS=32   wrk parameters per measured run
 #   PROXY_WORKERS=auto   nginx reverse proxy worker_processes
 #   BIG_MB=1024          size of the streamed octet-stream file;  BUNDLE_MB=1024 size of the streamed searchset Bundle
-#   STREAM_REPEAT=3      downloads per path of the octet-stream (median reported); BUNDLE_REPEAT=1 of the Bundle
+#   EXPORT_MB=1024       size of the bulk export NDJSON file (streamed through a link signed by the data plane)
+#   STREAM_REPEAT=3      downloads per path of the octet-stream (median reported); BUNDLE_REPEAT=1 of the Bundle;
+#                        EXPORT_REPEAT=1 of the NDJSON file
+#   SEARCH_ENTRIES=10    entries in the narrowed search's Bundle (`GET /fhir/Encounter?status=finished`, wrk rows)
 #   IDLE_CONNS=10000     idle keep-alive connections;  IDLE_HOLD=8 seconds they are held
 #   PERF_DIR=DIR         after the measurements, profile the data plane (perf record, DWARF call graphs, 10 s per
-#                        route) into DIR: DIR/dp_*.self.txt (flat) and DIR/dp_*.children.txt (inclusive)
+#                        route: metadata, read, narrowed search; one Bundle and one export file download) into DIR:
+#                        DIR/dp_*.self.txt (flat) and DIR/dp_*.children.txt (inclusive)
 #
 # Auditing (issue 15) is measured on a second data plane with a spool (--audit-dir in the work dir) and an NDJSON file
 # sink: verified reads by a tenant not audited, one audited in relaxed mode and one in strict mode, against the
@@ -30,8 +34,11 @@ CONNS="${CONNS:-32}"
 PROXY_WORKERS="${PROXY_WORKERS:-auto}"
 BIG_MB="${BIG_MB:-1024}"
 BUNDLE_MB="${BUNDLE_MB:-1024}"
+EXPORT_MB="${EXPORT_MB:-1024}"
 STREAM_REPEAT="${STREAM_REPEAT:-3}"
 BUNDLE_REPEAT="${BUNDLE_REPEAT:-1}"
+EXPORT_REPEAT="${EXPORT_REPEAT:-1}"
+SEARCH_ENTRIES="${SEARCH_ENTRIES:-10}"
 IDLE_CONNS="${IDLE_CONNS:-10000}"
 IDLE_HOLD="${IDLE_HOLD:-8}"
 ((IDLE_HOLD >= 5)) || IDLE_HOLD=5 # the server is measured 2 s after the last connection is up
@@ -108,10 +115,16 @@ cat >"$work/www/binary-big.json" <<'JSON'
 {"resourceType": "Binary", "id": "big", "contentType": "application/octet-stream",
  "meta": {"versionId": "1", "tag": [{"system": "https://fhirgw.dev/dataset", "code": "bench"}]}}
 JSON
-# A searchset Bundle of ~BUNDLE_MB MiB: ~1.45 KB Observation entries, all tagged for the bench tenant (all are kept).
-python3 - "$work/www/bundle.json" "$BUNDLE_MB" "http://127.0.0.1:$static_port/fhir" <<'PY'
+# Generated FHIR content, all of it tagged for the bench tenant (every entry and line is kept), relative references
+# only, the same ~1.45 KB Observation throughout:
+# - bundle.json: a searchset Bundle of ~BUNDLE_MB MiB (`GET /fhir/Observation`);
+# - observation.ndjson: a bulk export file of ~EXPORT_MB MiB, one Observation per line, and export-manifest.json,
+#   the completion manifest naming it (both on the upstream's base, as a Bulk Data server hands them out);
+# - encounters.json: a searchset Bundle of SEARCH_ENTRIES Encounters (~1.3 KB each), the answer to a narrowed search.
+python3 - "$work/www" "$BUNDLE_MB" "$EXPORT_MB" "$SEARCH_ENTRIES" "http://127.0.0.1:$static_port/fhir" <<'PY'
 import json, sys
-path, mb, base = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+www, bundle_mb, export_mb, search_entries, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+compact = {"separators": (",", ":")}
 tag = {"system": "https://fhirgw.dev/dataset", "code": "bench"}
 obs = {
     "resourceType": "Observation", "id": "ID",
@@ -130,23 +143,64 @@ obs = {
         {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4", "display": "Diastolic blood pressure"}]},
          "valueQuantity": {"value": 60, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}],
 }
-entry = {"fullUrl": base + "/Observation/ID", "resource": obs, "search": {"mode": "match"}}
-template = json.dumps(entry, separators=(",", ":")).replace("/Observation/ID", "/Observation/o%(i)d").replace('"id":"ID"', '"id":"o%(i)d"')
-head = json.dumps({"resourceType": "Bundle", "type": "searchset",
-                   "link": [{"relation": "self", "url": base + "/Observation"}]}, separators=(",", ":"))[:-1] + ',"entry":['
-target = mb * 1024 * 1024
-with open(path, "w") as f:
-    f.write(head)
-    size, i = len(head), 0
+
+def fill(f, size, target, template, sep):
+    """Writes template % {"i": n} for n = 1, 2, ... (joined by sep) until size reaches target; returns (size, n)."""
+    i = 0
     while size < target:
         chunk = []
         for _ in range(1000):
             i += 1
-            chunk.append(("," if i > 1 else "") + template % {"i": i})
+            chunk.append((sep if i > 1 else "") + template % {"i": i})
         data = "".join(chunk)
         f.write(data)
         size += len(data)
+    return size, i
+
+# The Bundle: entries joined by commas.
+entry = {"fullUrl": base + "/Observation/ID", "resource": obs, "search": {"mode": "match"}}
+template = json.dumps(entry, **compact).replace("/Observation/ID", "/Observation/o%(i)d").replace('"id":"ID"', '"id":"o%(i)d"')
+head = json.dumps({"resourceType": "Bundle", "type": "searchset",
+                   "link": [{"relation": "self", "url": base + "/Observation"}]}, **compact)[:-1] + ',"entry":['
+with open(f"{www}/bundle.json", "w") as f:
+    f.write(head)
+    fill(f, len(head), bundle_mb * 1024 * 1024, template, ",")
     f.write("]}")
+
+# The export file: one resource per line, each line ending in a line break. Compact JSON, so the data plane's
+# re-serialised lines have the same length (only the order of members may differ): bytes in = bytes out.
+line = json.dumps(obs, **compact).replace('"id":"ID"', '"id":"o%(i)d"') + "\n"
+with open(f"{www}/observation.ndjson", "w") as f:
+    _, lines = fill(f, 0, export_mb * 1024 * 1024, line, "")
+with open(f"{www}/export-manifest.json", "w") as f:
+    json.dump({"transactionTime": "2026-11-20T09:00:00.000+00:00", "request": base + "/$export?_type=Observation",
+               "requiresAccessToken": True,
+               "output": [{"type": "Observation", "url": base + "/bulk-files/observation.ndjson", "count": lines}],
+               "error": []}, f, indent=1)
+
+# The narrowed search's answer, as a FHIR server sends it: absolute fullUrls on its base, total, a self link.
+enc = {
+    "resourceType": "Encounter", "id": "ID",
+    "meta": {"versionId": "1", "lastUpdated": "2026-11-20T09:41:12.208+00:00", "tag": [tag]},
+    "status": "finished",
+    "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB", "display": "ambulatory"},
+    "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "270427003", "display": "Patient-initiated encounter"}]}],
+    "priority": {"coding": [{"system": "http://snomed.info/sct", "code": "709122007", "display": "As soon as possible (qualifier value)"}]},
+    "subject": {"reference": "Patient/p1", "display": "Amy V. Shaw"},
+    "participant": [{"type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PPRF", "display": "primary performer"}]}],
+                     "individual": {"reference": "Practitioner/pr1", "display": "Dr. Ronald Bone"}}],
+    "period": {"start": "2026-11-20T09:00:00+00:00", "end": "2026-11-20T09:40:00+00:00"},
+    "reasonCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertensive disorder, systemic arterial (disorder)"}]}],
+    "location": [{"location": {"reference": "Location/l1", "display": "Clinic room 3"}, "status": "completed"}],
+    "serviceProvider": {"reference": "Organization/org1", "display": "Good Health Clinic"},
+}
+entries = []
+for i in range(1, search_entries + 1):
+    resource = dict(enc, id=f"e{i}")
+    entries.append({"fullUrl": f"{base}/Encounter/e{i}", "resource": resource, "search": {"mode": "match"}})
+with open(f"{www}/encounters.json", "w") as f:
+    json.dump({"resourceType": "Bundle", "type": "searchset", "total": search_entries,
+               "link": [{"relation": "self", "url": base + "/Encounter?status=finished"}], "entry": entries}, f, **compact)
 PY
 chmod -R a+rX "$work/www"
 big_bytes=$((BIG_MB * 1024 * 1024))
@@ -184,7 +238,10 @@ g PutRouteTable <<'JSON'
   {"id": "metadata", "path": "/metadata", "methods": ["GET"], "proxy": {"upstream": "static"}},
   {"id": "search", "path": "/{type}", "methods": ["GET"], "proxy": {"upstream": "static"}},
   {"id": "read", "path": "/{type}/{id}", "methods": ["GET", "HEAD"], "proxy": {"upstream": "static"}},
-  {"id": "vread", "path": "/{type}/{id}/_history/{vid}", "methods": ["GET"], "proxy": {"upstream": "static"}}]}}
+  {"id": "vread", "path": "/{type}/{id}/_history/{vid}", "methods": ["GET"], "proxy": {"upstream": "static"}},
+  {"id": "export-system", "path": "/$export", "methods": ["GET", "POST"], "handler": {"name": "export", "upstream": "static"}},
+  {"id": "export-status", "path": "/$export-poll-status", "methods": ["GET", "DELETE"], "handler": {"name": "export", "upstream": "static"}},
+  {"id": "export-file", "path": "/$export-file", "methods": ["GET"], "handler": {"name": "export", "upstream": "static"}}]}}
 JSON
 g PutIdentityProvider <<JSON
 {"identity_provider": {"name": "dev", "issuer": "$issuer_url", "jwks_uri": "$issuer_url/jwks",
@@ -217,6 +274,24 @@ for url in "http://127.0.0.1:$static_port/fhir/Patient/p1" "http://127.0.0.1:$pr
   "http://$dp_addr/fhir/Patient/p1"; do
   curl -sf --max-time 5 -H "$auth" "$url" | python3 -c 'import json, sys; r = json.load(sys.stdin); assert r["id"] == "p1", r' \
     || die "$url did not return Patient/p1"
+done
+# The narrowed search: every path answers a searchset Bundle with all SEARCH_ENTRIES Encounters, the data plane's
+# with every fullUrl moved to its own base (it sent the search upstream with `_tag` added, and verified each entry).
+search_path="/fhir/Encounter?status=finished"
+for base in "http://127.0.0.1:$static_port" "http://127.0.0.1:$proxy_port" "http://$dp_addr"; do
+  fullurl_base="http://127.0.0.1:$static_port/fhir"
+  [[ "$base" == "http://$dp_addr" ]] && fullurl_base="http://$dp_addr/fhir"
+  curl -sf --max-time 5 -H "$auth" "$base$search_path" | python3 -c '
+import json, sys
+n, base = int(sys.argv[1]), sys.argv[2]
+b = json.load(sys.stdin)
+assert b.get("resourceType") == "Bundle" and b.get("type") == "searchset", "not a searchset Bundle"
+entries = b.get("entry") or []
+ids = sorted(e["resource"]["id"] for e in entries)
+assert ids == sorted("e%d" % i for i in range(1, n + 1)), "entries: %s" % ids
+bad = [e.get("fullUrl") for e in entries if e.get("fullUrl") != "%s/Encounter/%s" % (base, e["resource"]["id"])]
+assert not bad, "fullUrls: %s" % bad
+' "$SEARCH_ENTRIES" "$fullurl_base" || die "$base$search_path did not return all $SEARCH_ENTRIES Encounters (fullUrls on $fullurl_base)"
 done
 # Does the data plane pass the CapabilityStatement through untouched (streaming) or rewrite it?
 if cmp -s <(curl -s --max-time 5 "http://127.0.0.1:$static_port/fhir/metadata") <(curl -s --max-time 5 "http://$dp_addr/fhir/metadata"); then
@@ -277,15 +352,23 @@ mint
 run_wrk direct_read "http://127.0.0.1:$static_port$read_path" "" "$auth"
 run_wrk nginx_read "http://127.0.0.1:$proxy_port$read_path" "$proxy_pid" "$auth"
 run_wrk dp_read "http://$dp_addr$read_path" "$dp_pid" "$auth"
+# A narrowed search (SEARCH_ENTRIES Encounters): the data plane adds `_tag`, verifies every entry, rewrites fullUrls.
+mint
+run_wrk direct_search "http://127.0.0.1:$static_port$search_path" "" "$auth"
+run_wrk nginx_search "http://127.0.0.1:$proxy_port$search_path" "$proxy_pid" "$auth"
+run_wrk dp_search "http://$dp_addr$search_path" "$dp_pid" "$auth"
 # The floor of the stack the data plane is built on: hyper + hyper-util + tokio with no logic (bare-proxy.rs), in the
-# data plane's runtime shape (two work-stealing workers) and one single-threaded runtime per core.
+# data plane's runtime shape (two work-stealing workers) and one single-threaded runtime per core. The multi one
+# also relays the narrowed search (the same upstream bytes as the data plane's row, no `_tag`, nothing checked).
 bare_modes=()
 if [[ -x "$bin/bare-proxy" ]]; then
+  mint
   for mode in multi per-core; do
     "$bin/bare-proxy" 127.0.0.1:0 "http://127.0.0.1:$static_port" "$work/upstream.token" "$mode" >"$work/bare-$mode.out" 2>&1 & bare_pid=$!; pids+=("$bare_pid")
     bare_addr="$(wait_for_line "$work/bare-$mode.out")"
     wait_http "http://$bare_addr$read_path" 200
     run_wrk "bare_${mode//-/}_read" "http://$bare_addr$read_path" "$bare_pid" "$auth"
+    [[ "$mode" == multi ]] && run_wrk bare_multi_search "http://$bare_addr$search_path" "$bare_pid" "$auth"
     bare_modes+=("$mode")
     kill -TERM "$bare_pid" 2>/dev/null || true
   done
@@ -350,6 +433,42 @@ stream nginx_binary "$STREAM_REPEAT" "http://127.0.0.1:$proxy_port$binary_conten
 dp_stream dp_binary "$STREAM_REPEAT" "http://$dp_addr/fhir/Binary/big" "$big_bytes" "$big_bytes" -H "$auth" \
   -H "Accept: application/octet-stream"
 
+# Bulk export: nginx serves the file at its own URL; the data plane only through the link it signed, reached as a
+# client does (kick-off, status, manifest). Every line is parsed, checked and re-serialised; all are kept and the
+# file is compact JSON, so the client receives exactly as many bytes as the upstream sent.
+export_file_link() { # -> the data plane's signed link to the NDJSON file, through kick-off and status (bench token)
+  local hdrs="$work/export-kickoff.headers" body="$work/export-kickoff.body" code status
+  code="$(curl -s -D "$hdrs" -o "$body" -w '%{http_code}' --max-time 10 -H "$auth" -H 'Prefer: respond-async' \
+    -H 'Accept: application/fhir+json' "http://$dp_addr/fhir/\$export?_type=Observation")" || true
+  [[ "$code" == 202 ]] || die "export kick-off through the data plane: HTTP $code $(head -c 1000 "$body")"
+  status="$(awk 'tolower($1) == "content-location:" { print $2 }' "$hdrs" | tr -d '\r')"
+  [[ "$status" == "http://$dp_addr/fhir/\$export-poll-status?_token="* ]] || die "export kick-off: status link '$status'"
+  code="$(curl -s -o "$work/export-manifest.json" -w '%{http_code}' --max-time 10 -H "$auth" -H 'Accept: application/json' "$status")" || true
+  [[ "$code" == 200 ]] || die "export status through the data plane: HTTP $code $(head -c 1000 "$work/export-manifest.json")"
+  python3 - "$work/export-manifest.json" "http://$dp_addr/fhir/\$export-file?_token=" "127.0.0.1:$static_port" <<'PY' \
+    || die "the data plane's export manifest: $(head -c 1000 "$work/export-manifest.json")"
+import json, sys
+text = open(sys.argv[1]).read()
+manifest = json.loads(text)
+assert sys.argv[3] not in text, "the upstream's address leaked into the manifest"
+assert manifest.get("requiresAccessToken") is True, "requiresAccessToken"
+output = manifest.get("output") or []
+assert len(output) == 1 and output[0].get("type") == "Observation", "output: %s" % output
+assert output[0]["url"].startswith(sys.argv[2]), "not a signed file link: %s" % output[0]["url"]
+print(output[0]["url"])
+PY
+}
+export_bytes="$(stat -c %s "$work/www/observation.ndjson")"
+export_lines="$(wc -l <"$work/www/observation.ndjson")"
+export_path=/fhir/bulk-files/observation.ndjson
+ndjson=(-H "Accept: application/fhir+ndjson")
+curl -s -o /dev/null --max-time 120 "http://127.0.0.1:$static_port$export_path" || true # untimed: into the cache
+mint
+stream direct_export "$EXPORT_REPEAT" "http://127.0.0.1:$static_port$export_path" "$export_bytes" "$export_bytes" "${ndjson[@]}"
+stream nginx_export "$EXPORT_REPEAT" "http://127.0.0.1:$proxy_port$export_path" "$export_bytes" "$export_bytes" "${ndjson[@]}" -H "$auth"
+export_link="$(export_file_link)"
+dp_stream dp_export "$EXPORT_REPEAT" "$export_link" "$export_bytes" "$export_bytes" "${ndjson[@]}" -H "$auth"
+
 log "opening $IDLE_CONNS idle keep-alive connections to the data plane"
 dp_port="${dp_addr##*:}"
 reset_hwm "$dp_pid"
@@ -390,9 +509,13 @@ for _ in $(seq 1 400); do kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1; d
 # ---------------------------------------------------------------------------------------------------- profiling
 if [[ -n "$PERF_DIR" ]]; then
   mkdir -p "$PERF_DIR"
-  for key in dp_meta dp_read; do
-    url="http://$dp_addr$meta"; hdr=()
-    [[ "$key" == dp_read ]] && { url="http://$dp_addr$read_path"; hdr=(-H "$auth"); }
+  mint
+  for key in dp_meta dp_read dp_search; do
+    case "$key" in
+      dp_meta) url="http://$dp_addr$meta"; hdr=() ;;
+      dp_read) url="http://$dp_addr$read_path"; hdr=(-H "$auth") ;;
+      dp_search) url="http://$dp_addr$search_path"; hdr=(-H "$auth") ;;
+    esac
     log "perf record on the data plane: $key (10 s)"
     perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/$key.data" -- sleep 10 2>/dev/null & perf_pid=$!
     wrk -t"$THREADS" -c"$CONNS" -d10s "${hdr[@]}" "$url" >"$PERF_DIR/$key.wrk.txt"
@@ -417,11 +540,34 @@ if [[ -n "$PERF_DIR" ]]; then
   wait "$perf_pid" || true
   perf report -i "$PERF_DIR/dp_bundle.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/dp_bundle.self.txt" || true
   perf report -i "$PERF_DIR/dp_bundle.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/dp_bundle.children.txt" || true
+  mint
+  log "perf record on the data plane: one export file download"
+  perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/dp_export.data" 2>/dev/null & perf_pid=$!
+  sleep 0.5
+  curl -s -o /dev/null --max-time 300 -H "$auth" "$export_link" || true
+  kill -INT "$perf_pid" 2>/dev/null || true
+  wait "$perf_pid" || true
+  perf report -i "$PERF_DIR/dp_export.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/dp_export.self.txt" || true
+  perf report -i "$PERF_DIR/dp_export.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/dp_export.children.txt" || true
 fi
 
 # ---------------------------------------------------------------------------------------------------- report
 sub_ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.3f", a - b }'; }
 verdict() { [[ "$1" == 1 ]] && echo "**met**" || echo "**not met**"; }
+quot() { # a b -> a ÷ b with two decimals, or – when either is not a measured number
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^-?[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "–" }'
+}
+goal() { # value op(<=, >=, <) limit -> **met**, **not met**, or – when nothing was measured
+  awk -v v="$1" -v op="$2" -v g="$3" 'BEGIN {
+    if (v !~ /^-?[0-9.]+$/) { print "–"; exit }
+    ok = (op == "<=") ? v <= g : (op == ">=") ? v >= g : v < g
+    print ok ? "**met**" : "**not met**" }'
+}
+per_conn="$(awk -v a="$conn_after_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+per_conn_peak="$(awk -v a="$conn_hwm_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+ngx_per_conn="$(awk -v a="$ngx_after_kb" -v b="$ngx_before_kb" -v n="$ngx_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
+bundle_mib="$(awk -v b="$bundle_bytes" 'BEGIN { printf "%.0f", b / 1048576 }')"
+export_mib="$(awk -v b="$export_bytes" 'BEGIN { printf "%.0f", b / 1048576 }')"
 
 if [[ -n "${FHIRGW_BIN_DIR:-}" ]]; then
   built="binaries from $bin (FHIRGW_BIN_DIR)${FHIRGW_BIN_LABEL:+, $FHIRGW_BIN_LABEL}"
@@ -435,7 +581,32 @@ echo "$(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuin
   "Linux $(uname -r), $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | awk '{ print "wrk " $2 }')." \
   "wrk -t$THREADS -c$CONNS, ${WARMUP} s warm-up + ${DURATION} s measured per row; nginx proxy worker_processes $PROXY_WORKERS."
 echo
-echo "#### 1. Small reads (~1.5 KB JSON)"
+echo "#### Against the goals of issue 16 (ratios to rows of this run; details in the sections below)"
+echo
+echo "| what | this run | goal | |"
+echo "|---|---:|---:|---|"
+cpu_goal() { # label dp-key reference-key reference-label limit
+  local a="${R[$2,us_per_req]:-–}" b="${R[$3,us_per_req]:-–}" q
+  q="$(quot "$a" "$b")"
+  echo "| $1: CPU per request, data plane ÷ $4 | $a ÷ $b µs = **$q×** | ≤ $5× | $(goal "$q" "<=" "$5") |"
+}
+stream_goal() { # label kind limit
+  local a="${S[dp_$2,median]}" b="${S[nginx_$2,median]}" q ok
+  q="$(quot "$a" "$b")"
+  ok="$(goal "$q" ">=" "$3")"
+  [[ -z "${S[dp_$2,fail]}" ]] || ok="**failed**: ${S[dp_$2,fail]}"
+  echo "| $1: MiB/s, data plane ÷ nginx reverse proxy | $a ÷ $b = **$q×** | ≥ $3× | $ok |"
+  echo "| same, data plane peak RSS | $(mb "${S[dp_$2,hwm]}") MiB | < 32 MiB | $(goal "$(mb "${S[dp_$2,hwm]}")" "<" 32) |"
+}
+cpu_goal "verified read (\`GET $read_path\` + bearer)" dp_read bare_multi_read "bare hyper proxy (multi runtime)" 1.25
+cpu_goal "same" dp_read nginx_read "nginx reverse proxy" 1.6
+stream_goal "verified $bundle_mib MiB searchset Bundle" bundle 0.75
+echo "| idle keep-alive connection, resident KiB each ($conn_held held) | **$per_conn** (nginx $ngx_per_conn) | ≤ 8 | $(goal "$per_conn" "<=" 8) |"
+cpu_goal "narrowed search returning a $SEARCH_ENTRIES-entry Bundle (\`GET $search_path\` + bearer)" dp_search bare_multi_search "bare hyper proxy (multi runtime) on the same bytes" 1.5
+stream_goal "bulk export NDJSON file of $export_mib MiB, verified line by line" export 0.75
+stream_goal "$BIG_MB MiB Binary content (metadata verified)" binary 0.9
+echo
+echo "#### 1. Small requests (~1.5 KB JSON reads; a $SEARCH_ENTRIES-entry searchset Bundle)"
 echo
 echo "| path | request | req/s | p50 ms | p99 ms | vs direct | vs nginx-proxy | added p50 vs direct | CPU cores: wrk / upstream / proxy / softirq / other | proxy CPU µs/req | errors |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -457,6 +628,10 @@ row dp_read "(c) fhirgw data plane" "GET $read_path + bearer (JWT, grant, verifi
 for mode in "${bare_modes[@]}"; do
   row "bare_${mode//-/}_read" "(d) bare hyper proxy, $mode runtime" "GET $read_path + bearer (no checks: the stack's floor)"
 done
+row direct_search "(a) direct static nginx" "GET $search_path + bearer"
+row nginx_search "(b) nginx reverse proxy" "GET $search_path + bearer"
+row dp_search "(c) fhirgw data plane" "GET $search_path + bearer (JWT, grant, narrowed with \`_tag\`, $SEARCH_ENTRIES entries verified, fullUrls rewritten)"
+[[ -n "${R[bare_multi_search,rps]:-}" ]] && row bare_multi_search "(d) bare hyper proxy, multi runtime" "GET $search_path + bearer (no checks: the stack's floor)"
 echo
 echo "Goals (data plane ≥ 1.2× nginx-proxy req/s; added p50 ≤ nginx-proxy's added p50):"
 echo
@@ -471,6 +646,10 @@ for kind in meta read; do
   label="GET $meta"; [[ "$kind" == read ]] && label="GET $read_path"
   echo "| $label | $r | $(verdict "$t_ok") | $da ms | $na ms | $(verdict "$l_ok") |"
 done
+echo
+search_q="$(quot "${R[dp_search,us_per_req]}" "${R[bare_multi_search,us_per_req]:-–}")"
+echo "Narrowed search (issue 16): data plane CPU per request ÷ bare hyper proxy (multi runtime) on the same upstream bytes:" \
+  "${R[dp_search,us_per_req]} ÷ ${R[bare_multi_search,us_per_req]:-–} µs = **$search_q×**, goal ≤ 1.5×: $(goal "$search_q" "<=" 1.5)."
 echo
 echo "#### 1b. Verified reads with auditing (second data plane: --audit-dir, NDJSON file sink; same run)"
 echo
@@ -493,7 +672,7 @@ echo
 echo "Audit events: $audit_written written to the spool, $audit_shipped shipped, $audit_dropped dropped;" \
   "$audit_lines lines in the NDJSON sink; spool on $(df -P "$work" | awk 'NR == 2 { print $1 }')."
 echo
-echo "#### 2. Streaming large responses (curl -o /dev/null; median of $STREAM_REPEAT downloads of the Binary content, $BUNDLE_REPEAT of the Bundle; MiB/s of upstream bytes)"
+echo "#### 2. Streaming large responses (curl -o /dev/null; median of $STREAM_REPEAT downloads of the Binary content, $BUNDLE_REPEAT of the Bundle, $EXPORT_REPEAT of the NDJSON file; MiB/s of upstream bytes)"
 echo
 echo "| body | path | MiB/s (median) | all runs | vs direct | vs nginx-proxy | data plane peak RSS (VmHWM) | goal < 32 MiB |"
 echo "|---|---|---:|---|---:|---:|---:|---|"
@@ -508,16 +687,20 @@ srow() { # kind label
   echo "| $label | (b) nginx reverse proxy | ${S[nginx_$k,median]} | ${S[nginx_$k,all]} | $(ratio "${S[nginx_$k,median]}" "${S[direct_$k,median]}") | 1.00 | | |"
   echo "| $label | (c) fhirgw data plane, $3 | ${S[dp_$k,median]} | ${S[dp_$k,all]} | $d | $n | $(mb "$hwm") MiB | $ok |"
 }
-srow bundle "$(awk -v b="$bundle_bytes" 'BEGIN { printf "%.0f", b / 1048576 }') MiB searchset Bundle" "\`GET /fhir/Observation\` + bearer (verified entry by entry)"
+srow bundle "$bundle_mib MiB searchset Bundle" "\`GET /fhir/Observation\` + bearer (verified entry by entry)"
 srow binary "$BIG_MB MiB Binary content" "\`GET /fhir/Binary/big\` + bearer, \`Accept: application/octet-stream\` (metadata verified, then the content of that version streamed)"
+srow export "$export_mib MiB bulk export NDJSON ($export_lines Observations)" "\`GET\` the signed \`\$export-file\` link (from \`GET /fhir/\$export?_type=Observation\`, then its status link) + bearer (verified line by line)"
 echo
-for k in direct_bundle nginx_bundle dp_bundle direct_binary nginx_binary dp_binary; do
+for k in direct_bundle nginx_bundle dp_bundle direct_binary nginx_binary dp_binary direct_export nginx_export dp_export; do
   [[ -z "${S[$k,fail]}" ]] || echo "- **$k failed**: ${S[$k,fail]}."
 done
 echo "- Data plane VmRSS before → after:" \
   "Bundle $(mb "${S[dp_bundle,rss_before]}") → $(mb "${S[dp_bundle,rss_after]}") MiB;" \
-  "Binary $(mb "${S[dp_binary,rss_before]}") → $(mb "${S[dp_binary,rss_after]}") MiB. Bundle bytes: $bundle_bytes from the upstream," \
-  "${S[dp_bundle,size]} to the client through the data plane (re-serialised, \`fullUrl\`s rewritten)."
+  "Binary $(mb "${S[dp_binary,rss_before]}") → $(mb "${S[dp_binary,rss_after]}") MiB;" \
+  "NDJSON $(mb "${S[dp_export,rss_before]}") → $(mb "${S[dp_export,rss_after]}") MiB."
+echo "- Bundle bytes: $bundle_bytes from the upstream, ${S[dp_bundle,size]} to the client through the data plane" \
+  "(re-serialised, \`fullUrl\`s rewritten). NDJSON bytes: $export_bytes from the upstream, ${S[dp_export,size]} to the client" \
+  "(every line parsed, checked and re-serialised; all kept, so the same count)."
 echo
 echo "#### 3. Data plane memory"
 echo
@@ -529,12 +712,9 @@ echo "| before opening the idle connections | $(mb "$conn_before_kb") | – |"
 echo "| $conn_held idle keep-alive connections open | $(mb "$conn_after_kb") | $(mb "$conn_hwm_kb") |"
 echo "| after they were closed | $(mb "$conn_closed_kb") | – |"
 echo
-per_conn="$(awk -v a="$conn_after_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
-per_conn_peak="$(awk -v a="$conn_hwm_kb" -v b="$conn_before_kb" -v n="$conn_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
 echo "$IDLE_CONNS connections requested, $conn_held answered and held ($conn_ok with 200) in ${conn_open_secs} s;" \
   "$conn_established established on the server side while measured; $still_open still open after ${IDLE_HOLD} s idle;" \
   "data plane threads: $conn_threads. Cost per idle connection: **$per_conn KiB** resident ($per_conn_peak KiB at peak)."
 echo
-ngx_per_conn="$(awk -v a="$ngx_after_kb" -v b="$ngx_before_kb" -v n="$ngx_held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "–" }')"
 echo "For scale, the nginx reverse proxy ($PROXY_WORKERS workers) with $ngx_held idle keep-alive connections: VmRSS (all its" \
   "processes) $(mb "$ngx_before_kb") → $(mb "$ngx_after_kb") MiB, **$ngx_per_conn KiB** per connection."
