@@ -10,7 +10,9 @@
 # Environment: REQUESTS=2000 (counted, after WARMUP=300) on one keep-alive connection; CALLGRIND_KEEP=dir keeps the
 # callgrind files (read them with `callgrind_annotate --inclusive=yes dir/cg.dp.*.1`); AUDIT=relaxed|strict runs the
 # data plane with an audit spool and an NDJSON file sink, the tenant audited in that mode (the writer thread and the
-# shipper are counted too: callgrind counts every thread of the process). Prints a markdown table.
+# shipper are counted too: callgrind counts every thread of the process); WHAT=search counts a narrowed search
+# (`GET /fhir/Encounter?status=finished`, a 10-entry searchset Bundle of ~13 KB with fullUrls on the upstream's base,
+# as bench/proxy.sh's search row) instead of the read. Prints a markdown table.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +21,12 @@ REQUESTS="${REQUESTS:-2000}"
 AUDIT="${AUDIT:-}"
 [[ -z "$AUDIT" || "$AUDIT" == relaxed || "$AUDIT" == strict ]] || { echo "AUDIT must be relaxed or strict" >&2; exit 2; }
 WARMUP="${WARMUP:-300}"
+WHAT="${WHAT:-read}"
+case "$WHAT" in
+  read) request_path=/fhir/Patient/p1 what_label="verified read (GET /fhir/Patient/p1 + bearer, 1.5 KB)" ;;
+  search) request_path='/fhir/Encounter?status=finished' what_label="narrowed search (GET /fhir/Encounter?status=finished + bearer, 10 entries, ~13 KB)" ;;
+  *) echo "WHAT must be read or search" >&2; exit 2 ;;
+esac
 # shellcheck source=bench/lib.sh
 source "$bench/lib.sh"
 
@@ -36,10 +44,26 @@ for t in operator dataplane upstream; do head -c 24 /dev/urandom | od -An -tx1 |
 head -c 48 /dev/urandom >"$work/paging.key"
 chmod 600 "$work"/*.token "$work/paging.key"
 upstream_token="$(cat "$work/upstream.token")"
-python3 - "$work/www" "$bench/patient-p1.json" <<'PY'
+python3 - "$work/www" "$bench/patient-p1.json" "http://127.0.0.1:$static_port/fhir" <<'PY'
 import json, sys
-www = sys.argv[1]
+www, base = sys.argv[1], sys.argv[3]
 patient = json.load(open(sys.argv[2]))
+# The narrowed search's answer (WHAT=search): ten tagged Encounters, fullUrls on the upstream's base, total, self link.
+tag = {"system": "https://fhirgw.dev/dataset", "code": "bench"}
+enc = {"resourceType": "Encounter", "meta": {"versionId": "1", "lastUpdated": "2026-11-20T09:41:12.208+00:00", "tag": [tag]},
+       "status": "finished",
+       "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB", "display": "ambulatory"},
+       "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "270427003", "display": "Patient-initiated encounter"}]}],
+       "subject": {"reference": "Patient/p1", "display": "Amy V. Shaw"},
+       "participant": [{"individual": {"reference": "Practitioner/pr1", "display": "Dr. Ronald Bone"}}],
+       "period": {"start": "2026-11-20T09:00:00+00:00", "end": "2026-11-20T09:40:00+00:00"},
+       "reasonCode": [{"coding": [{"system": "http://snomed.info/sct", "code": "38341003", "display": "Hypertensive disorder, systemic arterial (disorder)"}]}],
+       "location": [{"location": {"reference": "Location/l1", "display": "Clinic room 3"}, "status": "completed"}],
+       "serviceProvider": {"reference": "Organization/org1", "display": "Good Health Clinic"}}
+entries = [{"fullUrl": f"{base}/Encounter/e{i}", "resource": dict(enc, id=f"e{i}"), "search": {"mode": "match"}} for i in range(1, 11)]
+with open(f"{www}/encounters.json", "w") as f:
+    json.dump({"resourceType": "Bundle", "type": "searchset", "total": 10,
+               "link": [{"relation": "self", "url": base + "/Encounter?status=finished"}], "entry": entries}, f, separators=(",", ":"))
 for name, value in (("patient-p1.json", patient), ("metadata.json", {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1", "format": ["json"], "rest": [{"mode": "server"}]})):
     with open(f"{www}/{name}", "w") as f:
         json.dump(value, f, indent=1)
@@ -110,6 +134,7 @@ measure() { # label bin-dir -> prints "label dp bare" instructions per request
 JSON
   g PutRouteTable <<'JSON'
 {"route_table": {"name": "main", "base_path": "/fhir", "routes": [
+  {"id": "search", "path": "/{type}", "methods": ["GET"], "proxy": {"upstream": "static"}},
   {"id": "read", "path": "/{type}/{id}", "methods": ["GET", "HEAD"], "proxy": {"upstream": "static"}}]}}
 JSON
   g PutIdentityProvider <<JSON
@@ -126,7 +151,7 @@ JSON
   wait_http "http://$dp_admin/readyz" 200
   wait_http "http://$dp_addr/fhir/Patient/p1" 200 -H "$auth"
   local dp bare=""
-  dp="$(count_instructions "$dp_pid" "$work/cg.dp" "$dp_addr" /fhir/Patient/p1 "$auth")"
+  dp="$(count_instructions "$dp_pid" "$work/cg.dp" "$dp_addr" "$request_path" "$auth")"
   kill -TERM "$dp_pid" 2>/dev/null || true
   if [[ -x "$bin/bare-proxy" ]]; then
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/cg.bare.%p" \
@@ -135,7 +160,7 @@ JSON
     local bare_addr
     bare_addr="$(wait_for_line "$work/bare-$label.out")"
     wait_http "http://$bare_addr/fhir/Patient/p1" 200 -H "$auth"
-    bare="$(count_instructions "$bare_pid" "$work/cg.bare" "$bare_addr" /fhir/Patient/p1 "$auth")"
+    bare="$(count_instructions "$bare_pid" "$work/cg.bare" "$bare_addr" "$request_path" "$auth")"
     kill -TERM "$bare_pid" 2>/dev/null || true
   fi
   local i
@@ -149,7 +174,7 @@ results=()
 results+=("$(measure after "$after_bins")")
 
 echo
-echo "Instructions per verified read (GET /fhir/Patient/p1 + bearer, 1.5 KB), $REQUESTS requests on one keep-alive connection, callgrind${AUDIT:+, tenant audited ($AUDIT; spool and NDJSON file sink)}"
+echo "Instructions per $what_label, $REQUESTS requests on one keep-alive connection, callgrind${AUDIT:+, tenant audited ($AUDIT; spool and NDJSON file sink)}"
 echo
 echo "| build | data plane | bare hyper proxy | data plane ÷ bare |"
 echo "|---|---:|---:|---:|"
