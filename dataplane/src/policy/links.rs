@@ -99,7 +99,13 @@ pub fn origin_mentions<'t>(text: &'t [u8], upstream: &'t Upstream) -> impl Itera
 
 /// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
 pub fn rewrite_url(upstream: &Upstream, public_base: &str, url: &str) -> Option<String> {
-    on_upstream_base(upstream, url).map(|rest| format!("{public_base}{rest}"))
+    on_upstream_base(upstream, url).map(|rest| {
+        // Once per kept entry of every Bundle: two copies, without the formatting machinery.
+        let mut public = String::with_capacity(public_base.len() + rest.len());
+        public.push_str(public_base);
+        public.push_str(rest);
+        public
+    })
 }
 
 /// Moves every absolute reference to the upstream's own base inside a resource to the public base: each
