@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod persist;
 pub mod policy;
+pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod state;

@@ -1,4 +1,5 @@
-//! Accept loop shared by the FHIR and admin listeners: HTTP/1.1 and HTTP/2, bounded connections, graceful drain.
+//! Accept loop shared by the FHIR and admin listeners: HTTP/1.1 and HTTP/2 (chosen per connection by
+//! [`crate::protocol`]), bounded connections, graceful drain.
 //!
 //! Limits (see README, "Connections"): at most `max_connections` at once (a semaphore permit per connection); a
 //! connection that has not sent a whole request head within `first_request_timeout` of accept is closed, and one
@@ -38,8 +39,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
@@ -49,6 +49,7 @@ use crate::body::{Body, BoxError};
 use crate::lifecycle::Phase;
 use crate::limits::Throttled;
 use crate::metrics::ListenerMetrics;
+use crate::protocol::{Builders, Plain};
 
 /// While stopping, a connection with nothing in flight closes once it has been quiet this long: long enough for a
 /// client that has just connected, or just read a response, to have sent the request it was about to send.
@@ -388,13 +389,10 @@ pub async fn serve<H, F>(
     name: &'static str,
     tls: Option<Arc<Reloading<ServerTls>>>,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).max_buf_size(64 * 1024);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(Duration::from_secs(30));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders::new());
     let handshake_log = Arc::new(HandshakeLog::new(name));
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
@@ -472,7 +470,7 @@ pub async fn serve<H, F>(
                 }
             })
         };
-        let (phase, metrics, builder) = (phase.clone(), metrics.clone(), builder.clone());
+        let (phase, metrics, builders) = (phase.clone(), metrics.clone(), builders.clone());
         let (tls, handshake_log) = (tls.clone(), handshake_log.clone());
         metrics.open.inc();
         // Two task types, so that a plaintext connection's task is not sized for the TLS handshake and stream (the
@@ -480,7 +478,7 @@ pub async fn serve<H, F>(
         match tls {
             None => {
                 tokio::spawn(async move {
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                    let connection = Plain::new(stream, service, builders);
                     drive!(connection, &conn, phase, &limits, &metrics, peer);
                     metrics.open.dec();
                     drop(permit);
@@ -490,8 +488,8 @@ pub async fn serve<H, F>(
                 tokio::spawn(async move {
                     let handshake = Handshake { conn: &conn, limits: &limits, metrics: &metrics, peer };
                     if let Some(stream) = handshake.run(stream, &tls, phase.clone(), &handshake_log).await {
-                        let connection =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        let connection = builders.tls(TokioIo::new(stream), alpn.as_deref(), service);
                         drive!(connection, &conn, phase, &limits, &metrics, peer);
                     }
                     metrics.open.dec();

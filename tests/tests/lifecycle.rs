@@ -101,3 +101,85 @@ async fn over_long_request_targets_and_headers_are_refused() {
     let refused = admin.put_route_table(put).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }
+
+/// The plaintext FHIR port tells HTTP/2 (prior knowledge, as load balancers speak to backends) from HTTP/1.1 by the
+/// first bytes, peeked before hyper takes the connection: both serve a verified read, also when the preface or the
+/// request line arrives in pieces, and a connection that sends nothing is still closed by the first-request timeout.
+#[tokio::test]
+async fn plaintext_port_speaks_http1_and_http2_prior_knowledge() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let token_file = world.path("dataplane.token");
+    let dp = world
+        .data_plane_args("dp", &grpc_url(&cp), "dp-state", &token_file, &["--first-request-timeout-secs", "2"])
+        .await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let addr = dp.addr("fhir");
+    let uri = format!("http://{addr}/fhir/Patient/a-pat-1");
+
+    // HTTP/2 with prior knowledge: hyper's own client, two requests on one connection.
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(connection);
+    for _ in 0..2 {
+        sender.ready().await.unwrap();
+        let request =
+            http::Request::get(&uri).header("authorization", format!("Bearer {token}")).body(Empty::<Bytes>::new());
+        let response = sender.send_request(request.unwrap()).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["id"], "a-pat-1");
+    }
+
+    // The preface in two pieces: the server waits for the rest, then answers HTTP/2 (its SETTINGS frame first).
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), raw.read_exact(&mut frame)).await.unwrap().unwrap();
+    assert_eq!(frame[3], 4, "an HTTP/2 SETTINGS frame: {frame:?}");
+
+    // HTTP/1.1 whose first byte could begin the preface (`P` of POST, `PRI` of nothing) arrives alone.
+    let mut raw = TcpStream::connect(&addr).await.unwrap();
+    raw.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write_all(b"OST /fhir/Patient/_search HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer));
+
+    // HTTP/1.1 as usual.
+    let r = http().get(&uri).bearer_auth(&token).send().await.unwrap();
+    assert_eq!((r.version(), r.status().as_u16()), (http::Version::HTTP_11, 200));
+
+    // Silent, and silent after a strict prefix of the preface: both closed by the first-request timeout.
+    for sent in [&b""[..], b"PRI * HT"] {
+        let mut raw = TcpStream::connect(&addr).await.unwrap();
+        raw.write_all(sent).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut rest)).await;
+        // Closed with unread bytes in the server's socket, the kernel resets instead of ending the stream.
+        let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+        assert!(
+            matches!(&closed, Ok(Ok(0))) || matches!(&closed, Ok(Err(e)) if reset(e)),
+            "{sent:?}: {closed:?} {rest:?}"
+        );
+    }
+}
