@@ -168,7 +168,7 @@ with open(f"{www}/bundle.json", "w") as f:
     f.write("]}")
 
 # The export file: one resource per line, each line ending in a line break. Compact JSON, so the data plane's
-# re-serialised lines have the same length (only the order of members may differ): bytes in = bytes out.
+# lines (kept as they came, or re-serialised when a line must be rewritten) have the same length: bytes in = bytes out.
 line = json.dumps(obs, **compact).replace('"id":"ID"', '"id":"o%(i)d"') + "\n"
 with open(f"{www}/observation.ndjson", "w") as f:
     _, lines = fill(f, 0, export_mb * 1024 * 1024, line, "")
@@ -434,7 +434,7 @@ dp_stream dp_binary "$STREAM_REPEAT" "http://$dp_addr/fhir/Binary/big" "$big_byt
   -H "Accept: application/octet-stream"
 
 # Bulk export: nginx serves the file at its own URL; the data plane only through the link it signed, reached as a
-# client does (kick-off, status, manifest). Every line is parsed, checked and re-serialised; all are kept and the
+# client does (kick-off, status, manifest). Every line is checked (kept lines pass as they came); all are kept and the
 # file is compact JSON, so the client receives exactly as many bytes as the upstream sent.
 export_file_link() { # -> the data plane's signed link to the NDJSON file, through kick-off and status (bench token)
   local hdrs="$work/export-kickoff.headers" body="$work/export-kickoff.body" code status
@@ -699,8 +699,8 @@ echo "- Data plane VmRSS before → after:" \
   "Binary $(mb "${S[dp_binary,rss_before]}") → $(mb "${S[dp_binary,rss_after]}") MiB;" \
   "NDJSON $(mb "${S[dp_export,rss_before]}") → $(mb "${S[dp_export,rss_after]}") MiB."
 echo "- Bundle bytes: $bundle_bytes from the upstream, ${S[dp_bundle,size]} to the client through the data plane" \
-  "(re-serialised, \`fullUrl\`s rewritten). NDJSON bytes: $export_bytes from the upstream, ${S[dp_export,size]} to the client" \
-  "(every line parsed, checked and re-serialised; all kept, so the same count)."
+  "(every entry checked; kept entries pass as the upstream sent them, \`fullUrl\`s moved to the public base). NDJSON bytes:" \
+  "$export_bytes from the upstream, ${S[dp_export,size]} to the client (every line checked; all kept, as they came, so the same count)."
 echo
 echo "#### 3. Data plane memory"
 echo
