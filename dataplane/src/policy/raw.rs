@@ -7,64 +7,159 @@
 //! not check), a duplicate of a field that matters (serde refuses it), a type other than expected, and any `\u` or
 //! `\/` escape, so that every string that could spell an upstream URL appears literally in the bytes.
 
-use std::borrow::Cow;
+use std::fmt;
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::verify::{EntryMode, Grants};
 
-#[derive(Debug, Deserialize)]
+// The views are deserialised by hand, not derived: a derived struct also accepts a JSON *array* in place of an
+// object (serde's positional form), so `"resource": ["Patient", "p1", {"tag": [...]}]` would have looked like a
+// tagged Patient here while the full rule (a parsed `Value`) sees no resource at all. Here every view is an object
+// or an error (the full path then decides). Member names are compared as bytes, as serde_json hands them over
+// without checking their UTF-8 (`plain` checks the whole input once); a duplicate of a member that matters is an
+// error, as with serde's derive; strings are borrowed (one with an escape is an error: the full path decides).
+
+#[derive(Debug, Default)]
 pub struct EntryView<'a> {
-    #[serde(rename = "fullUrl", borrow, default)]
-    pub full_url: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    pub full_url: Option<&'a str>,
     pub resource: Option<ResourceView<'a>>,
-    #[serde(borrow, default)]
     search: Option<SearchView<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct SearchView<'a> {
-    #[serde(borrow, default)]
-    mode: Option<Cow<'a, str>>,
+    mode: Option<&'a str>,
 }
 
 impl EntryView<'_> {
     /// `search.mode`, as the Bundle filter counts it.
     pub fn mode(&self) -> EntryMode {
-        EntryMode::parse(self.search.as_ref().and_then(|s| s.mode.as_deref()))
+        EntryMode::parse(self.search.as_ref().and_then(|s| s.mode))
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 pub struct ResourceView<'a> {
-    #[serde(rename = "resourceType", borrow, default)]
-    pub resource_type: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    pub resource_type: Option<&'a str>,
+    pub id: Option<&'a str>,
     meta: Option<MetaView<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct MetaView<'a> {
-    #[serde(borrow, default)]
     tag: Option<Vec<TagView<'a>>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default)]
 struct TagView<'a> {
-    #[serde(borrow, default)]
-    system: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    code: Option<Cow<'a, str>>,
+    system: Option<&'a str>,
+    code: Option<&'a str>,
 }
+
+/// A member name, as far as the views care.
+enum Name {
+    FullUrl,
+    Resource,
+    Search,
+    Mode,
+    ResourceType,
+    Id,
+    Meta,
+    Tag,
+    System,
+    Code,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl Visitor<'_> for Names {
+            type Value = Name;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Name, E> {
+                Ok(match name {
+                    b"fullUrl" => Name::FullUrl,
+                    b"resource" => Name::Resource,
+                    b"search" => Name::Search,
+                    b"mode" => Name::Mode,
+                    b"resourceType" => Name::ResourceType,
+                    b"id" => Name::Id,
+                    b"meta" => Name::Meta,
+                    b"tag" => Name::Tag,
+                    b"system" => Name::System,
+                    b"code" => Name::Code,
+                    _ => Name::Other,
+                })
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Name, E> {
+                self.visit_bytes(name.as_bytes())
+            }
+        }
+        deserializer.deserialize_bytes(Names)
+    }
+}
+
+/// Sets `slot` from the map's next value, refusing a second occurrence of the member.
+fn once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    seen: &mut bool,
+    slot: &mut Option<T>,
+    name: &'static str,
+) -> Result<(), A::Error> {
+    if std::mem::replace(seen, true) {
+        return Err(de::Error::duplicate_field(name));
+    }
+    *slot = map.next_value()?;
+    Ok(())
+}
+
+/// `Deserialize` for a view: a JSON object only; the listed members into their fields (each at most once), every
+/// other member skipped (and validated).
+macro_rules! object_view {
+    ($view:ident, $what:literal, { $($name:ident => $field:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $view<'de> {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Members;
+                impl<'de> Visitor<'de> for Members {
+                    type Value = $view<'de>;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                        let mut view = $view::default();
+                        $(let mut $field = false;)+
+                        while let Some(name) = map.next_key::<Name>()? {
+                            match name {
+                                $(Name::$name => once(&mut map, &mut $field, &mut view.$field, stringify!($field))?,)+
+                                _ => {
+                                    map.next_value::<IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(view)
+                    }
+                }
+                deserializer.deserialize_map(Members)
+            }
+        }
+    };
+}
+
+object_view!(EntryView, "a Bundle entry", { FullUrl => full_url, Resource => resource, Search => search });
+object_view!(SearchView, "Bundle.entry.search", { Mode => mode });
+object_view!(ResourceView, "a resource", { ResourceType => resource_type, Id => id, Meta => meta });
+object_view!(MetaView, "Resource.meta", { Tag => tag });
+object_view!(TagView, "a Coding", { System => system, Code => code });
 
 impl ResourceView<'_> {
     /// The same rule as `Grants::covers`: some `meta.tag` with a string system and code the grants hold.
     pub fn covered_by(&self, grants: &Grants) -> bool {
         self.meta.as_ref().and_then(|m| m.tag.as_ref()).is_some_and(|tags| {
-            tags.iter().any(|t| matches!((&t.system, &t.code), (Some(s), Some(c)) if grants.contains(s, c)))
+            tags.iter().any(|t| matches!((t.system, t.code), (Some(s), Some(c)) if grants.contains(s, c)))
         })
     }
 }
@@ -154,6 +249,15 @@ mod tests {
             ("code is a number", json!({"resource": {"resourceType": "Patient", "meta": {"tag": [{"system": DS, "code": 1}]}}}).to_string(), None),
             ("resourceType is a number", json!({"resource": {"resourceType": 1}}).to_string(), None),
             ("not JSON", r#"{"resource":{"resourceType":"Patient",}}"#.into(), None),
+            // Arrays where objects belong: serde's derive took them positionally (a tagged Patient), the full rule
+            // sees no resource, no meta, no tag.
+            ("resource is an array", format!(r#"{{"resource":["Patient","p1",{{"tag":[{}]}}]}}"#, tag("a")), None),
+            ("meta is an array", format!(r#"{{"resource":{{"resourceType":"Patient","meta":[[{}]]}}}}"#, tag("a")), None),
+            ("a tag is an array", format!(r#"{{"resource":{{"resourceType":"Patient","meta":{{"tag":[["{DS}","a"]]}}}}}}"#), None),
+            ("the entry is an array", format!(r#"["{DS}",{{"resourceType":"Patient","meta":{{"tag":[{}]}}}}]"#, tag("a")), None),
+            ("an escaped quote in the code", format!(r#"{{"resource":{{"resourceType":"Patient","meta":{{"tag":[{{"system":"{DS}","code":"a\"b"}}]}}}}}}"#), None),
+            ("other members skipped, any case", format!(r#"{{"Resource":1,"resource":{{"resourceType":"Patient","Meta":[],"meta":{{"tag":[{}]}},"x":{{"tag":[]}}}},"search":{{"mode":"match","score":1}}}}"#, tag("a")), Some(true)),
+            ("null meta", r#"{"resource":{"resourceType":"Patient","meta":null}}"#.into(), Some(false)),
         ];
         for (what, raw, want) in cases {
             let decided = entry_prefix(raw.as_bytes())
@@ -177,7 +281,7 @@ mod tests {
         let ok = |raw: &str| {
             resource_view(raw.as_bytes()).map(|v| {
                 let covered = v.covered_by(&grants);
-                (v.resource_type.map(Cow::into_owned), v.id.map(Cow::into_owned), covered)
+                (v.resource_type.map(str::to_owned), v.id.map(str::to_owned), covered)
             })
         };
         let own =
@@ -195,6 +299,8 @@ mod tests {
             "an escaped backslash, then an escaped slash"
         );
         assert_eq!(ok(r#"{"resourceType":"Patient","id":"p1","text":"a\/b"}"#), None, "escaped slash");
+        assert_eq!(ok(r#"["Patient","p1",{"tag":[]}]"#), None, "an array, not a resource");
+        assert_eq!(ok(&own.replace(r#""meta":{"#, r#""meta":[{"#).replace("}]}}", "}]}]}")), None, "meta as an array");
         assert_eq!(ok("{\"resourceType\":\"\\"), None, "a trailing backslash");
         assert_eq!(
             ok(r#"{"resourceType":"Patient","id":"p1"}"#),

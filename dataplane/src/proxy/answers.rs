@@ -79,8 +79,8 @@ impl Exec<'_> {
     /// nowhere, so the upstream's bytes can go to the client as they are (validated JSON, nothing to rewrite).
     fn passes_verbatim(&self, body: &[u8], ty: &str, id: &str) -> bool {
         let Some(view) = raw::resource_view(body) else { return false };
-        view.resource_type.as_deref() == Some(ty)
-            && view.id.as_deref() == Some(id)
+        view.resource_type == Some(ty)
+            && view.id == Some(id)
             && view.covered_by(&self.access.grants)
             && !crate::policy::links::mentions_origin(body, &self.upstream)
     }

@@ -66,7 +66,7 @@ impl Rules {
     fn decide(&self, raw: &[u8], view: &raw::EntryView<'_>) -> RawVerdict {
         let drop = RawVerdict::Drop(view.mode());
         let Some(resource) = &view.resource else { return drop };
-        let ty = match resource.resource_type.as_deref() {
+        let ty = match resource.resource_type {
             None | Some("OperationOutcome" | "Bundle") => return drop,
             Some(ty) => ty,
         };
@@ -87,7 +87,7 @@ impl Rules {
         // The one mention must open the fullUrl's string literal. A fullUrl on the upstream's base starts with its
         // origin, so it is that mention; the literal's bytes equal the decoded value only without escapes, and a
         // `"` before a letter in valid JSON opens a string.
-        let Some(full) = view.full_url.as_deref() else { return RawVerdict::Undecided };
+        let Some(full) = view.full_url else { return RawVerdict::Undecided };
         let Some(public) = rewrite_url(&self.upstream, &self.public, full) else { return RawVerdict::Undecided };
         let end = at + full.len();
         if at == 0 || raw[at - 1] != b'"' || raw.get(at..end) != Some(full.as_bytes()) || raw.get(end) != Some(&b'"') {

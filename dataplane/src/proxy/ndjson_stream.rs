@@ -34,7 +34,7 @@ impl LinePolicy for LineRules {
     /// sent byte for byte when the upstream's origin appears nowhere in it (no reference to rewrite).
     fn line_raw(&mut self, line: &[u8]) -> LineVerdict {
         let Some(view) = raw::resource_view(line) else { return LineVerdict::Undecided };
-        let ty = match view.resource_type.as_deref() {
+        let ty = match view.resource_type {
             None | Some("OperationOutcome" | "Bundle") => return LineVerdict::Drop,
             Some(ty) => ty,
         };
