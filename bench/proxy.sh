@@ -531,24 +531,20 @@ if [[ -n "$PERF_DIR" ]]; then
     perf report -i "$PERF_DIR/$key.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/$key.self.txt" || true
     perf report -i "$PERF_DIR/$key.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/$key.children.txt" || true
   done
-  mint
-  log "perf record on the data plane: one Bundle download"
-  perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/dp_bundle.data" 2>/dev/null & perf_pid=$!
-  sleep 0.5
-  curl -s -o /dev/null --max-time 300 -H "$auth" "http://$dp_addr/fhir/Observation" || true
-  kill -INT "$perf_pid" 2>/dev/null || true
-  wait "$perf_pid" || true
-  perf report -i "$PERF_DIR/dp_bundle.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/dp_bundle.self.txt" || true
-  perf report -i "$PERF_DIR/dp_bundle.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/dp_bundle.children.txt" || true
-  mint
-  log "perf record on the data plane: one export file download"
-  perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/dp_export.data" 2>/dev/null & perf_pid=$!
-  sleep 0.5
-  curl -s -o /dev/null --max-time 300 -H "$auth" "$export_link" || true
-  kill -INT "$perf_pid" 2>/dev/null || true
-  wait "$perf_pid" || true
-  perf report -i "$PERF_DIR/dp_export.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/dp_export.self.txt" || true
-  perf report -i "$PERF_DIR/dp_export.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/dp_export.children.txt" || true
+  perf_download() { # key what url: perf record on the data plane while one download runs
+    local key="$1" what="$2" url="$3"
+    mint
+    log "perf record on the data plane: one $what download"
+    perf record -q -F 199 --call-graph dwarf,32768 -p "$dp_pid" -o "$PERF_DIR/$key.data" 2>/dev/null & perf_pid=$!
+    sleep 0.5
+    curl -s -o /dev/null --max-time 300 -H "$auth" "$url" || true
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" || true
+    perf report -i "$PERF_DIR/$key.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -80 >"$PERF_DIR/$key.self.txt" || true
+    perf report -i "$PERF_DIR/$key.data" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^$' | head -300 >"$PERF_DIR/$key.children.txt" || true
+  }
+  perf_download dp_bundle Bundle "http://$dp_addr/fhir/Observation"
+  perf_download dp_export "export file" "$export_link"
 fi
 
 # ---------------------------------------------------------------------------------------------------- report
