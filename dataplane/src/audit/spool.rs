@@ -19,6 +19,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 pub const MAGIC: &[u8; 8] = b"FGWAUD01";
@@ -44,7 +45,8 @@ pub struct Position {
 pub struct Record {
     /// When it was appended (Unix milliseconds).
     pub at_ms: u64,
-    pub payload: Vec<u8>,
+    /// The event (a slice of the buffer the batch was read into).
+    pub payload: Bytes,
     /// The position just after it.
     pub next: Position,
 }
@@ -318,23 +320,33 @@ impl Spool {
                 continue;
             }
             let path = self.dir.join(segment_name(at.segment));
+            let unreadable = || SpoolError::Io {
+                path: path.display().to_string(),
+                // Verified on open and written by this process since: only a disk fault gets here.
+                source: std::io::Error::other("a record became unreadable"),
+            };
+            // One read for what the batch may still take (at least one whole record), records handed out as slices
+            // of it: no buffer and no allocation per record.
+            let room = (max_bytes - total).max(RECORD_HEADER + MAX_PAYLOAD) as u64;
+            let want = (limit - at.offset).min(room);
             let mut file = File::open(&path).map_err(io(&path))?;
             file.seek(SeekFrom::Start(at.offset)).map_err(io(&path))?;
-            let mut reader = std::io::BufReader::new(file.take(limit - at.offset));
+            let mut buf = Vec::with_capacity(usize::try_from(want).unwrap_or(usize::MAX));
+            file.take(want).read_to_end(&mut buf).map_err(io(&path))?;
+            let buf = Bytes::from(buf);
+            let mut pos = 0;
             while at.offset < limit && out.len() < max_records && total < max_bytes {
-                match read_record(&mut reader).map_err(io(&path))? {
-                    Some((at_ms, payload)) => {
-                        at.offset += (RECORD_HEADER + payload.len()) as u64;
-                        total += payload.len();
+                match parse_record(&buf[pos..]) {
+                    Parsed::Whole { at_ms, len } => {
+                        let payload = buf.slice(pos + RECORD_HEADER..pos + RECORD_HEADER + len);
+                        pos += RECORD_HEADER + len;
+                        at.offset += (RECORD_HEADER + len) as u64;
+                        total += len;
                         out.push(Record { at_ms, payload, next: at });
                     }
-                    // Verified on open and written by this process since: only a disk fault gets here.
-                    None => {
-                        return Err(SpoolError::Io {
-                            path: path.display().to_string(),
-                            source: std::io::Error::other("a record became unreadable"),
-                        });
-                    }
+                    // The rest of this record is beyond what was read: read again from it.
+                    Parsed::Short if pos > 0 => break,
+                    Parsed::Short | Parsed::Bad => return Err(unreadable()),
                 }
             }
         }
@@ -397,26 +409,49 @@ fn first_at_or_after(segments: &BTreeMap<u64, u64>, segment: u64, writing: u64) 
     Position { segment, offset: HEADER }
 }
 
-/// One record, `None` if it is cut short or fails its CRC.
+/// A record at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    /// Whole and intact: its append time and payload length (the payload follows the header).
+    Whole { at_ms: u64, len: usize },
+    /// The buffer ends inside it.
+    Short,
+    /// Its header is impossible or its CRC does not match.
+    Bad,
+}
+
+fn parse_record(buf: &[u8]) -> Parsed {
+    let Some((header, rest)) = buf.split_first_chunk::<RECORD_HEADER>() else { return Parsed::Short };
+    let [l0, l1, l2, l3, c0, c1, c2, c3, at @ ..] = *header;
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    if len > MAX_PAYLOAD {
+        return Parsed::Bad;
+    }
+    let Some(payload) = rest.get(..len) else { return Parsed::Short };
+    if crc32c(&[&at, payload]) != u32::from_le_bytes([c0, c1, c2, c3]) {
+        return Parsed::Bad;
+    }
+    Parsed::Whole { at_ms: u64::from_le_bytes(at), len }
+}
+
+/// One record from a reader (recovery), `None` if it is cut short or fails its CRC.
 fn read_record(reader: &mut impl Read) -> std::io::Result<Option<(u64, Vec<u8>)>> {
-    let mut header = [0u8; RECORD_HEADER];
-    if let Err(e) = reader.read_exact(&mut header) {
+    let mut record = vec![0u8; RECORD_HEADER];
+    if let Err(e) = reader.read_exact(&mut record) {
         return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
     }
-    let [l0, l1, l2, l3, c0, c1, c2, c3, rest @ ..] = header;
-    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
-    let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+    let len = u32::from_le_bytes([record[0], record[1], record[2], record[3]]) as usize;
     if len > MAX_PAYLOAD {
         return Ok(None);
     }
-    let mut payload = vec![0u8; len];
-    if let Err(e) = reader.read_exact(&mut payload) {
+    record.resize(RECORD_HEADER + len, 0);
+    if let Err(e) = reader.read_exact(&mut record[RECORD_HEADER..]) {
         return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
     }
-    if crc32c(&[&rest, &payload]) != crc {
-        return Ok(None);
+    match parse_record(&record) {
+        Parsed::Whole { at_ms, .. } => Ok(Some((at_ms, record.split_off(RECORD_HEADER)))),
+        Parsed::Short | Parsed::Bad => Ok(None),
     }
-    Ok(Some((u64::from_le_bytes(rest), payload)))
 }
 
 /// Checks a segment record by record; keeps what follows the last good record aside and truncates it there.
