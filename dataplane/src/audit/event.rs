@@ -10,6 +10,7 @@
 //! own resources), or the query (BALP: the raw request, base64; the upstream call it became in `description`), the
 //! patient when the interaction concerns one, and the transaction (`X-Request-Id`, else the trace id).
 
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -85,12 +86,12 @@ impl Act {
 }
 
 /// The caller, from the verified token (never the token itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Who {
-    pub tenant: String,
-    pub subject: String,
-    pub client_id: Option<String>,
-    pub issuer: Option<String>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Who<'a> {
+    pub tenant: &'a str,
+    pub subject: &'a str,
+    pub client_id: Option<&'a str>,
+    pub issuer: Option<&'a str>,
 }
 
 /// What the client got.
@@ -103,18 +104,18 @@ pub struct Outcome {
 
 /// The request's circumstances.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Context {
+pub struct Context<'a> {
     pub recorded: SystemTime,
     /// The caller's network address, through trusted proxies.
     pub client: IpAddr,
     /// The gateway's public FHIR base for this request (no trailing slash).
-    pub public_base: String,
+    pub public_base: &'a str,
     /// This data plane's node id.
-    pub node: String,
+    pub node: &'a str,
     /// What ties the events of one request together: the client's `X-Request-Id`, else the trace id, else an id
     /// the gateway made up.
-    pub transaction: String,
-    pub trace_id: Option<String>,
+    pub transaction: &'a str,
+    pub trace_id: Option<&'a str>,
 }
 
 /// Writes JSON: the fixed parts of an AuditEvent (code systems, codes, displays) as they are, only the strings that
@@ -126,17 +127,37 @@ impl Json<'_> {
         self.0.extend_from_slice(text.as_bytes());
     }
 
-    /// A JSON string (quoted, escaped). Most values (ids, types, addresses, base64) need no escape: copied whole.
-    fn text(&mut self, text: &str) {
-        if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-            // Writing into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *self.0, text);
-        } else {
-            self.0.reserve(text.len() + 2);
-            self.0.push(b'"');
+    /// A JSON string's content (escaped, not quoted). Most values (ids, types, addresses, base64) need no escape:
+    /// copied whole. Escaping is character by character, so a string may be written in parts.
+    fn escaped(&mut self, text: &str) {
+        if plain(text.as_bytes()) {
             self.0.extend_from_slice(text.as_bytes());
-            self.0.push(b'"');
+        } else {
+            // serde_json's escaping, without its quotes (serialising a str cannot fail).
+            let quoted = serde_json::to_string(text).unwrap_or_default();
+            self.0.extend_from_slice(quoted.as_bytes().get(1..quoted.len().saturating_sub(1)).unwrap_or_default());
         }
+    }
+
+    /// A JSON string (quoted, escaped).
+    fn text(&mut self, text: &str) {
+        self.0.push(b'"');
+        self.escaped(text);
+        self.0.push(b'"');
+    }
+
+    /// A number's decimal digits, at least `width` of them (zero-padded).
+    fn digits(&mut self, n: u64, width: usize) {
+        let mut buf = [b'0'; 20];
+        let mut at = buf.len();
+        let mut n = n;
+        while n > 0 || at == buf.len() {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let at = at.min(buf.len().saturating_sub(width));
+        self.0.extend_from_slice(&buf[at..]);
     }
 
     /// `"name":"value"` with the value escaped, after a comma.
@@ -146,6 +167,20 @@ impl Json<'_> {
         self.raw("\":");
         self.text(value);
     }
+}
+
+/// Whether `text` is a JSON string's content as it is (no control character, quote or backslash). Sixteen bytes at a
+/// time, without an early exit inside a block, so the compiler can check a block with a few vector instructions: a
+/// byte-at-a-time `any` was half of an event's cost.
+fn plain(text: &[u8]) -> bool {
+    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    let mut blocks = text.chunks_exact(16);
+    for block in &mut blocks {
+        if block.iter().fold(false, |seen, b| seen | special(*b)) {
+            return false;
+        }
+    }
+    !blocks.remainder().iter().any(|b| special(*b))
 }
 
 /// A Coding of fixed code system, code and display, as JSON.
@@ -237,26 +272,39 @@ fn profile(act: &Act, patient: bool) -> Option<(&'static str, &'static str)> {
 
 /// An absolute reference on the gateway's public base, as a JSON string.
 fn reference(json: &mut Json<'_>, base: &str, ty: &str, id: &str, vid: Option<&str>) {
-    let mut text = String::with_capacity(base.len() + ty.len() + id.len() + 24);
-    text.push_str(base);
-    text.push('/');
-    text.push_str(ty);
-    text.push('/');
-    text.push_str(id);
+    json.raw("\"");
+    json.escaped(base);
+    json.raw("/");
+    json.escaped(ty);
+    json.raw("/");
+    json.escaped(id);
     if let Some(vid) = vid {
-        text.push_str("/_history/");
-        text.push_str(vid);
+        json.raw("/_history/");
+        json.escaped(vid);
     }
-    json.text(&text);
+    json.raw("\"");
 }
 
-/// `recorded`: RFC 3339 in milliseconds, as FHIR servers usually keep instants.
-fn instant(at: SystemTime) -> String {
+/// `recorded`: an RFC 3339 instant in UTC to the millisecond, as FHIR servers usually keep instants, as a JSON
+/// string (written digit by digit: a formatter is most of an event's cost otherwise).
+fn instant(json: &mut Json<'_>, at: SystemTime) {
     let at = time::OffsetDateTime::from(at);
-    at.replace_millisecond(at.millisecond())
-        .unwrap_or(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+    let Ok(year) = u64::try_from(at.year()).map_err(drop).and_then(|y| if y <= 9999 { Ok(y) } else { Err(()) }) else {
+        // A clock outside the years RFC 3339 can write.
+        json.raw("\"1970-01-01T00:00:00.000Z\"");
+        return;
+    };
+    json.raw("\"");
+    json.digits(year, 4);
+    for (separator, value) in
+        [("-", u8::from(at.month())), ("-", at.day()), ("T", at.hour()), (":", at.minute()), (":", at.second())]
+    {
+        json.raw(separator);
+        json.digits(u64::from(value), 2);
+    }
+    json.raw(".");
+    json.digits(u64::from(at.millisecond()), 3);
+    json.raw("Z\"");
 }
 
 /// Writes the AuditEvent `id` that records `act` by `who` (`None`: unauthenticated) with `outcome`, for `patient`
@@ -265,7 +313,7 @@ pub fn write(
     out: &mut Vec<u8>,
     id: &str,
     context: &Context,
-    who: Option<&Who>,
+    who: Option<&Who<'_>>,
     act: &Act,
     outcome: &Outcome,
     patient: Option<&str>,
@@ -285,7 +333,7 @@ pub fn write(
         json.raw(r#","extension":[{"url":""#);
         json.raw(TENANT_EXTENSION);
         json.raw("\"");
-        json.field("valueString", &who.tenant);
+        json.field("valueString", who.tenant);
         json.raw("}]");
     }
     json.raw(REST);
@@ -315,27 +363,32 @@ pub fn write(
         json.raw("]");
     }
     json.field("action", act.action.code());
-    json.field("recorded", &instant(context.recorded));
+    json.raw(r#","recorded":"#);
+    instant(json, context.recorded);
     json.field("outcome", outcome_code(status));
-    let mut desc = format!("{status} {}", reason(status));
+    json.raw(r#","outcomeDesc":""#);
+    json.digits(u64::from(status), 3);
+    json.raw(" ");
+    json.escaped(reason(status));
     if let Some(detail) = &outcome.detail {
-        desc.push_str(": ");
-        desc.push_str(detail);
+        json.raw(": ");
+        json.escaped(detail);
     }
-    if let Some(trace) = &context.trace_id {
-        desc.push_str("; trace ");
-        desc.push_str(trace);
+    if let Some(trace) = context.trace_id {
+        json.raw("; trace ");
+        json.escaped(trace);
     }
-    json.field("outcomeDesc", &desc);
+    json.raw("\"");
     agents(json, context, who, act);
     json.raw(r#","source":{"site":"#);
-    json.text(&context.public_base);
+    json.text(context.public_base);
     json.raw(r#","observer":{"identifier":{"system":""#);
     json.raw(NODE_SYSTEM);
     json.raw("\"");
-    json.field("value", &context.node);
-    json.raw("}");
-    json.field("display", &format!("fhirgw data plane {}", context.node));
+    json.field("value", context.node);
+    json.raw(r#"},"display":"fhirgw data plane "#);
+    json.escaped(context.node);
+    json.raw("\"");
     json.raw("}");
     json.raw(APPLICATION_SERVER);
     json.raw("}");
@@ -356,7 +409,7 @@ fn who_identifier(json: &mut Json<'_>, system: Option<&str>, value: &str) {
     json.raw("}}");
 }
 
-fn agents(json: &mut Json<'_>, context: &Context, who: Option<&Who>, act: &Act) {
+fn agents(json: &mut Json<'_>, context: &Context, who: Option<&Who<'_>>, act: &Act) {
     // BALP: the client is the Source Role ID and the server the Destination, except in the Read pattern.
     let (client_role, server_role) =
         if act.action == Action::Read { (DESTINATION_ROLE, SOURCE_ROLE) } else { (SOURCE_ROLE, DESTINATION_ROLE) };
@@ -364,22 +417,25 @@ fn agents(json: &mut Json<'_>, context: &Context, who: Option<&Who>, act: &Act) 
     json.raw(client_role);
     json.raw("]}");
     match who {
-        Some(Who { client_id: Some(client), issuer, .. }) => who_identifier(json, issuer.as_deref(), client),
+        Some(Who { client_id: Some(client), issuer, .. }) => who_identifier(json, *issuer, client),
         Some(who) => {
-            json.raw(r#","who":{"display":"#);
-            json.text(&format!("a client of tenant {}", who.tenant));
-            json.raw("}");
+            json.raw(r#","who":{"display":"a client of tenant "#);
+            json.escaped(who.tenant);
+            json.raw("\"}");
         }
         None => json.raw(r#","who":{"display":"unauthenticated client"}"#),
     }
     json.raw(r#","requestor":false,"network":{"address":"#);
-    json.text(&context.client.to_string());
+    // An address needs no escaping; written as it formats (a Vec cannot fail to take it).
+    json.raw("\"");
+    let _ = write!(json.0, "{}", context.client);
+    json.raw("\"");
     json.raw(r#","type":"2"}},{"type":{"coding":["#);
     json.raw(server_role);
     json.raw("]}");
-    who_identifier(json, Some("urn:ietf:rfc:3986"), &context.public_base);
+    who_identifier(json, Some("urn:ietf:rfc:3986"), context.public_base);
     json.raw(r#","requestor":false,"network":{"address":"#);
-    json.text(&context.public_base);
+    json.text(context.public_base);
     json.raw(r#","type":"5"}}"#);
     if let Some(who) = who.filter(|w| !w.subject.is_empty()) {
         let user_role = match act.action {
@@ -389,14 +445,14 @@ fn agents(json: &mut Json<'_>, context: &Context, who: Option<&Who>, act: &Act) 
         json.raw(r#",{"type":{"coding":["#);
         json.raw(user_role);
         json.raw("]}");
-        who_identifier(json, who.issuer.as_deref(), &who.subject);
+        who_identifier(json, who.issuer, who.subject);
         json.raw(r#","requestor":true}"#);
     }
     json.raw("]");
 }
 
 fn entities(json: &mut Json<'_>, context: &Context, act: &Act, patient: Option<&str>) {
-    let base = &context.public_base;
+    let base = context.public_base;
     json.raw(r#","entity":["#);
     if let Some(patient) = patient {
         json.raw(r#"{"what":{"reference":"#);
@@ -424,14 +480,19 @@ fn entities(json: &mut Json<'_>, context: &Context, act: &Act, patient: Option<&
         if let Some(executed) = &act.executed {
             json.field("description", executed);
         }
-        json.field("query", &STANDARD.encode(query));
+        json.raw(r#","query":""#);
+        let at = json.0.len();
+        json.0.resize(at + base64::encoded_len(query.len(), true).unwrap_or(0), 0);
+        // Sized just above: the encoding fits.
+        let _ = STANDARD.encode_slice(query, json.0.get_mut(at..).unwrap_or_default());
+        json.raw("\"");
         json.raw("},");
     }
     json.raw(r#"{"what":{"identifier":{"value":"#);
-    json.text(&context.transaction);
+    json.text(context.transaction);
     json.raw("}},");
     json.raw(TRANSACTION_TYPE);
-    let trace = context.trace_id.as_ref().filter(|t| **t != context.transaction);
+    let trace = context.trace_id.filter(|t| *t != context.transaction);
     if trace.is_some() || act.entry.is_some() {
         json.raw(r#","detail":["#);
         if let Some(trace) = trace {
@@ -442,7 +503,7 @@ fn entities(json: &mut Json<'_>, context: &Context, act: &Act, patient: Option<&
         if let Some(index) = act.entry {
             json.raw(if trace.is_some() { "," } else { "" });
             json.raw(r#"{"type":"bundle-entry","valueString":""#);
-            json.raw(&index.to_string());
+            json.digits(index as u64, 1);
             json.raw("\"}");
         }
         json.raw("]");

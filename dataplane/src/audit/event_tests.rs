@@ -11,24 +11,19 @@ fn build(id: &str, context: &Context, who: Option<&Who>, act: &Act, outcome: &Ou
     serde_json::from_slice(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out)))
 }
 
-fn context() -> Context {
+fn context() -> Context<'static> {
     Context {
         recorded: UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
         client: "203.0.113.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        public_base: "https://gw.example/fhir".into(),
-        node: "dp-1".into(),
-        transaction: "req-42".into(),
-        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        public_base: "https://gw.example/fhir",
+        node: "dp-1",
+        transaction: "req-42",
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
     }
 }
 
-fn who() -> Who {
-    Who {
-        tenant: "clinic-a".into(),
-        subject: "user-7".into(),
-        client_id: Some("app-1".into()),
-        issuer: Some("https://idp.example".into()),
-    }
+fn who() -> Who<'static> {
+    Who { tenant: "clinic-a", subject: "user-7", client_id: Some("app-1"), issuer: Some("https://idp.example") }
 }
 
 fn codes(event: &Value, path: &str) -> Vec<String> {
@@ -163,4 +158,39 @@ fn strings_are_written_as_serde_json_would() {
         Json(&mut out).text(text);
         assert_eq!(String::from_utf8_lossy(&out), serde_json::to_string(text).unwrap_or_default(), "{text:?}");
     }
+    // Checked sixteen bytes at a time: a character to escape at every position of a block and of the remainder.
+    for len in [15, 16, 17, 31, 32, 33, 47] {
+        for at in 0..len {
+            for special in ['"', '\\', '\n', '\u{1f}'] {
+                let mut text: String = "x".repeat(len);
+                text.replace_range(at..=at, &special.to_string());
+                let mut out = Vec::new();
+                Json(&mut out).text(&text);
+                assert_eq!(String::from_utf8_lossy(&out), serde_json::to_string(&text).unwrap_or_default(), "{text:?}");
+            }
+        }
+        assert!(plain("é✓/x ".repeat(len).as_bytes()));
+    }
+}
+
+#[test]
+fn instants_are_utc_to_the_millisecond() {
+    for (ms, text) in [
+        (1_790_000_000_123u64, "2026-09-21T14:13:20.123Z"),
+        (1_790_000_000_120, "2026-09-21T14:13:20.120Z"),
+        (1_790_000_000_000, "2026-09-21T14:13:20.000Z"),
+        (0, "1970-01-01T00:00:00.000Z"),
+        (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+        (951_782_400_007, "2000-02-29T00:00:00.007Z"),
+    ] {
+        let mut out = Vec::new();
+        instant(&mut Json(&mut out), UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(String::from_utf8_lossy(&out), format!("\"{text}\""));
+    }
+    let mut out = Vec::new();
+    for (n, width) in [(0, 1), (7, 3), (42, 1), (2026, 4), (u64::MAX, 1)] {
+        Json(&mut out).digits(n, width);
+        out.push(b' ');
+    }
+    assert_eq!(String::from_utf8_lossy(&out), format!("0 007 42 2026 {} ", u64::MAX));
 }

@@ -76,6 +76,35 @@ pub enum AuditError {
     Thread(std::io::Error),
 }
 
+/// A request's events, framed as spool records in one buffer as they are written.
+pub struct Events {
+    at_ms: u64,
+    records: Vec<u8>,
+    count: u64,
+    /// Whether one of them (even one too large to record) is to be recorded in strict mode.
+    strict: bool,
+    too_large: u64,
+}
+
+impl Events {
+    fn new(at_ms: u64) -> Self {
+        Events { at_ms, records: Vec::new(), count: 0, strict: false, too_large: 0 }
+    }
+
+    /// One more event, in `mode`, whose JSON `write` appends.
+    pub fn push(&mut self, mode: AuditMode, write: impl FnOnce(&mut Vec<u8>)) {
+        self.strict |= mode == AuditMode::Strict;
+        if self.records.capacity() == 0 {
+            // An event is about 2.5 KB; most requests record one.
+            self.records.reserve(3072);
+        }
+        match spool::frame_with(&mut self.records, self.at_ms, write) {
+            Ok(()) => self.count += 1,
+            Err(_) => self.too_large += 1,
+        }
+    }
+}
+
 /// The request could not be recorded as its strict mode requires.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the audit event cannot be made durable")]
@@ -111,15 +140,18 @@ pub fn new_id() -> String {
     // Version 4, variant 1 (RFC 9562).
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut out = String::with_capacity(36);
+    let mut out = [b'-'; 36];
+    let mut at = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            at += 1;
         }
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+        out[at] = DIGITS[usize::from(byte >> 4)];
+        out[at + 1] = DIGITS[usize::from(byte & 0xf)];
+        at += 2;
     }
-    out
+    // Hex digits and dashes only.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn now_ms() -> u64 {
@@ -249,23 +281,16 @@ impl Auditor {
         error: Option<&(dyn std::fmt::Display + Sync)>,
         trace_id: Option<String>,
     ) -> Result<(), Unrecorded> {
-        let events = trail.events(status, headers, error, trace_id, &self.node, self.unauthenticated);
-        if events.is_empty() {
+        let mut events = Events::new(now_ms());
+        trail.events(status, headers, error, trace_id, &self.node, self.unauthenticated, &mut events);
+        if events.too_large > 0 {
+            tracing::error!(events = events.too_large, "audit: an event is too large to record");
+            self.counters.dropped("too_large", events.too_large);
+        }
+        if events.count == 0 && !events.strict {
             return Ok(());
         }
-        let strict = events.iter().any(|(mode, _)| *mode == AuditMode::Strict);
-        let at = now_ms();
-        let mut records = Vec::with_capacity(events.len() * 2048);
-        let mut count = 0;
-        for (_, payload) in &events {
-            match spool::frame(payload, at, &mut records) {
-                Ok(()) => count += 1,
-                Err(e) => {
-                    tracing::error!(error = %e, "audit: an event is too large to record");
-                    self.counters.dropped("too_large", 1);
-                }
-            }
-        }
+        let Events { records, count, strict, .. } = events;
         let Some(running) = &self.running else {
             if strict {
                 // Counted once: the admission check already refused it.

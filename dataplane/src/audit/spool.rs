@@ -73,15 +73,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
 
 /// Frames one payload as a record (done by the caller, off the writer's thread).
 pub fn frame(payload: &[u8], at_ms: u64, out: &mut Vec<u8>) -> Result<(), SpoolError> {
-    if payload.len() > MAX_PAYLOAD {
-        return Err(SpoolError::TooLarge(payload.len()));
+    frame_with(out, at_ms, |out| out.extend_from_slice(payload))
+}
+
+/// Appends one record to `out` whose payload `write` appends in place (no copy of it); a payload larger than a
+/// record may be is taken back out and refused.
+pub fn frame_with(out: &mut Vec<u8>, at_ms: u64, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), SpoolError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; RECORD_HEADER]);
+    write(out);
+    let len = out.len() - start - RECORD_HEADER;
+    if len > MAX_PAYLOAD {
+        out.truncate(start);
+        return Err(SpoolError::TooLarge(len));
     }
-    let crc = crc32c(&[&at_ms.to_le_bytes(), payload]);
-    // The length fits: MAX_PAYLOAD is far below u32::MAX.
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&at_ms.to_le_bytes());
-    out.extend_from_slice(payload);
+    let at = at_ms.to_le_bytes();
+    let crc = crc32c(&[&at, out.get(start + RECORD_HEADER..).unwrap_or_default()]);
+    if let Some(header) = out.get_mut(start..start + RECORD_HEADER) {
+        // The length fits: MAX_PAYLOAD is far below u32::MAX.
+        header[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        header[4..8].copy_from_slice(&crc.to_le_bytes());
+        header[8..].copy_from_slice(&at);
+    }
     Ok(())
 }
 

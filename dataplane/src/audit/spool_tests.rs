@@ -13,7 +13,7 @@ fn framed(payloads: &[&str]) -> Vec<u8> {
 }
 
 fn texts(records: &[Record]) -> Vec<String> {
-    records.iter().map(|r| String::from_utf8(r.payload.clone()).unwrap()).collect()
+    records.iter().map(|r| String::from_utf8(r.payload.to_vec()).unwrap()).collect()
 }
 
 fn segments(dir: &Path) -> Vec<String> {
@@ -185,4 +185,27 @@ fn one_process_per_spool_directory() {
     assert!(matches!(Spool::open(dir.path(), LIMITS, &["fhir"]), Err(SpoolError::Locked(_))));
     drop((spool, writer));
     assert!(Spool::open(dir.path(), LIMITS, &["fhir"]).is_ok());
+}
+
+#[test]
+fn a_batch_read_in_pieces_ends_on_a_record_boundary() {
+    // Reads take what the batch may still hold (at least one whole record) in one buffer: with a byte budget of
+    // 2 MiB over 3 MiB of records, the first buffer ends inside a record, which is read again with the next one.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_bytes: 64 << 20, segment_bytes: 32 << 20 };
+    let (spool, mut writer) = Spool::open(dir.path(), limits, &["s"]).unwrap();
+    let events: Vec<String> =
+        (0..3000).map(|i| format!("{{\"event\":{i:04},\"pad\":\"{}\"}}", "x".repeat(1000))).collect();
+    for chunk in events.chunks(100) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        spool.append(&mut writer, &framed(&refs), false).unwrap();
+    }
+    let from = start(&spool, "s");
+    let batch = spool.read(from, 10_000, 2 << 20).unwrap();
+    let payload: usize = events[0].len();
+    let expected = (2usize << 20).div_ceil(payload);
+    assert_eq!(texts(&batch), events[..expected], "records until the byte budget is used up, each whole");
+    let rest = spool.read(batch.last().unwrap().next, 10_000, usize::MAX).unwrap();
+    assert_eq!(texts(&rest), events[expected..]);
+    assert_eq!(rest.last().unwrap().next, spool.end());
 }

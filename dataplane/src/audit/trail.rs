@@ -6,8 +6,8 @@
 //! unaudited request pays a flag check per hook.
 
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use fhirgw_config::audit::{AuditInteraction, AuditMode, AuditPolicy, effective};
@@ -33,7 +33,8 @@ struct Record {
     client: Option<IpAddr>,
     request_id: Option<String>,
     public: Option<String>,
-    who: Option<Who>,
+    /// The authenticated caller (shared with the token cache).
+    caller: Option<Arc<Caller>>,
     /// The caller's tenant's policy, once a caller is known.
     tenant: Option<AuditPolicy>,
     route: Option<AuditPolicy>,
@@ -138,18 +139,13 @@ impl Trail {
     }
 
     /// The authenticated caller and its tenant's policy.
-    pub fn caller(&self, caller: &Caller, tenant: Option<&fhirgw_config::tenant::Tenant>) {
+    pub fn caller(&self, caller: &Arc<Caller>, tenant: Option<&fhirgw_config::tenant::Tenant>) {
         self.with(|r| {
             r.tenant = Some(tenant.map(|t| t.audit).unwrap_or_default());
             if !self.spooled {
                 return;
             }
-            r.who = Some(Who {
-                tenant: caller.tenant.clone(),
-                subject: caller.subject.clone(),
-                client_id: caller.client_id.clone(),
-                issuer: Some(caller.issuer.clone()).filter(|i| !i.is_empty()),
-            });
+            r.caller = Some(caller.clone());
         });
     }
 
@@ -305,8 +301,9 @@ impl Trail {
         });
     }
 
-    /// The events to record and the mode each needs, now that the outcome is known. `error` is the failure in
-    /// words, for operators.
+    /// The events to record, each with the mode it needs, into `out`, now that the outcome is known. `error` is the
+    /// failure in words, for operators.
+    #[allow(clippy::too_many_arguments)]
     pub fn events(
         &self,
         status: StatusCode,
@@ -315,15 +312,18 @@ impl Trail {
         trace_id: Option<String>,
         node: &str,
         unauthenticated: AuditMode,
-    ) -> Vec<(AuditMode, Vec<u8>)> {
+        out: &mut super::Events,
+    ) {
         if !self.active() {
-            return Vec::new();
+            return;
         }
         let mut record = self.record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let record = &mut *record;
         let fallback = if record.tenant.is_none() && status.as_u16() >= 400 { unauthenticated } else { AuditMode::Off };
-        let public = record.public.clone().unwrap_or_else(|| "urn:fhirgw:unknown-base".to_owned());
-        let entries = record.acts.take().unwrap_or_else(|| {
+        let acts = record.acts.take();
+        let record = &*record;
+        let public = record.public.as_deref().unwrap_or("urn:fhirgw:unknown-base");
+        let entries = acts.unwrap_or_else(|| {
             let mut act = match &record.interaction {
                 Some((interaction, handler, relative)) => {
                     describe::act(interaction, *handler, &record.method, relative)
@@ -332,7 +332,7 @@ impl Trail {
             };
             if act.query.is_some() {
                 act.query = Some(match &record.interaction {
-                    Some((_, _, relative)) => query_form(&record.method, &public, relative, record.uri.query(), None),
+                    Some((_, _, relative)) => query_form(&record.method, public, relative, record.uri.query(), None),
                     // Not even classified (an irregular path): the request target as received.
                     None => match record.uri.query() {
                         Some(q) => format!("{} {}?{}", record.method, record.uri.path(), describe::redact(q)),
@@ -343,20 +343,27 @@ impl Trail {
             vec![Entry { act, route: record.route }]
         });
         let batch = entries.first().is_some_and(|e| e.act.entry.is_some());
+        let made_up;
+        let transaction = match record.request_id.as_deref().or(trace_id.as_deref()) {
+            Some(id) => id,
+            None => {
+                made_up = super::new_id();
+                &made_up
+            }
+        };
         let context = Context {
             recorded: self.started,
             client: record.client.unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            public_base: public.clone(),
-            node: node.to_owned(),
-            transaction: record.request_id.clone().or_else(|| trace_id.clone()).unwrap_or_else(super::new_id),
-            trace_id,
+            public_base: public,
+            node,
+            transaction,
+            trace_id: trace_id.as_deref(),
         };
         let location = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let version = headers
             .get(header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_owned());
-        let mut out = Vec::new();
         for (index, Entry { mut act, route }) in entries.into_iter().enumerate() {
             let mode =
                 effective(record.tenant.as_ref(), route.as_ref().or(record.route.as_ref()), fallback, act.category);
@@ -369,7 +376,7 @@ impl Trail {
             };
             let location = if batch { entry_location } else { location.clone() };
             if let Some((ty, id, vid)) = act.resource.as_mut() {
-                if let Some((lty, lid, lvid)) = location.as_deref().and_then(|l| parse_location(l, &public)) {
+                if let Some((lty, lid, lvid)) = location.as_deref().and_then(|l| parse_location(l, public)) {
                     if lty == *ty && id.as_ref().is_none_or(|i| *i == lid) {
                         *id = Some(lid);
                         *vid = lvid.or(vid.take());
@@ -399,19 +406,22 @@ impl Trail {
                 None
             };
             let outcome = Outcome { status: code, detail };
-            let who = record.who.as_ref();
+            let who = record.caller.as_deref().map(|c| Who {
+                tenant: &c.tenant,
+                subject: &c.subject,
+                client_id: c.client_id.as_deref(),
+                issuer: Some(c.issuer.as_str()).filter(|i| !i.is_empty()),
+            });
+            let who = who.as_ref();
             let patients: Vec<Option<&str>> = if act.patients.is_empty() {
                 vec![None]
             } else {
                 act.patients.iter().map(|p| Some(p.as_str())).collect()
             };
             for patient in patients {
-                let mut bytes = Vec::with_capacity(2560);
-                event::write(&mut bytes, &super::new_id(), &context, who, &act, &outcome, patient);
-                out.push((mode, bytes));
+                out.push(mode, |bytes| event::write(bytes, &super::new_id(), &context, who, &act, &outcome, patient));
             }
         }
-        out
     }
 }
 

@@ -50,6 +50,8 @@ struct Item {
 
 /// How long relaxed events may gather before they are written.
 const RELAXED_LINGER: Duration = Duration::from_millis(5);
+/// The writer's buffer is kept between turns up to this size.
+const BUFFER_KEPT: usize = 4 << 20;
 /// Written relaxed events are made durable at least this often (a strict event syncs them at once).
 const RELAXED_SYNC: Duration = Duration::from_millis(200);
 
@@ -161,6 +163,8 @@ impl Appender {
     }
 
     fn run(&self, spool: &Spool, mut segment: SegmentWriter) {
+        // One buffer for every turn's write (kept unless a backlog made it large).
+        let mut buffer = Vec::new();
         let mut synced_at = Instant::now();
         let mut unsynced = false;
         loop {
@@ -193,7 +197,10 @@ impl Appender {
             };
             let sync = strict || closing || synced_at.elapsed() >= RELAXED_SYNC;
             let wrote = !batch.is_empty();
-            self.write(spool, &mut segment, batch, sync);
+            self.write(spool, &mut segment, batch, sync, &mut buffer);
+            if buffer.capacity() > BUFFER_KEPT {
+                buffer = Vec::new();
+            }
             if sync {
                 synced_at = Instant::now();
                 unsynced = false;
@@ -204,9 +211,9 @@ impl Appender {
     }
 
     /// Appends a batch with one write (and, with `sync`, one fsync); an item that no longer fits is refused alone.
-    fn write(&self, spool: &Spool, segment: &mut SegmentWriter, batch: Vec<Item>, sync: bool) {
+    fn write(&self, spool: &Spool, segment: &mut SegmentWriter, batch: Vec<Item>, sync: bool, records: &mut Vec<u8>) {
         let room = spool.limits().max_bytes.saturating_sub(spool.bytes()).saturating_sub(64);
-        let mut records = Vec::with_capacity(batch.iter().map(|i| i.records.len()).sum());
+        records.clear();
         let mut accepted = Vec::with_capacity(batch.len());
         for item in batch {
             if (records.len() + item.records.len()) as u64 > room {
@@ -216,7 +223,7 @@ impl Appender {
             records.extend_from_slice(&item.records);
             accepted.push(item);
         }
-        let result = match spool.append(segment, &records, sync) {
+        let result = match spool.append(segment, records, sync) {
             Ok(_) => Ok(()),
             Err(SpoolError::Full { .. }) => Err(NotDurable::Full),
             Err(e) => {
@@ -274,7 +281,7 @@ mod tests {
         // Strict: returns once written and synced, relaxed events queued before it included.
         appender.strict(record("s0"), 1).await.unwrap();
         let texts = |records: Vec<crate::audit::spool::Record>| {
-            records.into_iter().map(|r| String::from_utf8(r.payload).unwrap()).collect::<Vec<_>>()
+            records.into_iter().map(|r| String::from_utf8(r.payload.to_vec()).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()), ["r0", "r1", "r2", "s0"]);
         appender.relaxed(record("r4"), 1).unwrap();

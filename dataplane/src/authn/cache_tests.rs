@@ -270,7 +270,7 @@ fn reusable_for_is_the_earliest_bound() {
         (Duration::ZERO, unix + 3600, Duration::ZERO),      // introspection_max_age 0
     ];
     for (until, exp, want) in cases {
-        let v = Verified { idp: idp.clone(), caller: caller.clone(), exp: *exp, until: now + *until };
+        let v = Verified { idp: idp.clone(), caller: Arc::new(caller.clone()), exp: *exp, until: now + *until };
         assert_eq!(v.reusable_for(now, unix), *want, "{until:?} {exp}");
     }
 }

@@ -76,7 +76,7 @@ pub(super) async fn introspect(
     let exp = check_answer(idp, &answer, unix_now())?;
     Ok(Verified {
         idp: idp.clone(),
-        caller: caller_from_claims(idp, &answer)?,
+        caller: std::sync::Arc::new(caller_from_claims(idp, &answer)?),
         exp,
         until: now + idp.introspection_max_age,
     })

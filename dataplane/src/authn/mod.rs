@@ -93,7 +93,8 @@ pub struct Authenticator {
 struct Verified {
     /// The settings the token was verified against; a changed provider means verifying again.
     idp: IdentityProvider,
-    caller: Caller,
+    /// Shared by every request the token makes while the verification is reused (no copy per request).
+    caller: Arc<Caller>,
     /// Unix seconds.
     exp: u64,
     /// The verification's own basis runs out then: the key set it used is due for a refetch, or the introspection
@@ -275,7 +276,7 @@ impl Authenticator {
         Arc::new(Self::build(jwks_lookups, verified_lookups))
     }
 
-    pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Caller, AuthError> {
+    pub async fn authenticate(&self, snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<Caller>, AuthError> {
         self.authenticate_at(snapshot, headers, Instant::now()).await
     }
 
@@ -285,7 +286,7 @@ impl Authenticator {
         snapshot: &Snapshot,
         headers: &HeaderMap,
         now: Instant,
-    ) -> Result<Caller, AuthError> {
+    ) -> Result<Arc<Caller>, AuthError> {
         let token = bearer(headers)?;
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = match self.verified.get(&key).await {
@@ -391,7 +392,7 @@ impl Authenticator {
             .ok_or_else(|| AuthError::invalid(Reason::Malformed, "no exp"))?;
         Ok(Verified {
             idp: idp.clone(),
-            caller: caller_from_claims(idp, &data.claims)?,
+            caller: Arc::new(caller_from_claims(idp, &data.claims)?),
             exp,
             until: key_set.good_until(idp),
         })
