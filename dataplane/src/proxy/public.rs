@@ -5,6 +5,7 @@
 //! each hop's `for` is itself trusted), else `X-Forwarded-Proto/-Host/-Port/-Prefix` (the value nearest to us). From
 //! anyone else they are ignored and the request's own Host is used over http.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, Uri};
@@ -61,45 +62,47 @@ impl PublicConfig {
     /// The public FHIR base (no trailing slash) for a request from `peer` to a table at `base_path`.
     pub fn base(&self, peer: SocketAddr, uri: &Uri, headers: &HeaderMap, base_path: &str) -> String {
         if let Some(base) = &self.base_url {
-            return format!("{base}{base_path}");
+            return [base.as_str(), base_path].concat();
         }
+        // Borrowed from the request where it can be (this runs on every request): owned only what a trusted
+        // proxy's headers change.
         let own_host = uri
             .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| header(headers, "host").map(str::to_owned))
+            .map(|a| a.as_str())
+            .or_else(|| header(headers, http::header::HOST))
             .filter(|h| valid_host(h));
-        let mut scheme = if self.tls { "https" } else { "http" }.to_owned();
-        let mut host = own_host;
-        let mut prefix = String::new();
+        let mut scheme = Cow::Borrowed(if self.tls { "https" } else { "http" });
+        let mut host = own_host.map(Cow::Borrowed);
+        let mut prefix = Cow::Borrowed("");
         if self.trusts(peer.ip()) {
             if let Some(hop) = self.forwarded_hop(headers) {
                 if let Some(p) = hop.proto {
-                    scheme = p;
+                    scheme = Cow::Owned(p);
                 }
                 if let Some(h) = hop.host {
-                    host = Some(h);
+                    host = Some(Cow::Owned(h));
                 }
             } else {
                 if let Some(p) = last_value(headers, "x-forwarded-proto").filter(|p| p == "http" || p == "https") {
-                    scheme = p;
+                    scheme = Cow::Owned(p);
                 }
                 if let Some(h) = last_value(headers, "x-forwarded-host").filter(|h| valid_host(h)) {
-                    host = Some(h);
+                    host = Some(Cow::Owned(h));
                 }
                 if let Some(port) = last_value(headers, "x-forwarded-port").filter(|p| p.parse::<u16>().is_ok())
                     && let Some(h) = host.as_mut()
                 {
                     let hostname = strip_port(h).to_owned();
                     let default = (scheme == "https" && port == "443") || (scheme == "http" && port == "80");
-                    *h = if default { hostname } else { format!("{hostname}:{port}") };
+                    *h = Cow::Owned(if default { hostname } else { format!("{hostname}:{port}") });
                 }
                 if let Some(p) = last_value(headers, "x-forwarded-prefix").filter(|p| valid_prefix(p)) {
-                    prefix = p.trim_end_matches('/').to_owned();
+                    prefix = Cow::Owned(p.trim_end_matches('/').to_owned());
                 }
             }
         }
-        let host = host.unwrap_or_else(|| "localhost".to_owned());
-        format!("{scheme}://{host}{prefix}{base_path}")
+        let host = host.unwrap_or(Cow::Borrowed("localhost"));
+        [&*scheme, "://", &*host, &*prefix, base_path].concat()
     }
 
     /// The caller's own network address: the TCP peer, or, when the peer is a trusted proxy, the address the
@@ -169,7 +172,7 @@ struct Hop {
     host: Option<String>,
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
