@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fhirgw_config::upstream::Upstream;
@@ -18,7 +18,7 @@ use rand::Rng;
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::spool::{Record, Spool};
+use super::spool::{Position, Record, Spool};
 use crate::limits::Throttled;
 use crate::metrics::AuditCounters;
 use crate::upstream::UpstreamClient;
@@ -28,6 +28,8 @@ const ANSWER_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes of events per delivery, at most (besides the count limit).
 const BATCH_MAX_BYTES: usize = 4 * 1024 * 1024;
 /// Once caught up (the spool had less than a batch), a shipper waits this long before it delivers again.
+/// While it delivers full batches, it stores its cursor at most this often.
+const COMMIT_EVERY: Duration = LINGER;
 const LINGER: Duration = Duration::from_millis(100);
 
 /// Where events go.
@@ -56,6 +58,13 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// Where a shipper is: delivered up to, and recorded as delivered (its cursor in the spool) up to.
+struct Progress {
+    delivered: Position,
+    committed: Position,
+    committed_at: Instant,
+}
+
 /// A delivery that failed as a whole (retried).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -73,14 +82,40 @@ impl Shipper {
     /// Ships until `stop` turns true (checked between deliveries and while waiting).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let name = self.sink.name();
+        let Some(start) = self.spool.cursor(name) else { return };
+        let mut progress = Progress { delivered: start, committed: start, committed_at: Instant::now() };
+        self.ship(&mut stop, &mut progress).await;
+        // Stopping: what was delivered is recorded as delivered (else it is delivered again on the next start).
+        self.commit(&mut progress).await;
+    }
+
+    /// Stores the cursor where delivery has got to, if it moved; a failure only means those events are delivered
+    /// again later (at least once).
+    async fn commit(&self, progress: &mut Progress) {
+        if progress.delivered == progress.committed {
+            return;
+        }
+        let (name, to) = (self.sink.name(), progress.delivered);
+        let spool = self.spool.clone();
+        match tokio::task::spawn_blocking(move || spool.commit(name, to)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(sink = name, error = %e, "audit: cannot store the sink's cursor"),
+            Err(_) => {}
+        }
+        progress.committed = to;
+        progress.committed_at = Instant::now();
+    }
+
+    async fn ship(&self, stop: &mut watch::Receiver<bool>, progress: &mut Progress) {
+        let name = self.sink.name();
         let mut durable = self.spool.subscribe();
         let failures = Throttled::new(Duration::from_secs(10));
-        let Some(mut cursor) = self.spool.cursor(name) else { return };
         let batch = match &self.sink {
             SinkConfig::Fhir { batch, .. } => (*batch).max(1),
             SinkConfig::Ndjson { .. } => 1000,
         };
         loop {
+            let cursor = progress.delivered;
             if *stop.borrow() {
                 return;
             }
@@ -90,7 +125,7 @@ impl Shipper {
                 Ok(Ok(records)) => records,
                 Ok(Err(e)) => {
                     tracing::error!(sink = name, error = %e, "audit: cannot read the spool; retrying");
-                    if sleep_or_stop(self.backoff.max, &mut stop).await {
+                    if sleep_or_stop(self.backoff.max, stop).await {
                         return;
                     }
                     continue;
@@ -98,12 +133,14 @@ impl Shipper {
                 Err(_) => return,
             };
             let Some(last) = records.last().map(|r| r.next) else {
+                // Nothing more: what the last full batches delivered is recorded before waiting.
+                self.commit(progress).await;
                 tokio::select! {
                     changed = durable.changed() => if changed.is_err() { return },
                     changed = stop.changed() => if changed.is_err() { return },
                 }
                 // Caught up: let a batch gather rather than deliver (and sync a cursor) per write.
-                if sleep_or_stop(LINGER, &mut stop).await {
+                if sleep_or_stop(LINGER, stop).await {
                     return;
                 }
                 continue;
@@ -117,7 +154,7 @@ impl Shipper {
                         if let Some(n) = failures.hit() {
                             tracing::warn!(sink = name, error = %e, events = records.len(), failures = n, retry_in_ms = delay.as_millis() as u64, "audit: delivery failed; the events stay in the spool and are retried");
                         }
-                        if sleep_or_stop(jitter(delay), &mut stop).await {
+                        if sleep_or_stop(jitter(delay), stop).await {
                             return;
                         }
                         delay = (delay * 2).min(self.backoff.max);
@@ -127,19 +164,19 @@ impl Shipper {
             if !rejected.is_empty() {
                 self.reject(&records, &rejected).await;
             }
-            let spool = self.spool.clone();
-            match tokio::task::spawn_blocking(move || spool.commit(name, last)).await {
-                Ok(Ok(())) => {}
-                // Delivered but not recorded as delivered: shipped again later (at least once).
-                Ok(Err(e)) => tracing::error!(sink = name, error = %e, "audit: cannot store the sink's cursor"),
-                Err(_) => return,
-            }
-            cursor = last;
+            progress.delivered = last;
             self.counters.shipped(name, (records.len() - rejected.len()) as u64);
             // A short batch means the shipper has caught up with a steady trickle: without a pause it would deliver
             // (and sync its cursor: two fsyncs and a directory sync) every few milliseconds, a few events at a time.
             let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-            if records.len() < batch && bytes < BATCH_MAX_BYTES && sleep_or_stop(LINGER, &mut stop).await {
+            let caught_up = records.len() < batch && bytes < BATCH_MAX_BYTES;
+            // Full batches one after another (a backlog, or more events a second than a batch holds) store the
+            // cursor at most every COMMIT_EVERY: per batch of 100 it would be hundreds of fsyncs a second. A crash
+            // meanwhile delivers those batches again, which at least once allows.
+            if caught_up || progress.committed_at.elapsed() >= COMMIT_EVERY {
+                self.commit(progress).await;
+            }
+            if caught_up && sleep_or_stop(LINGER, stop).await {
                 return;
             }
         }
@@ -303,8 +340,25 @@ mod tests {
     /// (three fsyncs) again at once, hundreds of times a second.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_steady_trickle_is_delivered_in_batches() {
+        let (commits, produced) = ship_while_producing(1).await;
+        // 0.6 s at one delivery per 100 ms linger, plus the first: well under 20.
+        assert!(commits <= 12, "{commits} cursor commits for {produced} events over 0.6 s");
+    }
+
+    /// More events than a batch holds per linger (full batches one after another): the cursor is stored at most
+    /// every 100 ms, not after each batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_batches_store_the_cursor_at_most_every_100_ms() {
+        let (commits, produced) = ship_while_producing(100).await;
+        assert!(produced > 20_000, "{produced} events: not enough for full batches");
+        assert!(commits <= 12, "{commits} cursor commits for {produced} events over 0.6 s");
+    }
+
+    /// Runs an NDJSON shipper while a thread appends `per_tick` events every ~0.1 ms for 0.6 s; checks that every
+    /// event arrived once, in order; returns how often the cursor was seen to move, and how many events there were.
+    async fn ship_while_producing(per_tick: usize) -> (usize, usize) {
         let dir = tempfile::tempdir().unwrap();
-        let limits = Limits { max_bytes: 64 << 20, segment_bytes: 16 << 20 };
+        let limits = Limits { max_bytes: 256 << 20, segment_bytes: 16 << 20 };
         let (spool, mut writer) = Spool::open(dir.path(), limits, &["ndjson"]).unwrap();
         let spool = Arc::new(spool);
         let out = dir.path().join("sink.ndjson");
@@ -317,17 +371,19 @@ mod tests {
         };
         let (stop, stopped) = watch::channel(false);
         let running = tokio::spawn(shipper.run(stopped));
-        // The producer: an event every ~0.1 ms for 0.6 s, on a thread of its own (as the writer thread is).
+        // The producer, on a thread of its own (as the writer thread is).
         let producer = std::thread::spawn({
             let spool = spool.clone();
             move || {
                 let until = std::time::Instant::now() + Duration::from_millis(600);
                 let mut n = 0;
                 while std::time::Instant::now() < until {
-                    let mut record = Vec::new();
-                    frame(format!("{{\"id\":\"e{n}\"}}").as_bytes(), 1, &mut record).unwrap();
-                    spool.append(&mut writer, &record, false).unwrap();
-                    n += 1;
+                    let mut records = Vec::new();
+                    for _ in 0..per_tick {
+                        frame(format!("{{\"id\":\"e{n}\"}}").as_bytes(), 1, &mut records).unwrap();
+                        n += 1;
+                    }
+                    spool.append(&mut writer, &records, false).unwrap();
                     std::thread::sleep(Duration::from_micros(100));
                 }
                 n
@@ -352,10 +408,8 @@ mod tests {
         stop.send(true).unwrap();
         running.await.unwrap();
         let lines = std::fs::read_to_string(&out).unwrap();
-        let ids: Vec<String> = lines.lines().map(str::to_owned).collect();
-        let want: Vec<String> = (0..produced).map(|n| format!("{{\"id\":\"e{n}\"}}")).collect();
-        assert_eq!(ids, want, "every event delivered once, in order");
-        // 0.6 s at one delivery per 100 ms linger, plus the first: well under 20.
-        assert!(commits <= 12, "{commits} deliveries of {produced} events over 0.6 s");
+        let want: String = (0..produced).map(|n| format!("{{\"id\":\"e{n}\"}}\n")).collect();
+        assert!(lines == want, "every event delivered once, in order ({} lines for {produced})", lines.lines().count());
+        (commits, produced)
     }
 }
