@@ -13,6 +13,8 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor}
 
 use super::verify::{EntryMode, Grants};
 
+mod scan;
+
 // The views are deserialised by hand, not derived: a derived struct also accepts a JSON *array* in place of an
 // object (serde's positional form), so `"resource": ["Patient", "p1", {"tag": [...]}]` would have looked like a
 // tagged Patient here while the full rule (a parsed `Value`) sees no resource at all. Here every view is an object
@@ -20,14 +22,14 @@ use super::verify::{EntryMode, Grants};
 // without checking their UTF-8 (`plain` checks the whole input once); a duplicate of a member that matters is an
 // error, as with serde's derive; strings are borrowed (one with an escape is an error: the full path decides).
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct EntryView<'a> {
     pub full_url: Option<&'a str>,
     pub resource: Option<ResourceView<'a>>,
     search: Option<SearchView<'a>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct SearchView<'a> {
     mode: Option<&'a str>,
 }
@@ -39,19 +41,19 @@ impl EntryView<'_> {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct ResourceView<'a> {
     pub resource_type: Option<&'a str>,
     pub id: Option<&'a str>,
     meta: Option<MetaView<'a>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct MetaView<'a> {
     tag: Option<Vec<TagView<'a>>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct TagView<'a> {
     system: Option<&'a str>,
     code: Option<&'a str>,
@@ -171,6 +173,14 @@ pub fn entry_prefix(input: &[u8]) -> Option<(usize, Option<EntryView<'_>>)> {
     if input.first() != Some(&b'{') {
         return None;
     }
+    match scan::entry(input) {
+        Ok((len, view)) => Some((len, Some(view))),
+        Err(scan::Unsure) => entry_prefix_serde(input),
+    }
+}
+
+/// [`entry_prefix`] by serde alone: the reference that [`scan`] must agree with.
+fn entry_prefix_serde(input: &[u8]) -> Option<(usize, Option<EntryView<'_>>)> {
     // One pass of serde over the entry both finds its end and validates it. A string it cannot borrow (an escape)
     // still parses; `plain` below sends that entry to the full path.
     let mut entries = serde_json::Deserializer::from_slice(input).into_iter::<serde::de::IgnoredAny>();
@@ -191,6 +201,14 @@ pub fn entry_prefix(input: &[u8]) -> Option<(usize, Option<EntryView<'_>>)> {
 
 /// The light view of one resource (a read's body), or `None` when only the full path can decide it.
 pub fn resource_view(raw: &[u8]) -> Option<ResourceView<'_>> {
+    match scan::resource(raw) {
+        Ok(view) => Some(view),
+        Err(scan::Unsure) => resource_view_serde(raw),
+    }
+}
+
+/// [`resource_view`] by serde alone.
+fn resource_view_serde(raw: &[u8]) -> Option<ResourceView<'_>> {
     serde_json::from_str(plain(raw)?).ok()
 }
 
