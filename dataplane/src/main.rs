@@ -143,6 +143,12 @@ struct Args {
     /// Relaxed-mode events waiting to be written, at most; more are dropped (counted, logged), never waited for.
     #[arg(long, env = "FHIRGW_DP_AUDIT_QUEUE_EVENTS", default_value_t = 10_000)]
     audit_queue_events: usize,
+    /// Strict mode's commit delay, in microseconds: a group commit that finds strict events waits up to this long
+    /// for the strict requests already admitted and not yet recorded, so that one disk flush carries them all (fewer
+    /// flushes under concurrent strict traffic, for at most this much latency; a request alone does not wait). 0: off;
+    /// at most 100000.
+    #[arg(long, env = "FHIRGW_DP_AUDIT_COMMIT_DELAY_US", default_value_t = 300)]
+    audit_commit_delay_us: u64,
     /// How requests refused without a caller (401, malformed requests) are audited: off, relaxed or strict (a
     /// route's own audit mode applies too). Only with --audit-dir.
     #[arg(long, env = "FHIRGW_DP_AUDIT_UNAUTHENTICATED", default_value = "relaxed")]
@@ -197,6 +203,7 @@ fn audit_settings(args: &Args, node: &str) -> anyhow::Result<audit::Settings> {
         max_bytes: args.audit_spool_max_bytes,
         segment_bytes: args.audit_segment_bytes.min(args.audit_spool_max_bytes / 2),
         relaxed_queue: args.audit_queue_events,
+        commit_delay: Duration::from_micros(args.audit_commit_delay_us.min(100_000)),
         unauthenticated,
         node: node.to_owned(),
         sinks,

@@ -61,6 +61,8 @@ pub struct Settings {
     pub segment_bytes: u64,
     /// Relaxed events queued for the writer, at most.
     pub relaxed_queue: usize,
+    /// How long a group commit waits for strict events already admitted (see `writer`); zero: not at all.
+    pub commit_delay: Duration,
     /// How refused requests without a caller (401, a malformed request) are recorded.
     pub unauthenticated: AuditMode,
     pub node: String,
@@ -180,8 +182,9 @@ impl Auditor {
         let limits = Limits { max_bytes: settings.max_bytes, segment_bytes: settings.segment_bytes };
         let (spool, segment) = Spool::open(dir, limits, &names)?;
         let spool = Arc::new(spool);
-        let (appender, writer) = Appender::start(spool.clone(), segment, settings.relaxed_queue, counters.clone())
-            .map_err(AuditError::Thread)?;
+        let (appender, writer) =
+            Appender::start(spool.clone(), segment, settings.relaxed_queue, settings.commit_delay, counters.clone())
+                .map_err(AuditError::Thread)?;
         let (stop, _) = watch::channel(false);
         let mut shippers = Vec::new();
         for sink in settings.sinks.clone() {
@@ -256,6 +259,9 @@ impl Auditor {
             used + headroom <= max && !r.appender.failed_within(FAILURE_HOLD)
         });
         if ok {
+            if let Some(running) = &self.running {
+                trail.expect(running.appender.expect());
+            }
             Ok(())
         } else {
             trail.refused_unrecordable();
@@ -300,7 +306,8 @@ impl Auditor {
             return Ok(());
         };
         if strict {
-            match tokio::time::timeout(STRICT_WAIT, running.appender.strict(records, count)).await {
+            let written = running.appender.strict(records, count, trail.take_expected());
+            match tokio::time::timeout(STRICT_WAIT, written).await {
                 Ok(Ok(())) => Ok(()),
                 outcome => {
                     if !trail.was_refused_unrecordable() {

@@ -66,6 +66,8 @@ pub struct Trail {
     spooled: bool,
     started: SystemTime,
     record: Mutex<Record>,
+    /// Admitted in strict mode: the writer expects its event (a commit delay waits for it).
+    expected: Mutex<Option<super::writer::Expected>>,
 }
 
 impl Trail {
@@ -94,7 +96,18 @@ impl Trail {
             spooled,
             started: SystemTime::now(),
             record: Mutex::new(record),
+            expected: Mutex::new(None),
         }
+    }
+
+    pub(super) fn expect(&self, expected: super::writer::Expected) {
+        if let Ok(mut slot) = self.expected.lock() {
+            *slot = Some(expected);
+        }
+    }
+
+    pub(super) fn take_expected(&self) -> Option<super::writer::Expected> {
+        self.expected.lock().ok().and_then(|mut slot| slot.take())
     }
 
     pub(super) fn refused_unrecordable(&self) {

@@ -3,13 +3,17 @@
 //!
 //! Strict events carry a channel on which they learn that they are durable: a turn with a strict event ends with one
 //! `fdatasync` for everything written so far (group commit: under load many events share one sync, and a request
-//! waits for at most the sync in progress plus its own). Relaxed events are not waited for: the writer lets them
+//! waits for at most the sync in progress plus its own). With a commit delay, a turn that finds strict events also
+//! waits, at most that long, for the strict requests already admitted but not yet queued ([`Appender::expect`]), as
+//! PostgreSQL's `commit_delay` does with `commit_siblings`: under concurrent strict traffic a sync then carries
+//! several times more events (each sync is a disk flush: most of strict mode's cost), at the price of that much
+//! latency; a request alone never waits for it. Relaxed events are not waited for: the writer lets them
 //! gather for `RELAXED_LINGER` (cut short by a strict event) and syncs them within `RELAXED_SYNC`, so relaxed
 //! traffic costs a few writes and syncs per second rather than one per request. They are refused at the door when
 //! the queue already holds `relaxed_capacity` of them (a drop, counted), so a slow disk never slows relaxed
 //! traffic. Strict events are not bounded by count: each belongs to a request waiting for it.
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -62,6 +66,18 @@ struct Queue {
     strict_items: usize,
     bytes: usize,
     closed: bool,
+    /// Strict requests admitted whose events are not queued yet ([`Expected`]).
+    expected: usize,
+    /// While the writer waits out a commit delay: the queued strict items that end the wait early.
+    delay_until: Option<usize>,
+}
+
+impl Queue {
+    /// Whether queueing or giving up an expected event should wake the writer now: always, unless it is waiting out
+    /// a commit delay that this does not end (waking it for every arrival would cost more than the delay saves).
+    fn wakes_writer(&self) -> bool {
+        self.delay_until.is_none_or(|until| self.strict_items >= until || self.expected == 0)
+    }
 }
 
 /// The queue in front of the writer thread.
@@ -69,6 +85,8 @@ pub struct Appender {
     queue: Mutex<Queue>,
     wake: Condvar,
     relaxed_capacity: usize,
+    /// How long a turn with strict events waits for the expected ones (zero: not at all).
+    commit_delay: Duration,
     counters: AuditCounters,
     /// When a write last failed.
     failed_at: Mutex<Option<Instant>>,
@@ -86,12 +104,14 @@ impl Appender {
         spool: Arc<Spool>,
         segment: SegmentWriter,
         relaxed_capacity: usize,
+        commit_delay: Duration,
         counters: AuditCounters,
     ) -> std::io::Result<(Arc<Appender>, std::thread::JoinHandle<()>)> {
         let appender = Arc::new(Appender {
             queue: Mutex::default(),
             wake: Condvar::new(),
             relaxed_capacity,
+            commit_delay,
             counters,
             failed_at: Mutex::new(None),
         });
@@ -102,8 +122,15 @@ impl Appender {
         Ok((appender, thread))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Announces a strict request that will queue its event (with [`Appender::strict`]) once its outcome is known:
+    /// a turn with a commit delay waits for it. Dropping the guard unqueued withdraws the announcement.
+    pub fn expect(self: &Arc<Self>) -> Expected {
+        self.lock().expected += 1;
+        Expected { appender: Some(self.clone()) }
     }
 
     /// Bytes queued, not yet written (for the strict mode's room check).
@@ -117,19 +144,28 @@ impl Appender {
     }
 
     /// Queues framed records of `events` events; resolves once they are durable.
-    pub async fn strict(&self, records: Vec<u8>, events: u64) -> Result<(), NotDurable> {
+    /// `expected`: its announcement ([`Appender::expect`]), if it was made; settled here.
+    pub async fn strict(&self, records: Vec<u8>, events: u64, expected: Option<Expected>) -> Result<(), NotDurable> {
         let (tx, rx) = oneshot::channel();
-        {
+        let wake = {
             let mut queue = self.lock();
+            if let Some(mut expected) = expected
+                && expected.appender.take().is_some()
+            {
+                queue.expected = queue.expected.saturating_sub(1);
+            }
             if queue.closed {
                 return Err(NotDurable::Stopped);
             }
             queue.bytes += records.len();
             queue.strict_items += 1;
             queue.items.push(Item { records, events, done: Some(tx) });
-        }
+            queue.wakes_writer()
+        };
         // A strict event cuts a relaxed linger short: it is written and synced now.
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         rx.await.unwrap_or(Err(NotDurable::Stopped))
     }
 
@@ -186,6 +222,7 @@ impl Appender {
                 if !queue.items.is_empty() && queue.strict_items == 0 && !queue.closed {
                     queue = self.wake.wait_timeout(queue, RELAXED_LINGER).unwrap_or_else(PoisonError::into_inner).0;
                 }
+                queue = self.delay_commit(queue);
                 if queue.items.is_empty() && queue.closed && !unsynced {
                     return;
                 }
@@ -208,6 +245,26 @@ impl Appender {
                 unsynced = true;
             }
         }
+    }
+
+    /// Strict events queued and more expected: waits up to the commit delay for those expected now (not for
+    /// requests admitted during the wait), so that one sync carries them all.
+    fn delay_commit<'q>(&self, mut queue: MutexGuard<'q, Queue>) -> MutexGuard<'q, Queue> {
+        if queue.strict_items == 0 || queue.expected == 0 || queue.closed || self.commit_delay.is_zero() {
+            return queue;
+        }
+        let until = queue.strict_items + queue.expected;
+        queue.delay_until = Some(until);
+        let deadline = Instant::now() + self.commit_delay;
+        while !queue.wakes_writer() && !queue.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queue = self.wake.wait_timeout(queue, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        queue.delay_until = None;
+        queue
     }
 
     /// Appends a batch with one write (and, with `sync`, one fsync); an item that no longer fits is refused alone.
@@ -239,6 +296,18 @@ impl Appender {
         }
     }
 
+    /// Withdraws one announcement (its request ended without queueing an event).
+    fn unexpect(&self) {
+        let wake = {
+            let mut queue = self.lock();
+            queue.expected = queue.expected.saturating_sub(1);
+            queue.delay_until.is_some() && queue.wakes_writer()
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
     fn finish(&self, item: Item, result: Result<(), NotDurable>) {
         match result {
             Ok(()) => self.counters.written(item.events),
@@ -248,6 +317,25 @@ impl Appender {
         }
         if let Some(done) = item.done {
             let _ = done.send(result);
+        }
+    }
+}
+
+/// A strict request's announcement that it will queue an event ([`Appender::expect`]).
+pub struct Expected {
+    appender: Option<Arc<Appender>>,
+}
+
+impl std::fmt::Debug for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expected").field("pending", &self.appender.is_some()).finish()
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if let Some(appender) = self.appender.take() {
+            appender.unexpect();
         }
     }
 }
@@ -271,7 +359,8 @@ mod tests {
         let (spool, segment) =
             Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
         let spool = Arc::new(spool);
-        let (appender, thread) = Appender::start(spool.clone(), segment, 3, AuditCounters::default()).unwrap();
+        let (appender, thread) =
+            Appender::start(spool.clone(), segment, 3, Duration::ZERO, AuditCounters::default()).unwrap();
         let start = spool.cursor("s").unwrap();
         // Relaxed: accepted at once, written within the linger, a fourth over capacity refused.
         for i in 0..3 {
@@ -279,7 +368,7 @@ mod tests {
         }
         assert_eq!(appender.relaxed(record("r3"), 1), Err(NotDurable::QueueFull));
         // Strict: returns once written and synced, relaxed events queued before it included.
-        appender.strict(record("s0"), 1).await.unwrap();
+        appender.strict(record("s0"), 1, None).await.unwrap();
         let texts = |records: Vec<crate::audit::spool::Record>| {
             records.into_iter().map(|r| String::from_utf8(r.payload.to_vec()).unwrap()).collect::<Vec<_>>()
         };
@@ -289,5 +378,62 @@ mod tests {
         thread.join().unwrap();
         assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()).last().map(String::as_str), Some("r4"));
         assert_eq!(appender.relaxed(record("late"), 1), Err(NotDurable::Stopped));
+    }
+
+    /// With a commit delay, a strict event waits for the strict requests admitted before it (so one sync carries
+    /// them all), and no longer once they are queued or withdrawn; a request alone does not wait at all.
+    #[tokio::test]
+    async fn a_commit_delay_waits_for_expected_strict_events_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, segment) =
+            Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
+        let spool = Arc::new(spool);
+        let start = spool.cursor("s").unwrap();
+        // Far longer than anything below may take: each wait that ends early ended for its reason, not the delay.
+        let delay = Duration::from_secs(30);
+        let (appender, thread) = Appender::start(spool.clone(), segment, 10, delay, AuditCounters::default()).unwrap();
+        let soon = Duration::from_secs(5);
+
+        // Alone: written and synced at once.
+        tokio::time::timeout(soon, appender.strict(record("alone"), 1, Some(appender.expect())))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // Two admitted: the first waits for the second, and both are durable as soon as the second is queued.
+        let (first, second) = (appender.expect(), appender.expect());
+        let mut waiting = tokio::spawn({
+            let appender = appender.clone();
+            async move { appender.strict(record("a"), 1, Some(first)).await }
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(),
+            "the turn did not wait for the expected event"
+        );
+        tokio::time::timeout(soon, appender.strict(record("b"), 1, Some(second))).await.unwrap().unwrap();
+        tokio::time::timeout(soon, waiting).await.unwrap().unwrap().unwrap();
+
+        // One admitted request gives up (its guard dropped unqueued): the wait for it ends.
+        let (third, quitter) = (appender.expect(), appender.expect());
+        let waiting = tokio::spawn({
+            let appender = appender.clone();
+            async move { appender.strict(record("c"), 1, Some(third)).await }
+        });
+        // Once "c" is queued (the writer holds it while it waits), the other request gives up.
+        while appender.queued_bytes() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(quitter);
+        tokio::time::timeout(soon, waiting).await.unwrap().unwrap().unwrap();
+
+        appender.close();
+        thread.join().unwrap();
+        let texts: Vec<_> = spool
+            .read(start, 100, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
+            .collect();
+        assert_eq!(texts, ["alone", "a", "b", "c"]);
     }
 }
