@@ -207,6 +207,25 @@ pub fn resource_view(raw: &[u8]) -> Option<ResourceView<'_>> {
     }
 }
 
+/// For the fuzz target `views` (`fuzz/`): both answers, in words, when [`scan`] answers for `input` (as a Bundle
+/// entry's bytes, or as a whole resource) and serde's views answer otherwise.
+#[doc(hidden)]
+pub fn scan_disagreement(input: &[u8]) -> Option<String> {
+    if let Ok((len, view)) = scan::entry(input) {
+        let (scanned, reference) = (Some((len, Some(view))), entry_prefix_serde(input));
+        if scanned != reference {
+            return Some(format!("entry: the scan answered {scanned:?}, serde {reference:?}"));
+        }
+    }
+    if let Ok(view) = scan::resource(input) {
+        let (scanned, reference) = (Some(view), resource_view_serde(input));
+        if scanned != reference {
+            return Some(format!("resource: the scan answered {scanned:?}, serde {reference:?}"));
+        }
+    }
+    None
+}
+
 /// [`resource_view`] by serde alone.
 fn resource_view_serde(raw: &[u8]) -> Option<ResourceView<'_>> {
     serde_json::from_str(plain(raw)?).ok()
