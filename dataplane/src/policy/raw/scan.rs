@@ -54,9 +54,13 @@ struct Cursor<'a> {
     at: usize,
 }
 
-/// Marks a member that matters as seen; a second one is left to serde (which refuses it).
-fn once(seen: &mut bool) -> Scan<()> {
-    if std::mem::replace(seen, true) { Err(Unsure) } else { Ok(()) }
+/// A member that matters, read into `slot`; a second one is left to serde (which refuses it).
+fn once<T>(seen: &mut bool, slot: &mut Option<T>, value: Scan<Option<T>>) -> Scan<()> {
+    if std::mem::replace(seen, true) {
+        return Err(Unsure);
+    }
+    *slot = value?;
+    Ok(())
 }
 
 /// The eight bytes of `word` (little-endian) that are a quote, a backslash or a control character, as the high bit of
@@ -319,34 +323,21 @@ impl<'a> Cursor<'a> {
         let mut view = EntryView::default();
         let (mut full_url, mut resource, mut search) = (false, false, false);
         self.members(1, |cursor, name| match name {
-            b"fullUrl" => {
-                once(&mut full_url)?;
-                view.full_url = cursor.opt_str()?;
-                Ok(())
-            }
-            b"resource" => {
-                once(&mut resource)?;
-                view.resource = cursor.opt_object(|cursor| cursor.resource(2))?;
-                Ok(())
-            }
-            b"search" => {
-                once(&mut search)?;
-                view.search = cursor.opt_object(|cursor| {
-                    let mut search = SearchView::default();
-                    let mut mode = false;
-                    cursor.members(2, |cursor, name| match name {
-                        b"mode" => {
-                            once(&mut mode)?;
-                            search.mode = cursor.opt_str()?;
-                            Ok(())
-                        }
-                        _ => cursor.value(2),
-                    })?;
-                    Ok(search)
-                })?;
-                Ok(())
-            }
+            b"fullUrl" => once(&mut full_url, &mut view.full_url, cursor.opt_str()),
+            b"resource" => once(&mut resource, &mut view.resource, cursor.opt_object(|cursor| cursor.resource(2))),
+            b"search" => once(&mut search, &mut view.search, cursor.opt_object(Cursor::search)),
             _ => cursor.value(1),
+        })?;
+        Ok(view)
+    }
+
+    /// An entry's `search` whose `{` was consumed.
+    fn search(&mut self) -> Scan<SearchView<'a>> {
+        let mut view = SearchView::default();
+        let mut mode = false;
+        self.members(2, |cursor, name| match name {
+            b"mode" => once(&mut mode, &mut view.mode, cursor.opt_str()),
+            _ => cursor.value(2),
         })?;
         Ok(view)
     }
@@ -356,21 +347,9 @@ impl<'a> Cursor<'a> {
         let mut view = ResourceView::default();
         let (mut resource_type, mut id, mut meta) = (false, false, false);
         self.members(depth, |cursor, name| match name {
-            b"resourceType" => {
-                once(&mut resource_type)?;
-                view.resource_type = cursor.opt_str()?;
-                Ok(())
-            }
-            b"id" => {
-                once(&mut id)?;
-                view.id = cursor.opt_str()?;
-                Ok(())
-            }
-            b"meta" => {
-                once(&mut meta)?;
-                view.meta = cursor.opt_object(|cursor| cursor.meta(depth + 1))?;
-                Ok(())
-            }
+            b"resourceType" => once(&mut resource_type, &mut view.resource_type, cursor.opt_str()),
+            b"id" => once(&mut id, &mut view.id, cursor.opt_str()),
+            b"meta" => once(&mut meta, &mut view.meta, cursor.opt_object(|cursor| cursor.meta(depth + 1))),
             _ => cursor.value(depth),
         })?;
         Ok(view)
@@ -380,42 +359,35 @@ impl<'a> Cursor<'a> {
         let mut view = MetaView::default();
         let mut tag = false;
         self.members(depth, |cursor, name| match name {
-            b"tag" => {
-                once(&mut tag)?;
-                view.tag = match cursor.token()? {
-                    b'n' => cursor.literal(b"ull").map(|()| None)?,
-                    b'[' => {
-                        let mut tags = Vec::new();
-                        cursor.elements(depth + 1, |cursor| {
-                            cursor.expect(b'{')?;
-                            tags.push(cursor.coding(depth + 2)?);
-                            Ok(())
-                        })?;
-                        Some(tags)
-                    }
-                    _ => return Err(Unsure),
-                };
-                Ok(())
-            }
+            b"tag" => once(&mut tag, &mut view.tag, cursor.tags(depth + 1)),
             _ => cursor.value(depth),
         })?;
         Ok(view)
+    }
+
+    /// `meta.tag`: `null` or an array of codings (objects), at nesting `depth`.
+    fn tags(&mut self, depth: usize) -> Scan<Option<Vec<TagView<'a>>>> {
+        match self.token()? {
+            b'n' => self.literal(b"ull").map(|()| None),
+            b'[' => {
+                let mut tags = Vec::new();
+                self.elements(depth, |cursor| {
+                    cursor.expect(b'{')?;
+                    tags.push(cursor.coding(depth + 1)?);
+                    Ok(())
+                })?;
+                Ok(Some(tags))
+            }
+            _ => Err(Unsure),
+        }
     }
 
     fn coding(&mut self, depth: usize) -> Scan<TagView<'a>> {
         let mut view = TagView::default();
         let (mut system, mut code) = (false, false);
         self.members(depth, |cursor, name| match name {
-            b"system" => {
-                once(&mut system)?;
-                view.system = cursor.opt_str()?;
-                Ok(())
-            }
-            b"code" => {
-                once(&mut code)?;
-                view.code = cursor.opt_str()?;
-                Ok(())
-            }
+            b"system" => once(&mut system, &mut view.system, cursor.opt_str()),
+            b"code" => once(&mut code, &mut view.code, cursor.opt_str()),
             _ => cursor.value(depth),
         })?;
         Ok(view)
