@@ -347,6 +347,24 @@ mod tests {
     use super::*;
     use crate::audit::spool::{Limits, frame};
 
+    /// A spool with one sink `s` in a temporary directory (kept alive by the first value) and its writer.
+    fn started(
+        relaxed_capacity: usize,
+        commit_delay: Duration,
+    ) -> (tempfile::TempDir, Arc<Spool>, Arc<Appender>, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, segment) =
+            Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
+        let spool = Arc::new(spool);
+        let (appender, thread) =
+            Appender::start(spool.clone(), segment, relaxed_capacity, commit_delay, AuditCounters::default()).unwrap();
+        (dir, spool, appender, thread)
+    }
+
+    fn texts(records: Vec<crate::audit::spool::Record>) -> Vec<String> {
+        records.into_iter().map(|r| String::from_utf8(r.payload.to_vec()).unwrap()).collect()
+    }
+
     fn record(text: &str) -> Vec<u8> {
         let mut out = Vec::new();
         frame(text.as_bytes(), 1, &mut out).unwrap();
@@ -355,12 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn strict_waits_relaxed_gathers_and_close_drains() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, segment) =
-            Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
-        let spool = Arc::new(spool);
-        let (appender, thread) =
-            Appender::start(spool.clone(), segment, 3, Duration::ZERO, AuditCounters::default()).unwrap();
+        let (_dir, spool, appender, thread) = started(3, Duration::ZERO);
         let start = spool.cursor("s").unwrap();
         // Relaxed: accepted at once, written within the linger, a fourth over capacity refused.
         for i in 0..3 {
@@ -369,9 +382,6 @@ mod tests {
         assert_eq!(appender.relaxed(record("r3"), 1), Err(NotDurable::QueueFull));
         // Strict: returns once written and synced, relaxed events queued before it included.
         appender.strict(record("s0"), 1, None).await.unwrap();
-        let texts = |records: Vec<crate::audit::spool::Record>| {
-            records.into_iter().map(|r| String::from_utf8(r.payload.to_vec()).unwrap()).collect::<Vec<_>>()
-        };
         assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()), ["r0", "r1", "r2", "s0"]);
         appender.relaxed(record("r4"), 1).unwrap();
         appender.close();
@@ -384,14 +394,9 @@ mod tests {
     /// them all), and no longer once they are queued or withdrawn; a request alone does not wait at all.
     #[tokio::test]
     async fn a_commit_delay_waits_for_expected_strict_events_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, segment) =
-            Spool::open(dir.path(), Limits { max_bytes: 1 << 20, segment_bytes: 1 << 20 }, &["s"]).unwrap();
-        let spool = Arc::new(spool);
-        let start = spool.cursor("s").unwrap();
         // Far longer than anything below may take: each wait that ends early ended for its reason, not the delay.
-        let delay = Duration::from_secs(30);
-        let (appender, thread) = Appender::start(spool.clone(), segment, 10, delay, AuditCounters::default()).unwrap();
+        let (_dir, spool, appender, thread) = started(10, Duration::from_secs(30));
+        let start = spool.cursor("s").unwrap();
         let soon = Duration::from_secs(5);
 
         // Alone: written and synced at once.
@@ -428,12 +433,6 @@ mod tests {
 
         appender.close();
         thread.join().unwrap();
-        let texts: Vec<_> = spool
-            .read(start, 100, usize::MAX)
-            .unwrap()
-            .into_iter()
-            .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
-            .collect();
-        assert_eq!(texts, ["alone", "a", "b", "c"]);
+        assert_eq!(texts(spool.read(start, 100, usize::MAX).unwrap()), ["alone", "a", "b", "c"]);
     }
 }
