@@ -72,29 +72,78 @@ fn on_upstream_base<'u>(upstream: &Upstream, url: &'u str) -> Option<&'u str> {
 
 /// Whether `text` spells the upstream's origin (`scheme://authority`) anywhere, scheme and host in any case. A
 /// longer authority that starts with it (`:80900` for `:8090`) counts too: this only decides whether text can pass
-/// without looking closer, so it errs towards yes. No copy of `text` is made.
+/// without looking closer, so it errs towards yes. No copy of `text` is made. For many texts of one upstream (a
+/// stream's entries or lines), build an [`OriginFinder`] once instead.
 pub fn mentions_origin(text: &[u8], upstream: &Upstream) -> bool {
-    origin_mentions(text, upstream).next().is_some()
+    OriginFinder::new(upstream).mentions(text).next().is_some()
 }
 
-/// Where `text` spells the upstream's origin, as [`mentions_origin`] counts it: the offset of each mention's first
-/// byte, in order. An origin without `://` (never built by the configuration) is mentioned at offset 0.
-pub fn origin_mentions<'t>(text: &'t [u8], upstream: &'t Upstream) -> impl Iterator<Item = usize> + 't {
-    // Built once: a searcher costs more to build than to run over one entry.
-    static SEPARATOR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"://"));
-    let parts = upstream.origin.split_once("://");
-    let malformed = parts.is_none().then_some(0);
-    let mentions = parts.into_iter().flat_map(move |(scheme, authority)| {
-        SEPARATOR.find_iter(text).filter_map(move |at| {
-            let start = at.checked_sub(scheme.len())?;
-            let before = text.get(start..at)?;
-            let after = text.get(at + 3..at + 3 + authority.len())?;
-            (before.eq_ignore_ascii_case(scheme.as_bytes()) && after.eq_ignore_ascii_case(authority.as_bytes()))
-                .then_some(start)
+/// Where texts spell one upstream's origin, as [`mentions_origin`] counts it.
+///
+/// It searches for the longest run of `://authority` without an ASCII letter (`://10.0.0.7:8080` whole, `:8080` of
+/// `://hapi:8080`, at least `://`): that run is spelled the same in any case, so each mention holds it at the same
+/// offset, and the few places that hold it are checked whole. Text is full of other URLs (`http://loinc.org` in
+/// every coding); searching for `://` stopped at each of them.
+pub struct OriginFinder {
+    /// `scheme://authority` as configured; `None` for an origin without `://` (never built by the configuration),
+    /// which every text mentions at offset 0.
+    origin: Option<Box<[u8]>>,
+    /// Where the searched run starts in `origin`.
+    run_at: usize,
+    run: memchr::memmem::Finder<'static>,
+}
+
+impl OriginFinder {
+    pub fn new(upstream: &Upstream) -> Self {
+        let origin = upstream.origin.as_bytes();
+        let Some(separator) = upstream.origin.find("://") else {
+            return OriginFinder { origin: None, run_at: 0, run: memchr::memmem::Finder::new(b"://").into_owned() };
+        };
+        // The longest letter-free run from the separator on (the first one found among equals): it starts at the
+        // separator at the latest, which is a run of three.
+        let (mut best, mut at) = ((separator, separator), separator);
+        for (i, byte) in origin.iter().enumerate().skip(separator) {
+            if byte.is_ascii_alphabetic() {
+                at = i + 1;
+            } else if i + 1 - at > best.1 - best.0 {
+                best = (at, i + 1);
+            }
+        }
+        let (start, end) = best;
+        OriginFinder {
+            origin: Some(origin.into()),
+            run_at: start,
+            run: memchr::memmem::Finder::new(&origin[start..end]).into_owned(),
+        }
+    }
+
+    /// Whether `text` mentions the origin.
+    pub fn any(&self, text: &[u8]) -> bool {
+        self.mentions(text).next().is_some()
+    }
+
+    /// The offset of each mention's first byte in `text`, in order.
+    pub fn mentions<'t>(&'t self, text: &'t [u8]) -> impl Iterator<Item = usize> + 't {
+        let mut from = 0;
+        let mut malformed = self.origin.is_none();
+        std::iter::from_fn(move || {
+            if std::mem::take(&mut malformed) {
+                return Some(0);
+            }
+            let origin = self.origin.as_deref()?;
+            // One occurrence of the run after another, overlapping ones included: each is a candidate start.
+            while let Some(found) = text.get(from..).and_then(|rest| self.run.find(rest)) {
+                let run = from + found;
+                from = run + 1;
+                let Some(start) = run.checked_sub(self.run_at) else { continue };
+                if text.get(start..start + origin.len()).is_some_and(|t| t.eq_ignore_ascii_case(origin)) {
+                    return Some(start);
+                }
+            }
+            from = text.len() + 1;
+            None
         })
-    });
-    malformed.into_iter().chain(mentions)
+    }
 }
 
 /// An absolute URL on the upstream's base, moved to the public base; `None` for any other URL.
@@ -207,7 +256,61 @@ mod tests {
         }
         let text =
             r#"["http://upstream:8090/a",{"x":"HTTP://Upstream:8090"},"https://upstream:8090","http://upstream:8090"]"#;
-        assert_eq!(origin_mentions(text.as_bytes(), &up).collect::<Vec<_>>(), [2, 32, 80]);
+        assert_eq!(OriginFinder::new(&up).mentions(text.as_bytes()).collect::<Vec<_>>(), [2, 32, 80]);
+    }
+
+    /// The finder against the definition (every offset where the text spells the origin in any case), on texts
+    /// built from pieces of the origin, its letter-free runs, case changes and other URLs, for origins whose run is
+    /// the whole authority, a port, only `://`, or repeats itself.
+    #[test]
+    fn origin_finder_agrees_with_the_definition() {
+        let origins = [
+            "http://upstream:8090",
+            "http://10.0.0.7:8080",
+            "https://hapi.example.org",
+            "http://a1.1.1.1",
+            "http://x:1111",
+            "HTTP://Mixed.Case:443",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for origin in origins {
+            let up = upstream(&format!("{origin}/fhir"));
+            let finder = OriginFinder::new(&up);
+            let o = up.origin.as_str();
+            let pieces: Vec<String> = vec![
+                o.to_owned(),
+                o.to_ascii_uppercase(),
+                o.to_ascii_lowercase(),
+                o[..o.len() - 1].to_owned(),
+                o[3..].to_owned(),
+                o.replace("://", ":/"),
+                "://".into(),
+                ":8090".into(),
+                "1.1.1".into(),
+                "11".into(),
+                "http://loinc.org".into(),
+                "\"".into(),
+                "/fhir/Patient/1".into(),
+                "x".into(),
+            ];
+            for _ in 0..2000 {
+                let text: String = (0..next(8)).map(|_| pieces[next(pieces.len())].as_str()).collect();
+                let want: Vec<usize> = (0..text.len())
+                    .filter(|&i| {
+                        text.as_bytes().get(i..i + o.len()).is_some_and(|t| t.eq_ignore_ascii_case(o.as_bytes()))
+                    })
+                    .collect();
+                let got: Vec<usize> = finder.mentions(text.as_bytes()).collect();
+                assert_eq!(got, want, "{origin}: {text}");
+                assert_eq!(finder.any(text.as_bytes()), !want.is_empty(), "{origin}: {text}");
+            }
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::filtered_body::Labels;
 use crate::body::Body;
 use crate::policy::bundle_filter::{BundleFilter, EntryPolicy, Options, RawVerdict, Splice};
 use crate::policy::compartment;
-use crate::policy::links::{PageContext, origin_mentions, rewrite_links, rewrite_references, rewrite_url};
+use crate::policy::links::{OriginFinder, PageContext, rewrite_links, rewrite_references, rewrite_url};
 use crate::policy::paging::PageSigner;
 use crate::policy::raw;
 use crate::policy::scopes::{Allowed, Permission, Scopes};
@@ -27,6 +27,8 @@ pub(super) struct Rules {
     pub scopes: Scopes,
     /// The token's patient: entries that only a `patient/` scope covers must be in this patient's compartment.
     pub patient: Option<String>,
+    /// Where an entry names the upstream's origin (built once per Bundle).
+    pub origin: OriginFinder,
     pub upstream: Arc<Upstream>,
     pub public: String,
     pub signer: PageSigner,
@@ -48,6 +50,7 @@ impl Rules {
             grants: access.grants.clone(),
             scopes: access.scopes.clone(),
             patient: access.patient.clone(),
+            origin: OriginFinder::new(&exec.upstream),
             upstream: exec.upstream.clone(),
             public: exec.env.public.to_owned(),
             signer: exec.env.signer.clone(),
@@ -78,7 +81,7 @@ impl Rules {
         if !resource.covered_by(&self.grants) {
             return drop;
         }
-        let mut mentions = origin_mentions(raw, &self.upstream);
+        let mut mentions = self.origin.mentions(raw);
         let at = match (mentions.next(), mentions.next()) {
             (None, _) => return RawVerdict::Keep(None),
             (Some(at), None) => at,
@@ -179,11 +182,13 @@ mod tests {
     fn rules() -> Rules {
         let msg = pb::Upstream { name: "fhir".into(), base_url: UP.into(), ..Default::default() };
         let tag = Tag { system: "https://fhirgw.dev/dataset".into(), code: "tenant-a".into() };
+        let upstream = Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}")));
         Rules {
             grants: Grants::new([&tag]),
             scopes: Scopes::parse("user/*.read"),
             patient: None,
-            upstream: Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}"))),
+            origin: OriginFinder::new(&upstream),
+            upstream,
             public: PUBLIC.into(),
             signer: PageSigner::new(&[7; 32]),
             tenant: "tenant-a".into(),

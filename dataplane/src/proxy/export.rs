@@ -123,6 +123,7 @@ impl Exec<'_> {
             grants: self.access.grants.clone(),
             scopes: self.access.scopes.clone(),
             declared,
+            origin: crate::policy::links::OriginFinder::new(&self.upstream),
             upstream: self.upstream.clone(),
             public: self.env.public.to_owned(),
         };

@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::filtered_body::Labels;
 use crate::body::Body;
 use crate::policy::export::line_visible;
-use crate::policy::links::{mentions_origin, rewrite_references};
+use crate::policy::links::{OriginFinder, rewrite_references};
 use crate::policy::ndjson::{LineError, LineFilter, LinePolicy, LineVerdict, MAX_LINE_BYTES};
 use crate::policy::raw;
 use crate::policy::scopes::{Allowed, Permission, Scopes};
@@ -25,6 +25,8 @@ pub(super) struct LineRules {
     pub scopes: Scopes,
     /// The resource type the manifest declared for the file.
     pub declared: Option<String>,
+    /// Where a line names the upstream's origin (built once per file).
+    pub origin: OriginFinder,
     pub upstream: Arc<Upstream>,
     pub public: String,
 }
@@ -44,7 +46,7 @@ impl LinePolicy for LineRules {
         {
             return LineVerdict::Drop;
         }
-        if mentions_origin(line, &self.upstream) {
+        if self.origin.any(line) {
             return LineVerdict::Undecided;
         }
         LineVerdict::Keep
@@ -99,11 +101,13 @@ mod tests {
     fn rules(scopes: &str) -> LineRules {
         let msg = pb::Upstream { name: "fhir".into(), base_url: UP.into(), ..Default::default() };
         let tag = Tag { system: "https://fhirgw.dev/dataset".into(), code: "tenant-a".into() };
+        let upstream = Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}")));
         LineRules {
             grants: Grants::new([&tag]),
             scopes: Scopes::parse(scopes),
             declared: Some("Observation".into()),
-            upstream: Arc::new(Upstream::try_from(&msg).unwrap_or_else(|e| panic!("{e}"))),
+            origin: OriginFinder::new(&upstream),
+            upstream,
             public: PUBLIC.into(),
         }
     }
