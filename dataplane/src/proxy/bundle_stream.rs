@@ -96,7 +96,18 @@ impl Rules {
         if at == 0 || raw[at - 1] != b'"' || raw.get(at..end) != Some(full.as_bytes()) || raw.get(end) != Some(&b'"') {
             return RawVerdict::Undecided;
         }
-        let Ok(with) = serde_json::to_vec(&public) else { return RawVerdict::Undecided };
+        // The new literal: quoted as it is unless it needs an escape (the public base is configured, the rest was
+        // spelled without one).
+        let with = if public.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            let Ok(with) = serde_json::to_vec(&public) else { return RawVerdict::Undecided };
+            with
+        } else {
+            let mut with = Vec::with_capacity(public.len() + 2);
+            with.push(b'"');
+            with.extend_from_slice(public.as_bytes());
+            with.push(b'"');
+            with
+        };
         RawVerdict::Keep(Some(Splice { range: at - 1..end + 1, with }))
     }
 }

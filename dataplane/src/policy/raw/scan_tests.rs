@@ -237,6 +237,35 @@ fn deep_nesting_is_left_to_serde() {
 }
 
 /// Table: what the scan answers itself, and what it leaves to serde.
+/// Bytes above 0x7f: the UTF-8 check runs only when the scan saw one, so each must be seen, in names, values and
+/// long strings alike (the eight-byte steps), also after a first one.
+#[test]
+fn non_ascii_strings_are_checked_as_utf8() {
+    let cases: &[(&[u8], bool)] = &[
+        ("{\"resource\":{\"resourceType\":\"Patient\",\"name\":\"Zoë 日本\"}}".as_bytes(), true),
+        ("{\"résumé\":\"a long value, ascii for a while, then ü\"}".as_bytes(), true),
+        (b"{\"a\":\"abcdefgh\xffijklmnop\"}", false),
+        (b"{\"a\xc3\":1}", false),
+        (b"{\"a\":\"\xc3\xa9 then more than eight ascii bytes \xc3\"}", false),
+        (b"{\"a\":\"\xed\xa0\x80\"}", false),
+        (b"{\"a\":1} \xff", true),
+    ];
+    for (raw, answered) in cases {
+        let scanned = entry(raw);
+        assert_eq!(scanned.is_ok(), *answered, "{}", String::from_utf8_lossy(raw));
+        if let Ok((len, view)) = scanned {
+            assert_eq!(entry_prefix_serde(raw), Some((len, Some(view))), "{}", String::from_utf8_lossy(raw));
+        }
+        let whole = raw.strip_suffix(b"\xff").unwrap_or(raw);
+        assert_eq!(
+            resource(whole).is_ok(),
+            *answered && std::str::from_utf8(whole).is_ok(),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
+
 #[test]
 fn what_the_scan_answers() {
     let cases: &[(&str, bool)] = &[
