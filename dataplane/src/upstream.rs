@@ -151,6 +151,7 @@ impl UpstreamClient {
         let uri = request.uri();
         let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
         let span = tracing::info_span!(
+            target: fhirgw_telemetry::TRACE_ONLY,
             "upstream",
             otel.kind = "client",
             upstream = %upstream.name,

@@ -174,8 +174,7 @@ impl super::filtered_body::ChunkFilter for BundleFilter<Rules> {
 pub(super) fn filtered(body: Incoming, rules: Rules, idle: Duration) -> Body {
     let keep_total = rules.narrowed;
     let filter = BundleFilter::new(rules, Options { keep_total, ..Options::default() });
-    let span =
-        tracing::info_span!("filter", entries_kept = tracing::field::Empty, entries_dropped = tracing::field::Empty);
+    let span = tracing::info_span!(target: fhirgw_telemetry::TRACE_ONLY, "filter", entries_kept = tracing::field::Empty, entries_dropped = tracing::field::Empty);
     let labels = Labels { kept: "entries_kept", dropped: "entries_dropped", what: "Bundle" };
     super::filtered_body::filtered(body, filter, idle, span, labels)
 }

@@ -67,7 +67,9 @@ impl Exec<'_> {
             }
             match step {
                 Step::Need(queries) => {
-                    self.gather(queries, &mut facts).instrument(tracing::info_span!("facts")).await?;
+                    self.gather(queries, &mut facts)
+                        .instrument(tracing::info_span!(target: fhirgw_telemetry::TRACE_ONLY, "facts"))
+                        .await?;
                 }
                 Step::Send(call) => return self.send(call).await,
                 Step::Answer(answer) => return Ok(super::answers::local(answer)),

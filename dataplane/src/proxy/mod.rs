@@ -87,6 +87,7 @@ impl Proxy {
         let lease = crate::body_budget::Lease::new(self.body_budget.clone());
         request.extensions_mut().insert(lease.clone());
         let span = info_span!(
+            target: fhirgw_telemetry::TRACE_ONLY,
             "request",
             method = %request.method(),
             route = tracing::field::Empty,
@@ -168,7 +169,7 @@ impl Proxy {
             let authenticated = self
                 .authn
                 .authenticate(&snapshot, request.headers())
-                .instrument(tracing::info_span!("authenticate"))
+                .instrument(tracing::info_span!(target: fhirgw_telemetry::TRACE_ONLY, "authenticate"))
                 .await;
             let caller = match authenticated {
                 Ok(caller) => caller,
@@ -250,7 +251,9 @@ impl Proxy {
         let name = handler.map_or(input.interaction.name(), |h| {
             if h == fhirgw_config::route::Handler::DocRef { "docref" } else { "export" }
         });
-        exec.run(&input).instrument(tracing::info_span!("policy", interaction = name)).await
+        exec.run(&input)
+            .instrument(tracing::info_span!(target: fhirgw_telemetry::TRACE_ONLY, "policy", interaction = name))
+            .await
     }
 
     /// The rewritten CapabilityStatement, which depends on the config, the public base and the request target only,

@@ -82,7 +82,7 @@ impl super::filtered_body::ChunkFilter for Lines {
 
 /// The client body: the upstream's NDJSON, verified line by line while it streams (see `filtered_body`).
 pub(super) fn filtered(body: Incoming, rules: LineRules, idle: Duration) -> Body {
-    let span = tracing::info_span!("filter", lines_kept = tracing::field::Empty, lines_dropped = tracing::field::Empty);
+    let span = tracing::info_span!(target: fhirgw_telemetry::TRACE_ONLY, "filter", lines_kept = tracing::field::Empty, lines_dropped = tracing::field::Empty);
     let lines = Lines { filter: LineFilter::new(MAX_LINE_BYTES), rules };
     let labels = Labels { kept: "lines_kept", dropped: "lines_dropped", what: "NDJSON file" };
     super::filtered_body::filtered(body, lines, idle, span, labels)
