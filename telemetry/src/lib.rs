@@ -78,7 +78,10 @@ pub fn init(service: &'static str, json_logs: bool, default_filter: &str) -> Res
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let dispatch = Arc::new(OnceLock::new());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a file, a pipe or journald would get the escape codes as text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = if json_logs {
         fmt.fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(json::WithTraceIds::new(
