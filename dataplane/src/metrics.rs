@@ -110,6 +110,7 @@ pub struct Metrics {
     config_nacks: Counter,
     config_refusals: Counter,
     connections_open: Family<ListenerLabels, Gauge>,
+    connections_parked: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ListenerReasonLabels, Counter>,
     connections_closed: Family<ListenerReasonLabels, Counter>,
     aborted: Family<AbortLabels, Counter>,
@@ -146,6 +147,7 @@ impl Metrics {
             config_nacks: Counter::default(),
             config_refusals: Counter::default(),
             connections_open: Family::default(),
+            connections_parked: Family::default(),
             connections_refused: Family::default(),
             connections_closed: Family::default(),
             aborted: Family::default(),
@@ -193,6 +195,11 @@ impl Metrics {
             "connections_open",
             "Connections open, by listener (fhir, admin)",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_parked",
+            "Plaintext HTTP/1.1 keep-alive connections idle for a second or more, held as a bare socket without the HTTP parser's buffers, by listener (in connections_open too)",
+            m.connections_parked.clone(),
         );
         registry.register(
             "connections_refused",
@@ -245,6 +252,7 @@ impl Metrics {
         let closed = |reason| self.connections_closed.get_or_create_owned(&ListenerReasonLabels { listener, reason });
         ListenerMetrics {
             open: self.connections_open.get_or_create_owned(&ListenerLabels { listener }),
+            parked: self.connections_parked.get_or_create_owned(&ListenerLabels { listener }),
             refused_limit: refused("limit"),
             refused_accept_error: refused("accept_error"),
             closed_first_request_timeout: closed("first_request_timeout"),
@@ -327,6 +335,8 @@ pub fn method_label(method: &Method) -> &'static str {
 #[derive(Clone, Debug, Default)]
 pub struct ListenerMetrics {
     pub open: Gauge,
+    /// Plaintext HTTP/1.1 keep-alive connections held without hyper's state (see `protocol`).
+    pub parked: Gauge,
     pub refused_limit: Counter,
     pub refused_accept_error: Counter,
     pub closed_first_request_timeout: Counter,

@@ -49,7 +49,7 @@ use crate::body::{Body, BoxError};
 use crate::lifecycle::Phase;
 use crate::limits::Throttled;
 use crate::metrics::ListenerMetrics;
-use crate::protocol::{Builders, Plain};
+use crate::protocol::{Activity, Builders, Plain};
 
 /// While stopping, a connection with nothing in flight closes once it has been quiet this long: long enough for a
 /// client that has just connected, or just read a response, to have sent the request it was about to send.
@@ -102,6 +102,17 @@ impl Conn {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             last_active: self.accepted + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)),
         }
+    }
+}
+
+impl Activity for Conn {
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn quiet_since(&self) -> Option<Instant> {
+        let view = self.view();
+        (view.in_flight == 0).then_some(view.last_active)
     }
 }
 
@@ -392,7 +403,7 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let builders = Arc::new(Builders::new());
+    let builders = Arc::new(Builders::new(limits.idle_timeout));
     let handshake_log = Arc::new(HandshakeLog::new(name));
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
@@ -460,14 +471,15 @@ pub async fn serve<H, F>(
                 let guard = RequestGuard::start(conn.clone(), request.version());
                 let http1 = request.version() < Version::HTTP_2;
                 let (response, phase) = (handler(request, peer), phase.clone());
-                async move {
+                // Boxed: a plaintext HTTP/1.1 connection is polled through `&mut` to hand its socket back (parking).
+                Box::pin(async move {
                     let Ok(mut response) = response.await;
                     // Shutting down: this connection's last response.
                     if http1 && *phase.borrow() >= Phase::Draining {
                         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
                     }
                     Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync()))
-                }
+                })
             })
         };
         let (phase, metrics, builders) = (phase.clone(), metrics.clone(), builders.clone());
@@ -478,7 +490,8 @@ pub async fn serve<H, F>(
         match tls {
             None => {
                 tokio::spawn(async move {
-                    let connection = Plain::new(stream, service, builders);
+                    let activity: Arc<dyn Activity> = conn.clone();
+                    let connection = Plain::new(stream, service, builders, activity, metrics.parked.clone());
                     drive!(connection, &conn, phase, &limits, &metrics, peer);
                     metrics.open.dec();
                     drop(permit);

@@ -183,3 +183,90 @@ async fn plaintext_port_speaks_http1_and_http2_prior_knowledge() {
         );
     }
 }
+
+/// An idle plaintext HTTP/1.1 keep-alive connection is parked (hyper's buffers let go, `connections_parked` counts
+/// it) and serves its next request on the same socket, also past hyper's 30 s header-read timeout, which used to
+/// close every idle keep-alive connection at 30 s whatever `--idle-timeout-secs` said (a load balancer keeping its
+/// backend connections 60 s then meets closed ones). The idle timeout still closes it.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_parked_and_last_until_the_idle_timeout() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpStream;
+
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let token_file = world.path("dataplane.token");
+    let dp = world.data_plane_args("dp", &grpc_url(&cp), "dp-state", &token_file, &["--idle-timeout-secs", "34"]).await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let addr = dp.addr("fhir");
+    let metrics_url = format!("http://{}/metrics", dp.addr("admin"));
+    let metric = |name: &'static str| {
+        let url = metrics_url.clone();
+        async move {
+            let text = http().get(url).send().await.unwrap().text().await.unwrap();
+            text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok())).unwrap_or(0.0)
+        }
+    };
+    const PARKED: &str = "fhirgw_dp_connections_parked{listener=\"fhir\"}";
+    const CLOSED_IDLE: &str = "fhirgw_dp_connections_closed_total{listener=\"fhir\",reason=\"idle\"}";
+
+    let connect = async || {
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        (sender, tokio::spawn(connection))
+    };
+    let read = async |sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>| {
+        sender.ready().await.unwrap();
+        let request = http::Request::get("/fhir/Patient/a-pat-1")
+            .header("host", &addr)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["id"], "a-pat-1");
+    };
+    let closed_before = metric(CLOSED_IDLE).await;
+    // Two connections, one request each.
+    let ((mut sender_a, connection_a), (mut sender_b, connection_b)) = (connect().await, connect().await);
+    read(&mut sender_a).await;
+    read(&mut sender_b).await;
+    let answered = Instant::now();
+    eventually("both idle connections are parked", Duration::from_secs(10), || {
+        let parked = metric(PARKED);
+        async move { (parked.await == 2.0).then_some(()) }
+    })
+    .await;
+    // Past hyper's header-read timeout (30 s) and short of the idle timeout (34 s): the connection answers.
+    tokio::time::sleep((answered + Duration::from_millis(31_500)).saturating_duration_since(Instant::now())).await;
+    assert!(!connection_a.is_finished() && !sender_a.is_closed(), "the server closed an idle connection early");
+    read(&mut sender_a).await;
+    // The other one is closed by the idle timeout, parked as it is.
+    tokio::time::timeout(Duration::from_secs(15), connection_b).await.unwrap().unwrap().unwrap();
+    let lasted = answered.elapsed();
+    assert!(lasted >= Duration::from_secs(33), "closed {lasted:?} after its last response");
+    assert!(sender_b.is_closed());
+    assert_eq!(metric(CLOSED_IDLE).await, closed_before + 1.0);
+    // A parked connection its client closes is no longer counted.
+    eventually("the first connection is parked again", Duration::from_secs(10), || {
+        let parked = metric(PARKED);
+        async move { (parked.await == 1.0).then_some(()) }
+    })
+    .await;
+    drop(sender_a);
+    connection_a.await.unwrap().unwrap();
+    eventually("no connection is parked", Duration::from_secs(10), || {
+        let parked = metric(PARKED);
+        async move { (parked.await == 0.0).then_some(()) }
+    })
+    .await;
+}
