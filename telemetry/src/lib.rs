@@ -154,12 +154,13 @@ pub fn continue_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
     }
 }
 
-/// Writes `span`'s W3C trace context into outgoing headers (replacing whatever the caller sent).
+/// Writes `span`'s W3C trace context into outgoing headers, replacing what is there (the caller's, passed on). A
+/// span without one (traces off: no tracer provider) leaves the headers as they are.
 pub fn inject_into_headers(span: &tracing::Span, headers: &mut http::HeaderMap) {
-    headers.remove("traceparent");
-    headers.remove("tracestate");
     let cx = span.context();
     if cx.span().span_context().is_valid() {
+        headers.remove("traceparent");
+        headers.remove("tracestate");
         TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
     }
 }

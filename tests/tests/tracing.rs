@@ -391,3 +391,43 @@ fn tokio_stream_like(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
+
+/// A data plane that does not trace (text logs, no OTLP endpoint: its request spans are not created) passes the
+/// caller's well-formed W3C trace context on unchanged, so that an upstream that traces joins the caller's trace; a
+/// malformed one does not reach the upstream.
+#[tokio::test]
+async fn without_traces_the_callers_trace_context_passes_through() {
+    let world = World::new();
+    let fhir = world.fhir_server().await;
+    let issuer = fixtures::issuer().await;
+    let cp = world.control_plane("cp", "cp.db").await;
+    let dp = world.data_plane("dp", &grpc_url(&cp), "dp-state").await;
+    let mut admin = admin(&cp).await;
+    let revision = configure(&mut admin, &world, fhir.ready["base_url"].as_str().unwrap(), &issuer).await;
+    fixtures::wait_in_sync(&admin, 1, revision).await;
+    let token = issuer.token("tenant-a", READ_SCOPES);
+    let log_url = format!("http://{}/__admin/requests", fhir.ready["listening"].as_str().unwrap());
+
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let bad = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+    for (id, traceparent) in [("a-pat-1", good), ("a-pat-2", bad)] {
+        let r = http()
+            .get(format!("http://{}/fhir/Patient/{id}", dp.addr("fhir")))
+            .bearer_auth(&token)
+            .header("traceparent", traceparent)
+            .header("tracestate", "congo=t61rcWkgMzE")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let log: serde_json::Value = http().get(&log_url).send().await.unwrap().json().await.unwrap();
+        let seen = log.as_array().unwrap().iter().rev().find(|r| r["path"].as_str().unwrap().contains(id)).unwrap();
+        let headers = &seen["headers"];
+        if traceparent == good {
+            assert_eq!(headers["traceparent"], good, "{headers}");
+            assert_eq!(headers["tracestate"], "congo=t61rcWkgMzE", "{headers}");
+        } else {
+            assert!(headers.get("traceparent").is_none() && headers.get("tracestate").is_none(), "{headers}");
+        }
+    }
+}

@@ -7,7 +7,8 @@ use http::{HeaderMap, Method};
 /// and the gateway adds its own afterwards (the credential in `UpstreamClient::send`, trace context, `Accept`,
 /// `Accept-Encoding: identity`, `Content-Type`, `If-Match` on the version it checked, a narrowed `If-None-Exist`).
 ///
-/// What passes: `Accept-Language`; one `X-Request-Id` of a plain form; the `Prefer` preferences the gateway
+/// What passes: `Accept-Language`; one `X-Request-Id` of a plain form; the caller's W3C trace context when it is
+/// well-formed (see [`trace_context`]; the gateway's own replaces it when the gateway traces the request); the `Prefer` preferences the gateway
 /// understands for the method (`return=minimal|representation|OperationOutcome` on writes, `handling=strict|lenient`
 /// on reads and searches), rebuilt from their parsed values; and the names the route lists in `forward_headers`
 /// (never one of the names `fhirgw_config::route::forward_header` refuses), unless the upstream strips them.
@@ -26,6 +27,7 @@ pub fn for_upstream(client: &HeaderMap, method: &Method, route: &[HeaderName], s
     if let Ok(Some(prefer)) = prefer(client, method) {
         out.insert(PREFER, prefer);
     }
+    trace_context(client, &mut out);
     for name in route.iter().filter(|n| !strip.contains(n)) {
         for value in client.get_all(name) {
             out.append(name.clone(), value.clone());
@@ -35,6 +37,50 @@ pub fn for_upstream(client: &HeaderMap, method: &Method, route: &[HeaderName], s
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// What of `tracestate` is passed on at most (the W3C minimum a vendor must propagate).
+const TRACESTATE_MAX: usize = 512;
+
+/// Passes the caller's W3C trace context on unchanged, so that an upstream that traces joins the caller's trace
+/// while the gateway does not trace (text logs and no OTLP endpoint: its request spans are not even created): one
+/// `traceparent` of version `00` with ids that are not all zero, and with it the `tracestate` lines if together they
+/// are at most 512 bytes of visible ASCII. When the gateway traces the request, `UpstreamClient::send` replaces both
+/// with its own span's context, a child of the caller's.
+fn trace_context(client: &HeaderMap, out: &mut HeaderMap) {
+    let mut parents = client.get_all(TRACEPARENT).iter();
+    let (Some(parent), None) = (parents.next(), parents.next()) else { return };
+    if !traceparent_is_valid(parent.as_bytes()) {
+        return;
+    }
+    out.insert(TRACEPARENT, parent.clone());
+    let states = client.get_all(TRACESTATE);
+    let (mut total, mut plain) = (0, true);
+    for state in states.iter() {
+        total += state.len() + 1;
+        plain &= state.as_bytes().iter().all(|b| (b' '..=b'~').contains(b) || *b == b'\t');
+    }
+    if plain && total <= TRACESTATE_MAX + 1 {
+        for state in states {
+            out.append(TRACESTATE, state.clone());
+        }
+    }
+}
+
+/// `00-<32 lowercase hex, not all 0>-<16 lowercase hex, not all 0>-<2 lowercase hex>` (W3C Trace Context, level 1).
+fn traceparent_is_valid(value: &[u8]) -> bool {
+    let hex = |part: &[u8]| part.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |part: &[u8]| part.iter().any(|&b| b != b'0');
+    value.len() == 55
+        && value.starts_with(b"00-")
+        && value[35] == b'-'
+        && value[52] == b'-'
+        && hex(&value[3..35])
+        && nonzero(&value[3..35])
+        && hex(&value[36..52])
+        && nonzero(&value[36..52])
+        && hex(&value[53..55])
+}
 
 /// The client's one `X-Request-Id`, if it has a plain form (`[A-Za-z0-9._:-]`, at most 128 bytes).
 pub fn request_id(client: &HeaderMap) -> Option<&HeaderValue> {
@@ -207,17 +253,59 @@ mod tests {
             [
                 "accept-language: de-CH, en;q=0.5",
                 "prefer: handling=strict",
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 "x-correlation-id: c-1",
                 "x-request-id: req-42"
             ]
         );
         assert_eq!(
             names(&for_upstream(&client, &Method::PUT, &[], &[])),
-            ["accept-language: de-CH, en;q=0.5", "prefer: return=minimal", "x-request-id: req-42"]
+            [
+                "accept-language: de-CH, en;q=0.5",
+                "prefer: return=minimal",
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "x-request-id: req-42"
+            ]
         );
         // A request id of an odd form, or two of them, is not passed on.
         for ids in [&[("x-request-id", "a b")][..], &[("x-request-id", "a"), ("x-request-id", "b")]] {
             assert!(for_upstream(&map(ids), &Method::GET, &[], &[]).is_empty(), "{ids:?}");
+        }
+    }
+
+    /// The caller's trace context passes only well-formed: one version-00 `traceparent`, and `tracestate` with it
+    /// when it is small and plain.
+    #[test]
+    fn trace_context_passes_only_well_formed() {
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<String>);
+        const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let long = format!("k={}", "v".repeat(TRACESTATE_MAX - 2));
+        let too_long = format!("k={}", "v".repeat(TRACESTATE_MAX - 1));
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("none", vec![], vec![]),
+            ("good", vec![("traceparent", GOOD)], vec![format!("traceparent: {GOOD}")]),
+            ("good with state", vec![("traceparent", GOOD), ("tracestate", "congo=t61rcWkgMzE, rojo=00f067aa0ba902b7")],
+                vec![format!("traceparent: {GOOD}"), "tracestate: congo=t61rcWkgMzE, rojo=00f067aa0ba902b7".into()]),
+            ("two state lines", vec![("traceparent", GOOD), ("tracestate", "a=1"), ("tracestate", "b=2")],
+                vec![format!("traceparent: {GOOD}"), "tracestate: a=1".into(), "tracestate: b=2".into()]),
+            ("state of 512 bytes", vec![("traceparent", GOOD), ("tracestate", &long)],
+                vec![format!("traceparent: {GOOD}"), format!("tracestate: {long}")]),
+            ("state too long: parent only", vec![("traceparent", GOOD), ("tracestate", &too_long)], vec![format!("traceparent: {GOOD}")]),
+            ("state without a parent", vec![("tracestate", "a=1")], vec![]),
+            ("two parents", vec![("traceparent", GOOD), ("traceparent", GOOD)], vec![]),
+            ("upper-case hex", vec![("traceparent", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01")], vec![]),
+            ("zero trace id", vec![("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")], vec![]),
+            ("zero parent id", vec![("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01")], vec![]),
+            ("other version", vec![("traceparent", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")], vec![]),
+            ("ff version", vec![("traceparent", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")], vec![]),
+            ("trailing data", vec![("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x")], vec![]),
+            ("short", vec![("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1")], vec![]),
+            ("wrong separator", vec![("traceparent", "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")], vec![]),
+            ("not hex", vec![("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01")], vec![]),
+        ];
+        for (what, headers, want) in cases {
+            assert_eq!(names(&for_upstream(&map(&headers), &Method::GET, &[], &[])), want, "{what}");
         }
     }
 
