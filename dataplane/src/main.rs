@@ -401,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let admin_server = server::serve(
         admin,
-        move |req, _peer| admin_http::handle(admin_ctx.clone(), req),
+        move |req, _peer| Box::pin(admin_http::handle(admin_ctx.clone(), req)),
         server::Limits {
             max_connections: limits::ADMIN_MAX_CONNECTIONS,
             first_request_timeout,

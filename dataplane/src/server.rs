@@ -141,7 +141,34 @@ impl Drop for RequestGuard {
 /// The response body, holding its request's guard.
 struct Tracked {
     inner: Body,
-    _guard: RequestGuard,
+    _guard: Option<RequestGuard>,
+}
+
+/// The answer to one request: the handler's response, with `Connection: close` while draining (HTTP/1.1), its body
+/// holding the request's guard. A future of its own rather than an `async` block, so that it is `Unpin` without a
+/// box per request (a plaintext HTTP/1.1 connection is polled through `&mut`, to hand its socket back when parked).
+struct Respond<F> {
+    response: F,
+    guard: Option<RequestGuard>,
+    http1: bool,
+    phase: watch::Receiver<Phase>,
+}
+
+impl<F> Future for Respond<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>> + Unpin,
+{
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Ok(mut response) = std::task::ready!(Pin::new(&mut self.response).poll(cx));
+        // Shutting down: this connection's last response.
+        if self.http1 && *self.phase.borrow() >= Phase::Draining {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        let guard = self.guard.take();
+        Poll::Ready(Ok(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync())))
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -401,7 +428,7 @@ pub async fn serve<H, F>(
     tls: Option<Arc<Reloading<ServerTls>>>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + Unpin + 'static,
-    F: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    F: Future<Output = Result<Response<Body>, Infallible>> + Send + Unpin + 'static,
 {
     let builders = Arc::new(Builders::new(limits.idle_timeout));
     let handshake_log = Arc::new(HandshakeLog::new(name));
@@ -470,16 +497,7 @@ pub async fn serve<H, F>(
             service_fn(move |request: Request<Incoming>| {
                 let guard = RequestGuard::start(conn.clone(), request.version());
                 let http1 = request.version() < Version::HTTP_2;
-                let (response, phase) = (handler(request, peer), phase.clone());
-                // Boxed: a plaintext HTTP/1.1 connection is polled through `&mut` to hand its socket back (parking).
-                Box::pin(async move {
-                    let Ok(mut response) = response.await;
-                    // Shutting down: this connection's last response.
-                    if http1 && *phase.borrow() >= Phase::Draining {
-                        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync()))
-                })
+                Respond { response: handler(request, peer), guard: Some(guard), http1, phase: phase.clone() }
             })
         };
         let (phase, metrics, builders) = (phase.clone(), metrics.clone(), builders.clone());
