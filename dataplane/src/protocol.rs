@@ -9,8 +9,8 @@
 //! version is what ALPN chose; without ALPN it is sniffed as before.
 //!
 //! **Parking.** hyper keeps its 8 KiB read buffer (and its connection state) for as long as a connection is open,
-//! and has no setting to release it. A plaintext HTTP/1.1 connection with nothing in flight for `park_after` (its
-//! owner's [`Activity`] tells) is therefore *parked*: hyper is asked to end the connection without shutting the
+//! and has no setting to release it. A plaintext HTTP/1.1 connection with nothing in flight for `park_after` after
+//! an exchange that left it at the start of the next request (its owner's [`Activity`] tells) is therefore *parked*: hyper is asked to end the connection without shutting the
 //! socket (`graceful_shutdown` of an idle connection writes nothing), the socket and the service are taken back with
 //! `into_parts`, and the socket alone is held until it is readable again, when a new hyper connection takes it. Bytes
 //! hyper had read but not parsed (a request head that is still arriving) are served first by the new connection,
@@ -118,7 +118,10 @@ pub type Connection<I, S> = auto::Connection<'static, I, S, TokioExecutor>;
 pub trait Activity: Send + Sync + 'static {
     /// Requests started on the connection so far.
     fn requests(&self) -> u64;
-    /// Since when nothing has been in flight; `None` while a request is being answered.
+    /// Since when nothing has been in flight, if the last exchange left the connection exactly at the start of the
+    /// next request (it had no request body left unread, and neither side asked to close); `None` otherwise, and
+    /// while a request is being answered. hyper closes a connection whose request body the service left unread; a
+    /// parked one would read the rest of that body as its next request.
     fn quiet_since(&self) -> Option<Instant>;
 }
 

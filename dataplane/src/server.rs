@@ -35,7 +35,7 @@ use fhirgw_tls::server::ServerTls;
 use fhirgw_tls::tokio_rustls::server::TlsStream;
 use http::header::{CONNECTION, HeaderValue};
 use http::{Request, Response, Version};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -75,6 +75,9 @@ struct Conn {
     /// Milliseconds from `accepted` to the last request start or response end.
     last_active_ms: AtomicU64,
     http2: AtomicBool,
+    /// The last finished exchange left the connection at the start of the next request (see
+    /// [`request_ends_cleanly`]).
+    clean: AtomicBool,
     evict: Notify,
 }
 
@@ -86,6 +89,7 @@ impl Conn {
             in_flight: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            clean: AtomicBool::new(false),
             evict: Notify::new(),
         }
     }
@@ -112,29 +116,52 @@ impl Activity for Conn {
 
     fn quiet_since(&self) -> Option<Instant> {
         let view = self.view();
-        (view.in_flight == 0).then_some(view.last_active)
+        (view.in_flight == 0 && self.clean.load(Ordering::Relaxed)).then_some(view.last_active)
     }
 }
 
+/// Whether an HTTP/1.1 request leaves its connection exactly at the start of the next request once answered, so that
+/// the connection may be parked: it had no body (hyper stops reading a body the handler left unread and closes the
+/// connection after the response; parked, what is left of that body would be read as the next request) and it does
+/// not ask to close. HTTP/1.0 and HTTP/2 are never parked. The response must not ask to close either.
+fn request_ends_cleanly(version: Version, body_empty: bool, headers: &http::HeaderMap) -> bool {
+    version == Version::HTTP_11 && body_empty && !asks_to_close(headers)
+}
+
+/// A `Connection` header with the `close` option (or one that cannot be read).
+fn asks_to_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|v| v.to_str().map_or(true, |v| v.split(',').any(|option| option.trim().eq_ignore_ascii_case("close"))))
+}
+
 /// A request in flight on a connection; ends when the response body is finished or dropped.
-struct RequestGuard(Arc<Conn>);
+struct RequestGuard {
+    conn: Arc<Conn>,
+    /// The exchange ends cleanly (see [`request_ends_cleanly`]); decided when the response head is known.
+    clean: bool,
+}
 
 impl RequestGuard {
     fn start(conn: Arc<Conn>, version: Version) -> Self {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        conn.clean.store(false, Ordering::Relaxed);
         if version == Version::HTTP_2 {
             conn.http2.store(true, Ordering::Relaxed);
         }
         conn.touch();
-        RequestGuard(conn)
+        RequestGuard { conn, clean: false }
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.conn.touch();
+        if self.conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.conn.clean.store(self.clean, Ordering::Relaxed);
+        }
     }
 }
 
@@ -151,6 +178,8 @@ struct Respond<F> {
     response: F,
     guard: Option<RequestGuard>,
     http1: bool,
+    /// [`request_ends_cleanly`]: HTTP/1.1, no body, no `Connection: close`.
+    clean_request: bool,
     phase: watch::Receiver<Phase>,
 }
 
@@ -166,7 +195,11 @@ where
         if self.http1 && *self.phase.borrow() >= Phase::Draining {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let guard = self.guard.take();
+        let clean = self.clean_request && !asks_to_close(response.headers());
+        let mut guard = self.guard.take();
+        if let Some(guard) = &mut guard {
+            guard.clean = clean;
+        }
         Poll::Ready(Ok(response.map(|inner| Tracked { inner, _guard: guard }.boxed_unsync())))
     }
 }
@@ -497,7 +530,10 @@ pub async fn serve<H, F>(
             service_fn(move |request: Request<Incoming>| {
                 let guard = RequestGuard::start(conn.clone(), request.version());
                 let http1 = request.version() < Version::HTTP_2;
-                Respond { response: handler(request, peer), guard: Some(guard), http1, phase: phase.clone() }
+                let clean_request =
+                    request_ends_cleanly(request.version(), request.body().is_end_stream(), request.headers());
+                let response = handler(request, peer);
+                Respond { response, guard: Some(guard), http1, clean_request, phase: phase.clone() }
             })
         };
         let (phase, metrics, builders) = (phase.clone(), metrics.clone(), builders.clone());
@@ -585,6 +621,39 @@ mod tests {
         ];
         for (i, (view, at, phase, want)) in cases.into_iter().enumerate() {
             assert_eq!(next_action(view, t0 + at, phase, &l), want, "case {i}");
+        }
+    }
+
+    /// Only an HTTP/1.1 request without a body and without `Connection: close` may leave its connection parked.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn requests_that_end_cleanly() {
+        type Case<'a> = (&'a str, Version, bool, &'a [(&'a str, &'a str)], bool);
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+                );
+            }
+            h
+        };
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("GET", Version::HTTP_11, true, &[], true),
+            ("keep-alive asked", Version::HTTP_11, true, &[("connection", "keep-alive")], true),
+            ("a body", Version::HTTP_11, false, &[], false),
+            ("close", Version::HTTP_11, true, &[("connection", "close")], false),
+            ("Close among options", Version::HTTP_11, true, &[("connection", "x-a, Close")], false),
+            ("close on a second line", Version::HTTP_11, true, &[("connection", "keep-alive"), ("connection", "close")], false),
+            ("unreadable Connection", Version::HTTP_11, true, &[("connection", "\u{e9}")], false),
+            ("closed-ish token", Version::HTTP_11, true, &[("connection", "closed")], true),
+            ("HTTP/1.0", Version::HTTP_10, true, &[("connection", "keep-alive")], false),
+            ("HTTP/2", Version::HTTP_2, true, &[], false),
+        ];
+        for (what, version, body_empty, pairs, want) in cases {
+            assert_eq!(request_ends_cleanly(*version, *body_empty, &headers(pairs)), *want, "{what}");
         }
     }
 
