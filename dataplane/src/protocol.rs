@@ -460,6 +460,16 @@ mod tests {
             last: Mutex<Instant>,
         }
 
+        impl Counting {
+            fn new() -> Arc<Self> {
+                Arc::new(Counting {
+                    requests: AtomicU64::new(0),
+                    in_flight: AtomicUsize::new(0),
+                    last: Mutex::new(Instant::now()),
+                })
+            }
+        }
+
         impl Activity for Counting {
             fn requests(&self) -> u64 {
                 self.requests.load(Ordering::SeqCst)
@@ -481,11 +491,7 @@ mod tests {
             let gauge = parked.clone();
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
-                    let activity = Arc::new(Counting {
-                        requests: AtomicU64::new(0),
-                        in_flight: AtomicUsize::new(0),
-                        last: Mutex::new(Instant::now()),
-                    });
+                    let activity = Counting::new();
                     let counting = activity.clone();
                     let service = service_fn(move |request: Request<Incoming>| {
                         let activity = counting.clone();
@@ -613,11 +619,7 @@ mod tests {
             let addr = listener.local_addr().expect("addr");
             let mut client = TcpStream::connect(addr).await.expect("connect");
             let (stream, _) = listener.accept().await.expect("accept");
-            let activity = Arc::new(Counting {
-                requests: AtomicU64::new(0),
-                in_flight: AtomicUsize::new(0),
-                last: Mutex::new(Instant::now()),
-            });
+            let activity = Counting::new();
             let counting = activity.clone();
             let service = service_fn(move |_: Request<Incoming>| {
                 counting.requests.fetch_add(1, Ordering::SeqCst);

@@ -100,18 +100,22 @@ mod tests {
         }
     }
 
-    impl<'a> MakeWriter<'a> for Buffer {
-        type Writer = Buffer;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
+    impl Buffer {
+        /// What was written, and its lines as JSON.
+        fn lines(&self) -> (String, Vec<serde_json::Value>) {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            let lines = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            (text, lines)
         }
     }
 
-    #[test]
-    fn lines_in_a_traced_span_carry_its_ids() {
+    /// JSON logs (the log layer seeing what `filter` lets through) beside an OpenTelemetry layer whose provider exports
+    /// nothing and samples only what the caller sampled, as `init` sets them up without an endpoint.
+    fn json_logs(filter: fn(&tracing::Metadata<'_>) -> bool) -> (Buffer, tracing::Dispatch) {
+        use tracing_subscriber::Layer as _;
+
         let buffer = Buffer::default();
         let cell = Arc::new(OnceLock::new());
-        // No exporter, and not sampled unless the caller's trace is: ids exist all the same.
         let provider =
             SdkTracerProvider::builder().with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))).build();
         let subscriber = tracing_subscriber::registry()
@@ -122,11 +126,26 @@ mod tests {
                     .event_format(WithTraceIds::new(
                         tracing_subscriber::fmt::format().json().with_current_span(true),
                         cell.clone(),
-                    )),
+                    ))
+                    .with_filter(tracing_subscriber::filter::filter_fn(filter)),
             )
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let dispatch = tracing::Dispatch::new(subscriber);
         cell.set(dispatch.downgrade()).unwrap();
+        (buffer, dispatch)
+    }
+
+    impl<'a> MakeWriter<'a> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn lines_in_a_traced_span_carry_its_ids() {
+        // No exporter, and not sampled unless the caller's trace is: ids exist all the same.
+        let (buffer, dispatch) = json_logs(|_| true);
         let caller = "4bf92f3577b34da6a3ce929d0e0e4736";
         tracing::dispatcher::with_default(&dispatch, || {
             tracing::info!("outside any span");
@@ -139,8 +158,7 @@ mod tests {
             let own = tracing::info_span!("unsampled");
             own.in_scope(|| tracing::info!("new trace"));
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let (text, lines) = buffer.lines();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].get("trace_id").is_none(), "{}", lines[0]);
         for line in &lines[1..3] {
@@ -158,26 +176,7 @@ mod tests {
     /// inside one names it and its trace; a line inside a span the logs see keeps that span's fields.
     #[test]
     fn lines_in_trace_only_spans_name_them() {
-        use tracing_subscriber::Layer as _;
-
-        let buffer = Buffer::default();
-        let cell = Arc::new(OnceLock::new());
-        let provider =
-            SdkTracerProvider::builder().with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff))).build();
-        let subscriber = tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(buffer.clone())
-                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-                    .event_format(WithTraceIds::new(
-                        tracing_subscriber::fmt::format().json().with_current_span(true),
-                        cell.clone(),
-                    ))
-                    .with_filter(tracing_subscriber::filter::filter_fn(crate::in_logs)),
-            )
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        let dispatch = tracing::Dispatch::new(subscriber);
-        cell.set(dispatch.downgrade()).unwrap();
+        let (buffer, dispatch) = json_logs(crate::in_logs);
         let caller = "4bf92f3577b34da6a3ce929d0e0e4736";
         tracing::dispatcher::with_default(&dispatch, || {
             let span = tracing::info_span!(target: crate::TRACE_ONLY, "request", route = tracing::field::Empty);
@@ -190,8 +189,7 @@ mod tests {
             let logged = tracing::info_span!("config_apply", revision = 7);
             logged.in_scope(|| tracing::info!("applied"));
         });
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let (text, lines) = buffer.lines();
         assert_eq!(lines.len(), 3, "{text}");
         for line in &lines[..2] {
             assert_eq!(line["span"], serde_json::json!({"name": "request"}), "no fields, only the name: {line}");
