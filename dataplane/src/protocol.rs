@@ -223,6 +223,15 @@ where
     }
 }
 
+impl<S: HttpService<Incoming>> Drop for Plain<S> {
+    fn drop(&mut self) {
+        // Dropped while parked (its task ended from outside): no longer counted.
+        if matches!(self.state, State::Parked { .. }) {
+            self.parked.dec();
+        }
+    }
+}
+
 /// Whether an HTTP/1.1 connection is to be parked now; if not, `check` is set for the next look.
 fn should_park(activity: &dyn Activity, park_after: Duration, hold_through: u64, check: &mut Pin<Box<Sleep>>) -> bool {
     let now = Instant::now();
@@ -614,37 +623,44 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn graceful_shutdown_of_a_parked_connection_closes_it_at_once() {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let mut client = TcpStream::connect(addr).await.expect("connect");
-            let (stream, _) = listener.accept().await.expect("accept");
-            let activity = Counting::new();
-            let counting = activity.clone();
-            let service = service_fn(move |_: Request<Incoming>| {
-                counting.requests.fetch_add(1, Ordering::SeqCst);
-                *counting.last.lock().expect("lock") = Instant::now();
-                Box::pin(async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) })
-            });
-            let parked = Gauge::default();
-            let connection =
-                Plain::new(stream, service, Arc::new(Builders::new(Duration::from_secs(75))), activity, parked.clone());
-            let mut connection = Box::pin(connection.park_after(AFTER));
-            client.write_all(get("/a").as_bytes()).await.expect("write");
-            let mut buffered = Vec::new();
-            tokio::select! {
-                body = response(&mut client, &mut buffered) => assert_eq!(body, "ok"),
-                end = connection.as_mut() => panic!("the connection ended: {end:?}"),
+        async fn a_parked_connection_shut_down_or_dropped_closes_at_once() {
+            for graceful in [true, false] {
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let mut client = TcpStream::connect(addr).await.expect("connect");
+                let (stream, _) = listener.accept().await.expect("accept");
+                let activity = Counting::new();
+                let counting = activity.clone();
+                let service = service_fn(move |_: Request<Incoming>| {
+                    counting.requests.fetch_add(1, Ordering::SeqCst);
+                    *counting.last.lock().expect("lock") = Instant::now();
+                    Box::pin(async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) })
+                });
+                let parked = Gauge::default();
+                let builders = Arc::new(Builders::new(Duration::from_secs(75)));
+                let connection = Plain::new(stream, service, builders, activity, parked.clone());
+                let mut connection = Box::pin(connection.park_after(AFTER));
+                client.write_all(get("/a").as_bytes()).await.expect("write");
+                let mut buffered = Vec::new();
+                tokio::select! {
+                    body = response(&mut client, &mut buffered) => assert_eq!(body, "ok"),
+                    end = connection.as_mut() => panic!("the connection ended: {end:?}"),
+                }
+                let waited = tokio::time::timeout(AFTER * 4, connection.as_mut()).await;
+                assert!(waited.is_err(), "a parked connection waits for its client");
+                assert_eq!(parked.get(), 1);
+                if graceful {
+                    connection.as_mut().graceful_shutdown();
+                    assert!(connection.await.is_ok());
+                } else {
+                    // Its task ended from outside (the runtime shutting down, say).
+                    drop(connection);
+                }
+                assert_eq!(parked.get(), 0, "graceful: {graceful}");
+                let mut rest = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+                assert!(matches!(read, Ok(Ok(0))), "closed without a byte: {read:?} {rest:?}");
             }
-            let waited = tokio::time::timeout(AFTER * 4, connection.as_mut()).await;
-            assert!(waited.is_err(), "a parked connection waits for its client");
-            assert_eq!(parked.get(), 1);
-            connection.as_mut().graceful_shutdown();
-            assert!(connection.await.is_ok());
-            assert_eq!(parked.get(), 0);
-            let mut rest = Vec::new();
-            let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
-            assert!(matches!(read, Ok(Ok(0))), "closed without a byte: {read:?} {rest:?}");
         }
     }
 }
